@@ -1,0 +1,240 @@
+"""The Gemma network (Gemma 1, 2 and 3 text) in MLX: one implementation, switched by GemmaConfig.
+
+Module attributes carry Hugging Face's parameter names (`model.layers.0.self_attn.q_proj`),
+so an HF checkpoint loads with an identity name map. Numerics follow transformers'
+Gemma classes, which is what the parity tests compare against:
+- RMSNorm scales by (1 + w) (the checkpoint stores w, zero-centred);
+- embeddings are multiplied by sqrt(hidden_size) rounded to the activation dtype
+  (bf16: 45.25 for 2048, not 45.2548);
+- the GeGLU uses the tanh approximation of GELU in every version;
+- Gemma 2 soft-caps attention scores and final logits with tanh;
+- Gemma 3 RMS-normalises q and k per head and uses a separate RoPE base on
+  sliding-window layers; linear RoPE scaling applies to global layers only.
+
+Shapes in comments: B batch, L new tokens, S keys (cached + new), H query heads,
+K key/value heads, D head_dim, E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import FullCache, SlidingCache
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))  # stored zero-centred, as in the checkpoints
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # mx.fast.rms_norm accumulates in float32, like HF's x.float() upcast.
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+def residual_add(x: mx.array, y: mx.array) -> mx.array:
+    """x + y; in float16 the sum is clipped, since Gemma activations exceed its ±65504 range."""
+    if x.dtype != mx.float16:
+        return x + y
+    limit = 65504.0
+    return mx.clip(x.astype(mx.float32) + y.astype(mx.float32), -limit, limit).astype(mx.float16)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
+    """softmax(q k^T * scale [soft-capped] + mask) v with grouped KV heads.
+
+    q: (B, H, L, D); k, v: (B, K, S, D); mask: None, "causal", or bool broadcastable to (B, 1, L, S).
+    """
+    if logit_cap is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # Gemma 2: no fused kernel caps the scores, so compute them; group the H query
+    # heads by their KV head instead of repeating K and V.
+    B, H, L, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, K, H // K, L, D)
+    scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)  # (B, K, H/K, L, S)
+    scores = softcap(scores, logit_cap)
+    if isinstance(mask, str):
+        mask = causal_mask(mx.arange(S - L, S), mx.arange(S))
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, 1, 1, L, S)
+        scores = mx.where(mask, scores, mx.array(-math.inf, scores.dtype))
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    out = probs @ v[:, :, None]  # (B, K, H/K, L, D)
+    return out.reshape(B, H, L, D)
+
+
+def causal_mask(q_pos: mx.array, k_pos: mx.array, window: Optional[int] = None,
+                pad: Optional[mx.array] = None, segment_ids: Optional[mx.array] = None):
+    """Boolean mask (L, S) or (B, 1, L, S): which key each query may attend to.
+
+    q_pos (L,), k_pos (S,): absolute positions. window: keys with q - k < window (self included),
+    as HF's sliding layers. pad (B,): number of left-padding tokens per row; those keys are hidden.
+    segment_ids (B, L): packed training rows, attention stays inside a segment (needs S == L).
+    Every query may always see itself, so padded rows never softmax over nothing (NaN).
+    """
+    diff = q_pos[:, None] - k_pos[None, :]  # (L, S)
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff < window)
+    if pad is None and segment_ids is None:
+        return mask
+    mask = mask[None]  # (1, L, S)
+    if pad is not None:
+        mask = mask & (k_pos[None, None, :] >= pad[:, None, None])
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = mask | (diff == 0)[None]
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        E, D = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.logit_cap = config.attn_logit_softcapping
+        self.rope_base = config.rope_base(layer)
+        self.rope_scale = config.rope_scale(layer)
+        self.q_proj = nn.Linear(E, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
+        if config.has_qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, D)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.offset if cache is not None else 0
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, scale=self.scale, mask=mask, logit_cap=self.logit_cap)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))  # tanh GELU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.is_sliding = config.is_sliding(layer)
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        # Gemma 1 calls its pre-MLP norm post_attention_layernorm; Gemma 2/3 use that name
+        # for a norm on the attention output and add two norms around the MLP.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        if config.has_ffw_norms:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(x), mask, cache)
+        if "pre_feedforward_layernorm" not in self:  # Gemma 1
+            h = residual_add(x, attn)
+            return residual_add(h, self.mlp(self.post_attention_layernorm(h)))
+        h = residual_add(x, self.post_attention_layernorm(attn))
+        return residual_add(h, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
+
+
+def embedding_scale(hidden_size: int, dtype) -> mx.array:
+    """sqrt(hidden_size) rounded to the activation dtype, as HF multiplies by a tensor of that dtype."""
+    return mx.array(math.sqrt(hidden_size), dtype=dtype)
+
+
+class GemmaModel(nn.Module):
+    """Embedding, decoder layers and final norm: token ids (B, L) -> hidden states (B, L, E)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, pad=None, segment_ids=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        h = h * embedding_scale(self.config.hidden_size, h.dtype)
+        masks = self._masks(h.shape[1], cache, pad, segment_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None)
+        return self.norm(h)
+
+    def _masks(self, L: int, cache, pad, segment_ids) -> dict:
+        """One mask per attention kind (key False: global, True: sliding window)."""
+        window = self.config.sliding_window
+        masks = {}
+        kinds = {layer.is_sliding for layer in self.layers}
+        for sliding in kinds:
+            layer_cache = None
+            if cache is not None:
+                layer_cache = next((c for c, l in zip(cache, self.layers) if l.is_sliding == sliding), None)
+            if layer_cache is not None:
+                masks[sliding] = layer_cache.mask(L, pad)
+            elif pad is None and segment_ids is None and (not sliding or L <= window):
+                masks[sliding] = "causal" if L > 1 else None
+            else:
+                pos = mx.arange(L)
+                masks[sliding] = causal_mask(pos, pos, window if sliding else None, pad, segment_ids)
+        return masks
+
+
+class Gemma(nn.Module):
+    """Gemma causal LM: token ids (B, L) -> logits (B, L, V). Use `model.model(...)` for hidden states."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, pad=None, segment_ids=None) -> mx.array:
+        return self.logits(self.model(inputs, cache, pad, segment_ids))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """LM head on final hidden states (..., E) -> (..., V), soft-capped where the config says."""
+        if "lm_head" in self:
+            out = self.lm_head(hidden)
+        else:
+            out = self.model.embed_tokens.as_linear(hidden)
+        cap = self.config.final_logit_softcapping
+        return softcap(out, cap) if cap else out
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self, batch_size: int = 1) -> list:
+        """A fresh KV cache per layer: full for global layers, a bounded window for sliding ones."""
+        window = self.config.sliding_window
+        return [SlidingCache(window) if layer.is_sliding else FullCache() for layer in self.layers]
