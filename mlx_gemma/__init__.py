@@ -1,4 +1,9 @@
-"""mlx-gemma: Gemma 1 / 2 / 3-text on MLX — generation, LoRA/QLoRA training, quantization, conversion."""
+"""mlx-gemma: Gemma 1 / 2 / 3-text on MLX — generation, LoRA/QLoRA training, quantization, conversion.
+
+Public API (imported lazily, so `import mlx_gemma` stays cheap and sets up the BLAS first):
+    load, save_model, generate, stream_generate, GemmaConfig, Gemma, GemmaTokenizer,
+    quantize_model, apply_lora, fuse_lora, load_adapter, train, TrainArgs
+"""
 
 # First, before anything imports mlx.core: on Linux, put OpenBLAS under MLX's CPU matmuls.
 from .runtime import setup_blas as _setup_blas
@@ -6,3 +11,25 @@ from .runtime import setup_blas as _setup_blas
 _setup_blas()
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "loading", "save_model": "loading", "convert_gguf": "loading",
+    "GemmaConfig": "config", "Gemma": "model", "GemmaTokenizer": "tokenizer",
+    "generate": "generate", "stream_generate": "generate", "batch_generate": "generate",
+    "quantize_model": "quantize", "perplexity": "evaluate",
+    "apply_lora": "lora", "fuse_lora": "lora", "load_adapter": "lora", "save_adapter": "lora",
+    "train": "train.trainer", "TrainArgs": "train.trainer",
+    "UserError": "errors",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'mlx_gemma' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)
