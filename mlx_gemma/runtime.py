@@ -47,6 +47,48 @@ def _candidates() -> list[str]:
     return ordered
 
 
+def _provide_libgfortran() -> bool:
+    """Make `libgfortran.so.5` resolvable on machines without the system package.
+
+    cmeel-openblas's library needs libgfortran.so.5 (Debian: libgfortran5). The mlx and numpy
+    wheels bundle a libgfortran too, but renamed by auditwheel (`libgfortran-<hash>.so.5.0.0`,
+    with that SONAME), so the dynamic linker does not match it to the name OpenBLAS asks for.
+    We copy it once into the cache with its SONAME string rewritten in place to
+    `libgfortran.so.5` (shorter, so the ELF layout is unchanged) and preload the copy and
+    its libquadmath with RTLD_GLOBAL: the linker then satisfies OpenBLAS's dependency by SONAME.
+    """
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
+        for libs in ("mlx_cpu.libs", "mlx.libs", "numpy.libs"):
+            found = sorted(glob.glob(os.path.join(base or "", libs, "libgfortran-*.so*")))
+            if not found:
+                continue
+            src = found[0]
+            try:
+                for quadmath in glob.glob(os.path.join(os.path.dirname(src), "libquadmath-*.so*")):
+                    ctypes.CDLL(quadmath, mode=os.RTLD_GLOBAL)
+                data = bytearray(open(src, "rb").read())
+                old = os.path.basename(src).encode() + b"\0"
+                at = data.find(old)
+                if at < 0:
+                    continue
+                new = b"libgfortran.so.5"
+                data[at:at + len(old)] = new + b"\0" * (len(old) - len(new))
+                home = os.environ.get("MLX_GEMMA_HOME", os.path.join(os.path.expanduser("~"), ".cache", "mlx-gemma"))
+                folder = os.path.join(home, "blas")
+                os.makedirs(folder, exist_ok=True)
+                target = os.path.join(folder, f"libgfortran.so.5-{os.path.basename(src)}")
+                if not os.path.exists(target):
+                    tmp = f"{target}.tmp-{os.getpid()}"
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, target)
+                ctypes.CDLL(target, mode=os.RTLD_GLOBAL)
+                return True
+            except OSError:
+                continue
+    return False
+
+
 def setup_blas() -> dict:
     """Load an OpenBLAS with RTLD_GLOBAL before mlx.core (Linux only). Idempotent."""
     if BLAS_STATUS["note"] != "not attempted":
@@ -66,8 +108,17 @@ def setup_blas() -> dict:
         try:
             ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
         except OSError as exc:
-            errors.append(f"{path}: {exc}")
-            continue
+            if "libgfortran.so.5" not in str(exc) or not _provide_libgfortran():
+                errors.append(f"{path}: {exc}")
+                continue
+            try:
+                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            except OSError as exc2:
+                errors.append(f"{path}: {exc2}")
+                continue
+            BLAS_STATUS.update(library=path, note="OpenBLAS loaded before mlx.core (with the libgfortran "
+                                                  "bundled in the mlx/numpy wheel)")
+            return BLAS_STATUS
         BLAS_STATUS.update(library=path, note="OpenBLAS loaded before mlx.core")
         return BLAS_STATUS
     hint = ("install the system OpenBLAS runtime (Debian/Ubuntu: apt-get install libgfortran5, "
