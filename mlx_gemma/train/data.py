@@ -1,0 +1,341 @@
+"""Training data: JSONL/JSON records -> token ids + loss masks -> padded or packed batches.
+
+Three record formats, recognised per record by their keys:
+
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``, rendered
+  with the Gemma chat template. Loss on every assistant answer and its closing ``<end_of_turn>``
+  (so the model learns to stop); the ``<start_of_turn>model\\n`` header and user/system text are
+  prompt. ``train_on_prompt=True`` puts loss on every token but the first.
+- completion: ``{"prompt": ..., "completion": ...}``. We follow TRL's convention for
+  "standard" (non-conversational) prompt-completion data: plain text, no chat template,
+  ``<bos>`` + prompt + completion + ``<eos>``, loss on the completion and ``<eos>`` only. (mlx-lm
+  wraps the pair in the chat template instead; write a ``messages`` record to get that.) The
+  prompt and completion are tokenized separately, so the boundary is always a token boundary.
+- text: ``{"text": ...}``: ``<bos>`` + text + ``<eos>``, plain LM loss on every token but ``<bos>``.
+
+A data path is a file (.jsonl, or .json holding a list of records) or a directory holding
+``train``/``valid``/``test`` files (``.jsonl`` or ``.json``).
+
+Token layout: ``ids`` is a record's tokens (``<bos>`` first); ``loss_mask[i] == 1`` when token
+``i`` is a training target (predicted from the tokens before it), so ``loss_mask[0]`` is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..errors import UserError
+
+SPLITS = ("train", "valid", "test")
+SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass
+class Dataset:
+    """Tokenized records of one split. `examples` holds (ids, loss_mask) int32 array pairs."""
+
+    name: str
+    examples: list = field(default_factory=list)
+    truncated: int = 0  # records cut to max_seq_len
+    dropped: int = 0  # records longer than max_seq_len skipped (drop_long)
+    formats: dict = field(default_factory=dict)  # format -> count
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(ids) for ids, _ in self.examples], dtype=np.int64)
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(sum(int(m.sum()) for _, m in self.examples))
+
+    def summary(self) -> str:
+        """One line: records, tokens, loss tokens, formats, truncated/dropped counts."""
+        fmts = ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items()))
+        line = (f"{self.name}: {len(self)} records ({fmts}), {int(self.lengths.sum())} tokens, "
+                f"{self.loss_tokens} with loss")
+        if self.truncated:
+            line += f", {self.truncated} truncated to max_seq_len"
+        if self.dropped:
+            line += f", {self.dropped} longer than max_seq_len dropped"
+        return line
+
+
+# ---- reading files ----------------------------------------------------------------------------
+
+
+def split_file(data: Path, split: str) -> Optional[Path]:
+    """The file of `split` inside a data dir (train.jsonl / train.json), or None."""
+    for suffix in SUFFIXES:
+        path = data / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_split(data, split: str, required: bool = True) -> Optional[Path]:
+    """A data path (file or dir) and a split name -> the file to read.
+
+    A single file serves as whatever split asks for it; a dir must hold ``{split}.jsonl|json``.
+    """
+    data = Path(data).expanduser()
+    if data.is_file():
+        return data
+    if data.is_dir():
+        found = split_file(data, split)
+        if found is None and required:
+            raise UserError(f"{data}: no {split}.jsonl or {split}.json in this directory "
+                            f"(a data dir holds train/valid/test .jsonl files)")
+        return found
+    raise UserError(f"{data}: no such file or directory (give a .jsonl/.json file or a dir with "
+                    "train/valid/test .jsonl files)")
+
+
+def read_records(path) -> list[tuple[str, dict]]:
+    """[(where, record)] from a JSONL file or a JSON list; `where` is "file:line" for errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    records = []
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: a .json data file must hold a list of records")
+        records = [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    return records
+
+
+# ---- records -> tokens ------------------------------------------------------------------------
+
+
+def record_format(record: dict, where: str) -> str:
+    """"chat", "completion" or "text", from the record's keys."""
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    raise UserError(f"{where}: unknown record format (keys {sorted(record)[:6]}); expected "
+                    '"messages", "prompt" + "completion", or "text"')
+
+
+def _string(record: dict, key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def encode_record(record: dict, tokenizer, where: str, train_on_prompt: bool = False):
+    """One record -> (format, ids, loss_mask) as int32 arrays (see the module doc)."""
+    fmt = record_format(record, where)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if fmt == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not any(
+                isinstance(m, dict) and m.get("role") in ("assistant", "model") for m in messages):
+            raise UserError(f"{where}: a chat record needs at least one assistant message to train on")
+        try:
+            ids, mask = tokenizer.encode_chat(messages)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    elif fmt == "completion":
+        prompt = bos + tokenizer.encode(_string(record, "prompt", where), add_bos=False)
+        answer = tokenizer.encode(_string(record, "completion", where), add_bos=False) + eos
+        ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+    else:
+        ids = bos + tokenizer.encode(_string(record, "text", where), add_bos=False) + eos
+        mask = [0] * len(bos) + [1] * (len(ids) - len(bos))
+    ids = np.asarray(ids, dtype=np.int32)
+    mask = np.asarray(mask, dtype=np.int32)
+    if train_on_prompt:
+        mask = np.ones_like(mask)
+    if len(mask):
+        mask[0] = 0  # the first token is never predicted
+    if not mask.any():
+        raise UserError(f"{where}: the record has no tokens to train on (empty answer/text)")
+    return fmt, ids, mask
+
+
+def load_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2048, drop_long: bool = False,
+                 train_on_prompt: bool = False) -> Dataset:
+    """Read and tokenize one data file (see `resolve_split` for picking it from a dir).
+
+    Records longer than `max_seq_len` tokens are cut to it (or skipped with `drop_long`); a record
+    whose answer starts beyond `max_seq_len` is an error unless `drop_long`, since cutting would
+    leave nothing to train on. An empty file is an error.
+    """
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path}: no records (the {name} split is empty)")
+    data = Dataset(name=name)
+    for where, record in records:
+        fmt, ids, mask = encode_record(record, tokenizer, where, train_on_prompt)
+        if len(ids) > max_seq_len:
+            if drop_long:
+                data.dropped += 1
+                continue
+            if not mask[:max_seq_len].any():
+                first = int(np.argmax(mask))
+                raise UserError(f"{where}: the prompt is {first} tokens, so nothing to train on fits in "
+                                f"--max-seq-len {max_seq_len}; raise --max-seq-len or pass --drop-long")
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            data.truncated += 1
+        data.examples.append((ids, mask))
+        data.formats[fmt] = data.formats.get(fmt, 0) + 1
+    if not data.examples:
+        raise UserError(f"{path}: every record is longer than --max-seq-len {max_seq_len} and --drop-long "
+                        "dropped them all; raise --max-seq-len")
+    return data
+
+
+def load_splits(data, tokenizer, max_seq_len: int = 2048, drop_long: bool = False, train_on_prompt: bool = False,
+                splits=SPLITS) -> dict:
+    """{split: Dataset or None} for a data dir (missing valid/test -> None) or a single file (train only)."""
+    data = Path(data).expanduser()
+    out = {}
+    for split in splits:
+        if data.is_file():
+            path = data if split == "train" else None
+        else:
+            path = resolve_split(data, split, required=(split == "train"))
+        out[split] = None if path is None else load_dataset(path, tokenizer, split, max_seq_len, drop_long,
+                                                            train_on_prompt)
+    return out
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+
+def bucket_length(n: int, multiple: int = 32, cap: Optional[int] = None) -> int:
+    """Round a row length up to a multiple (fewer distinct shapes -> fewer recompiles)."""
+    n = int(math.ceil(n / multiple) * multiple)
+    return min(n, cap) if cap else n
+
+
+def _pack_rows(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of records (by index) into rows of `row_len` tokens."""
+    rows, free = [], []
+    for i in sorted(order.tolist(), key=lambda i: -lengths[i]):
+        n = int(lengths[i])
+        for r, space in enumerate(free):
+            if space >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - n)
+    return rows
+
+
+def plan_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, max_seq_len: int,
+                 pack: bool = False, shuffle: bool = True) -> list[list[list[int]]]:
+    """The batches of one epoch: a list of batches, each a list of rows, each a list of record indices.
+
+    Deterministic in (seed, epoch), so a resumed run sees the same order. Length grouping: records
+    are sorted by length and cut into batches of similar length, then the batch order is shuffled
+    (little padding, random order). With `pack`, records are packed into rows of `max_seq_len`
+    tokens first and rows are batched in the same way.
+    """
+    lengths = dataset.lengths
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if pack:
+        rows = _pack_rows(lengths, order, max_seq_len)
+        row_lengths = np.array([sum(int(lengths[i]) for i in row) for row in rows])
+    else:
+        rows = [[int(i)] for i in order]
+        row_lengths = lengths[order]
+    # stable sort keeps the shuffled order among equal lengths
+    by_length = np.argsort(-row_lengths, kind="stable")
+    batches = [[rows[j] for j in by_length[k:k + batch_size]] for k in range(0, len(rows), batch_size)]
+    if shuffle:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return batches
+
+
+def make_batch(dataset: Dataset, rows: list[list[int]], pad_id: int, max_seq_len: int,
+               length_multiple: int = 32) -> dict:
+    """Rows of record indices -> numpy arrays for one step.
+
+    inputs (B, L) token ids; targets (B, L) next tokens; weights (B, L) 1.0 where the target carries
+    loss; segment_ids (B, L) record number inside a packed row, 0 on padding (only when some row
+    holds more than one record, else None); tokens: real (unpadded) input tokens. L is the longest
+    row minus one, rounded up to `length_multiple`.
+    """
+    seqs = []
+    for row in rows:
+        ids = np.concatenate([dataset.examples[i][0] for i in row])
+        mask = np.concatenate([dataset.examples[i][1] for i in row])
+        seg = np.concatenate([np.full(len(dataset.examples[i][0]), k + 1, np.int32) for k, i in enumerate(row)])
+        seqs.append((ids, mask, seg))
+    longest = max(len(s[0]) for s in seqs) - 1
+    L = max(1, bucket_length(longest, length_multiple, cap=max_seq_len))
+    B = len(seqs)
+    inputs = np.full((B, L), pad_id, np.int32)
+    targets = np.zeros((B, L), np.int32)
+    weights = np.zeros((B, L), np.float32)
+    segments = np.zeros((B, L), np.int32)
+    for b, (ids, mask, seg) in enumerate(seqs):
+        n = len(ids) - 1
+        inputs[b, :n] = ids[:-1]
+        targets[b, :n] = ids[1:]
+        # A record's first token (bos) is never a target; in a packed row this also stops a
+        # record's last position from predicting the next record's first token.
+        same = seg[1:] == seg[:-1]
+        weights[b, :n] = mask[1:] * same
+        segments[b, :n] = seg[:-1]
+    packed = any(len(row) > 1 for row in rows)
+    return dict(inputs=inputs, targets=targets, weights=weights, segment_ids=segments if packed else None,
+                tokens=int(sum(len(s[0]) - 1 for s in seqs)))
+
+
+def iterate_batches(dataset: Dataset, batch_size: int, max_seq_len: int, pad_id: int, seed: int = 0,
+                    pack: bool = False, shuffle: bool = True, start: int = 0, epochs: Optional[int] = None,
+                    ) -> Iterator[tuple[int, int, dict]]:
+    """Yield (epoch, index in epoch, batch) forever (or for `epochs`), starting at global batch `start`.
+
+    The order depends only on (seed, epoch), so starting at `start` resumes exactly where a run
+    that had consumed `start` batches stopped.
+    """
+    n = len(plan_batches(dataset, batch_size, seed, 0, max_seq_len, pack, shuffle=False))
+    epoch, pos = divmod(start, n)
+    while epochs is None or epoch < epochs:
+        plan = plan_batches(dataset, batch_size, seed, epoch, max_seq_len, pack, shuffle)
+        for k in range(pos, len(plan)):
+            yield epoch, k, make_batch(dataset, plan[k], pad_id, max_seq_len)
+        epoch, pos = epoch + 1, 0
+
+
+def batches_per_epoch(dataset: Dataset, batch_size: int, max_seq_len: int, pack: bool = False) -> int:
+    return len(plan_batches(dataset, batch_size, 0, 0, max_seq_len, pack, shuffle=False))
