@@ -117,6 +117,34 @@ def convert(src, out, dtype, quantize, bits, group_size, force):
 
 # --- train / fuse / data --------------------------------------------------------------------
 
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--adapter", "-a", "adapter", required=True,
+              help="LoRA adapter dir (adapter_config.json + adapter_model.safetensors; ours or PEFT's).")
+@click.argument("out")
+@click.option("--dequantize", is_flag=True,
+              help="Write a dense model. Default for a quantized MODEL: requantize the fused layers with "
+                   "the same bits and group size.")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Dtype of the saved floating-point weights.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def fuse(model, adapter, out, dequantize, dtype, force):
+    """Merge a LoRA adapter into MODEL (W + alpha/r * B @ A) and write the model dir OUT."""
+    from pathlib import Path
+
+    from .loading import load, save_model
+    from .lora import fuse_lora, lora_layers
+
+    if Path(out).exists() and not force:  # before the (slow) load
+        raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
+    fused_model, tokenizer = load(model, dtype="float32", adapter=adapter)
+    n = len(lora_layers(fused_model))
+    fuse_lora(fused_model, dequantize=dequantize)
+    save_model(fused_model, tokenizer, out, force=force, dtype=dtype)
+    kind = "quantized" if fused_model.config.quantization else dtype
+    click.echo(f"fused {n} LoRA layers of {adapter} into {model}; wrote {out} ({kind})")
+
+
 # --- convert-to-hf / convert-to-gguf --------------------------------------------------------
 
 

@@ -345,3 +345,88 @@ def test_bad_adapter_dirs_are_user_errors(tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match="adapter_model.safetensors not found"):
         load_adapter(model, adapter)
+
+
+# ---- `mlx-gemma fuse` -----------------------------------------------------------------------------------
+
+
+def tiny_tokenizer_model() -> bytes:
+    """A small Gemma-shaped SentencePiece vocabulary (specials, bytes, a few words) for model dirs."""
+    from mlx_gemma.convert.spm import tokenizer_model_from_gguf_fields
+
+    tokens, types = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], [3, 3, 3, 2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    words = ["▁", "h", "i", "hi", "▁hi"]
+    scores = [0.0] * len(tokens) + [-float(k) for k in range(len(words))]
+    return tokenizer_model_from_gguf_fields(tokens + words, scores, types + [1] * len(words), 2, 1, 3, 0)
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny Gemma 3 model dir that `mlx_gemma.loading.load` accepts, plus an adapter for it."""
+    root = tmp_path_factory.mktemp("cli")
+    path = save_hf_model(make_hf_model("gemma3_text"), root / "model")
+    (path / "tokenizer.model").write_bytes(tiny_tokenizer_model())
+    model = load_dir(path)
+    cfg = apply_lora(model, ["q_proj", "down_proj"], rank=4, alpha=8.0)
+    randomize_lora(model)
+    save_adapter(model, root / "adapter", cfg)
+    ids = mx.array(random_ids(512, (1, 11), seed=6))
+    return root, path, root / "adapter", ids, np.array(model(ids))
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from mlx_gemma.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_fuse_writes_a_model_equal_to_base_plus_adapter(cli_model):
+    root, path, adapter, ids, expected = cli_model
+    out = root / "fused"
+    result = run_cli("fuse", "--model", path, "--adapter", adapter, out)
+    assert result.exit_code == 0, result.output
+    assert f"fused 12 LoRA layers of {adapter}" in result.output
+    fused = load_dir(out)
+    assert not lora_layers(fused) and (out / "tokenizer.model").exists()
+    assert np.abs(np.array(fused(ids)) - expected).max() <= 1e-5
+    # OUT exists: refused in one line unless --force.
+    result = run_cli("fuse", "--model", path, "--adapter", adapter, out)
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "already exists" in result.output and "--force" in result.output
+    assert run_cli("fuse", "--model", path, "--adapter", adapter, out, "--force").exit_code == 0
+
+
+def test_cli_fuse_quantized_model_requantizes_or_dequantizes(cli_model):
+    from mlx_gemma.loading import load, save_model
+
+    root, path, adapter, ids, expected = cli_model
+    model, tokenizer = load(path, dtype="float32")
+    quantize_model(model, bits=8, group_size=32)
+    save_model(model, tokenizer, root / "q8")
+    assert run_cli("fuse", "-m", root / "q8", "-a", adapter, root / "q8-fused").exit_code == 0
+    assert json.loads((root / "q8-fused" / "config.json").read_text())["quantization"]["bits"] == 8
+    assert run_cli("fuse", "-m", root / "q8", "-a", adapter, root / "q8-dense", "--dequantize").exit_code == 0
+    assert "quantization" not in json.loads((root / "q8-dense" / "config.json").read_text())
+    base = np.array(load(root / "q8", dtype="float32")[0](ids))
+    unfused = np.array(load(root / "q8", dtype="float32", adapter=adapter)[0](ids))  # QLoRA
+    dense = np.array(load_dir(root / "q8-dense")(ids))
+    requantized = np.array(load_dir(root / "q8-fused")(ids))
+    assert np.abs(dense - unfused).max() <= 1e-4  # dequantize + add is exact
+    # Requantizing W + delta rounds it to 8 bits: an error far below what the adapter changes.
+    assert np.abs(requantized - unfused).max() < 0.2 * np.abs(unfused - base).max()
+
+
+def test_cli_fuse_with_an_adapter_for_another_model_is_one_line(cli_model, tmp_path):
+    root, path, _, _, _ = cli_model
+    other = _adapter_from("gemma", tmp_path, ["q_proj"])  # Gemma 1 tiny: q_proj is 64 -> 128
+    result = run_cli("fuse", "--model", path, "--adapter", other, tmp_path / "out")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "adapter_model.safetensors: tensor" in lines[0]
+    assert not (tmp_path / "out").exists()
+    result = run_cli("fuse", "--model", path, "--adapter", tmp_path / "missing", tmp_path / "out")
+    assert result.exit_code == 1 and "adapter dir" in result.output and "not found" in result.output
