@@ -117,6 +117,124 @@ def convert(src, out, dtype, quantize, bits, group_size, force):
 
 # --- train / fuse / data --------------------------------------------------------------------
 
+
+def _train_options(fn):
+    """One click option per TrainArgs field, help and default taken from the dataclass."""
+    import dataclasses
+
+    from .train.trainer import TrainArgs
+
+    for f in reversed(dataclasses.fields(TrainArgs)):
+        name = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            flag = f"{name}/--no-{name[2:]}" if f.default else name
+            opt = click.option(flag, f.name, is_flag=True, default=f.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
+            if "choices" in f.metadata:
+                kind = click.Choice([str(c) for c in f.metadata["choices"]])
+            opt = click.option(name, f.name, type=kind, default=f.default, show_default=f.default is not None,
+                               help=help_text)
+        fn = opt(fn)
+    return fn
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML/JSON file of train options (keys as below, e.g. lr: 1e-4); the command line overrides it.")
+@_train_options
+@click.pass_context
+def train(ctx, config_file, **options):
+    """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
+
+    Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
+    train_config.json, metrics.jsonl, loss.png and checkpoints/. Ctrl-C saves a checkpoint;
+    --resume continues from it.
+    """
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    from .train.trainer import TrainArgs, load_config_file, run_training
+
+    values = load_config_file(config_file) if config_file else {}
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
+            values[name] = value
+    if values.get("quantize_bits") is not None:
+        values["quantize_bits"] = int(values["quantize_bits"])
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    args = TrainArgs(**{k: v for k, v in values.items() if k in known})
+    result = run_training(args, echo=lambda s: click.echo(s, err=True))
+    click.echo(result.summary())
+    if result.interrupted:
+        sys.exit(130)
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--adapter", "-a", "adapter", default=None, help="LoRA adapter dir to apply.")
+@click.option("--data", "data", default=None, help="JSONL/JSON file or data dir (chat / completion / text records).")
+@click.option("--split", default="test", type=click.Choice(["train", "valid", "test"]),
+              help="Split to read from a data dir.")
+@click.option("--text", "text_file", default=None, type=click.Path(dir_okay=False),
+              help="Plain text file: perplexity over its tokens instead of a dataset.")
+@click.option("--max-seq-len", default=1024, type=int, help="Tokens per record / window.")
+@click.option("--batch-size", default=4, type=int, help="Rows per batch (--data).")
+@click.option("--train-on-prompt", is_flag=True, help="Score prompt tokens too (--data).")
+@dtype_option
+def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, train_on_prompt, dtype):
+    """Loss and perplexity of MODEL (+ adapter) on a dataset split or a text file."""
+    from pathlib import Path
+
+    if (data is None) == (text_file is None):
+        raise UserError("give exactly one of --data DIR_OR_FILE or --text FILE")
+    if text_file is not None and not Path(text_file).is_file():
+        raise UserError(f"--text {text_file}: no such file")
+    from .loading import load
+
+    m, tokenizer = load(model, dtype=dtype, adapter=adapter)
+    if text_file is not None:
+        from .evaluate import perplexity
+
+        res = perplexity(m, tokenizer, Path(text_file).read_text(encoding="utf-8"), max_seq_len=max_seq_len)
+        source = text_file
+    else:
+        from .train import data as data_lib
+        from .train.trainer import evaluate_dataset
+
+        path = data_lib.resolve_split(data, split)
+        dataset = data_lib.load_dataset(path, tokenizer, split, max_seq_len, train_on_prompt=train_on_prompt)
+        res = evaluate_dataset(m, tokenizer, dataset, batch_size, max_seq_len)
+        source = str(path)
+    click.echo(f"{source}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['tokens']} tokens)")
+
+
+@main.group(context_settings=CONTEXT)
+def data():
+    """Prepare training data."""
+
+
+@data.command("hc3", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out_dir")
+@click.option("--system", default=None, help="System prompt of every conversation (default: the guide's Chinese one).")
+@click.option("--test-size", default=0.1, type=float, help="Fraction of records for the test split.")
+@click.option("--valid-size", default=0.1, type=float, help="Fraction of records for the validation split.")
+@click.option("--seed", default=0, type=int, help="Shuffle seed.")
+@click.option("--force", is_flag=True, help="Overwrite OUT_DIR if it exists.")
+def data_hc3(src, out_dir, system, test_size, valid_size, seed, force):
+    """Turn HC3-style Q&A records (SRC, .jsonl/.json) into chat train/valid/test.jsonl in OUT_DIR."""
+    from .train.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat
+
+    report = hc3_to_chat(src, out_dir, system if system is not None else DEFAULT_SYSTEM_PROMPT,
+                         test_size, valid_size, seed, force)
+    click.echo(f"{report['records']} records from {report['source']}: train {report['train']}, "
+               f"valid {report['valid']}, test {report['test']} (skipped {report['skipped_empty']} empty, "
+               f"{report['skipped_duplicate']} duplicates) -> {report['out_dir']}")
+
+
 @main.command(context_settings=CONTEXT)
 @model_option
 @click.option("--adapter", "-a", "adapter", required=True,
