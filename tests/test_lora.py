@@ -430,3 +430,28 @@ def test_cli_fuse_with_an_adapter_for_another_model_is_one_line(cli_model, tmp_p
     assert not (tmp_path / "out").exists()
     result = run_cli("fuse", "--model", path, "--adapter", tmp_path / "missing", tmp_path / "out")
     assert result.exit_code == 1 and "adapter dir" in result.output and "not found" in result.output
+
+
+# ---- the real Gemma 3 270M ----------------------------------------------------------------------------
+
+
+def test_real_270m_adapter_matches_peft_and_fuses(gguf_path, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlx_gemma.loading import load, resolve
+
+    model, tokenizer = load("gemma-3-270m")
+    cfg = apply_lora(model, "all-linear", rank=8, alpha=16.0, base_model="gemma-3-270m")
+    # r * (in + out) per layer: q, o (640 <-> 4 x 256), k, v (640 -> 256), gate, up, down (640 <-> 2048)
+    per_layer = 8 * (2 * (640 + 1024) + 2 * (640 + 256) + 3 * (640 + 2048))
+    assert count_parameters(model)["trainable"] == 18 * per_layer == 1_898_496
+    randomize_lora(model, std=0.01)
+    adapter = save_adapter(model, tmp_path / "adapter", cfg)
+    ids = np.array([tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
+    ours = np.array(model(mx.array(ids)))
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve("gemma-3-270m")), dtype=torch.float32)
+    expected = hf_logits(PeftModel.from_pretrained(hf, str(adapter)).eval(), ids)
+    assert np.abs(ours - expected).max() <= 1e-3
+    fuse_lora(model)
+    assert np.abs(np.array(model(mx.array(ids))) - ours).max() <= 1e-3
