@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -240,8 +240,8 @@ def fuse_lora(model, dequantize: bool = False):
 
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path) then rename onto path: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    # Not mkstemp: its files are mode 0600; this one gets the usual umask permissions.
+    tmp = str(path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -290,6 +291,9 @@ def test_save_adapter_round_trips_and_keeps_other_files(tmp_path):
     save_adapter(model, out, cfg)  # overwrite in place
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                      "args.json", "notes.txt", "train_log.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     reloaded = load_dir(path)
