@@ -1,0 +1,449 @@
+"""The Gemma tokenizer: SentencePiece plus the special-token handling, chat template and streaming
+detokenizer that Hugging Face's Gemma tokenizers provide.
+
+One class serves Gemma 1, 2 and 3: every id (`<bos>`, `<end_of_turn>`, ...) is read from the
+vocabulary, never assumed (`<end_of_turn>` is 107 in Gemma 1/2 and 106 in Gemma 3).
+
+Why not SentencePiece alone: SentencePiece never matches CONTROL pieces in text, so
+`"<start_of_turn>user"` would come out as `<`, `start`, `_`, ... . Hugging Face tokenizers split
+special-token text out first and map it to its id; `encode` does the same, so chat-formatted text
+tokenizes to the ids the model was trained on.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import tempfile
+from typing import Iterable
+
+from .errors import UserError
+
+# The Gemma 3 chat template, written out as the Jinja text Hugging Face tools read from
+# tokenizer_config.json. `GemmaTokenizer.apply_chat_template` renders the same thing in Python.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+_MODEL_FILE = "tokenizer.model"
+
+
+class GemmaTokenizer:
+    """A Gemma `tokenizer.model` with Hugging Face-compatible encoding, decoding and chat format.
+
+    Build it from a path (`GemmaTokenizer("model_dir")` or `GemmaTokenizer("…/tokenizer.model")`)
+    or from the file's bytes (`GemmaTokenizer.from_bytes(data)`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        file = os.path.join(path, _MODEL_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise UserError(f"tokenizer file not found: {file} (give a model directory that contains "
+                            f"{_MODEL_FILE}, or the path of the file itself)")
+        with open(file, "rb") as f:
+            self._setup(f.read(), file)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "GemmaTokenizer":
+        """A tokenizer from the serialized SentencePiece model (the bytes of a tokenizer.model)."""
+        self = cls.__new__(cls)
+        self._setup(bytes(data), source)
+        return self
+
+    def _setup(self, data: bytes, source: str) -> None:
+        import sentencepiece
+
+        self._model_bytes = data
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"{source} is not a valid SentencePiece tokenizer.model ({exc}); "
+                            "re-export the tokenizer or point at the right file") from None
+        sp = self._sp
+        self.vocab_size: int = sp.get_piece_size()
+        self.bos_id: int | None = _none_if_negative(sp.bos_id())
+        self.eos_id: int | None = _none_if_negative(sp.eos_id())
+        self.pad_id: int | None = _none_if_negative(sp.pad_id())
+        self.unk_id: int | None = _none_if_negative(sp.unk_id())
+        self.start_of_turn_id: int | None = self._special_id("<start_of_turn>")
+        self.end_of_turn_id: int | None = self._special_id("<end_of_turn>")
+
+        # Special pieces (control + unknown) as Hugging Face treats them: matched whole in text,
+        # dropped by decode(skip_special=True). Indexed by first character for a fast scan.
+        self._special_ids = frozenset(i for i in range(self.vocab_size)
+                                      if sp.is_control(i) or sp.is_unknown(i))
+        self._special_by_text = {sp.id_to_piece(i): i for i in self._special_ids}
+        lengths: dict[str, set[int]] = {}
+        for text in self._special_by_text:
+            if text:
+                lengths.setdefault(text[0], set()).add(len(text))
+        self._special_lengths = {c: sorted(ls, reverse=True) for c, ls in lengths.items()}
+        self._special_start = re.compile("[" + "".join(re.escape(c) for c in lengths) + "]") if lengths else None
+        self._bytes_cache: dict[tuple[int, bool], bytes] = {}
+
+    def _special_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    # ---- vocabulary ------------------------------------------------------------------------
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: `<eos>` and `<end_of_turn>` (where the vocabulary has them)."""
+        return tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary piece for an id, as SentencePiece spells it (spaces as "▁")."""
+        self._check_id(token_id)
+        return self._sp.id_to_piece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece, or None when the piece is not in the vocabulary."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def is_special(self, token_id: int) -> bool:
+        """True for control and unknown pieces (`<bos>`, `<end_of_turn>`, `<unused0>`, `<unk>`, ...)."""
+        return int(token_id) in self._special_ids
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    # ---- encode / decode ---------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids for `text`, `<bos>` first unless `add_bos=False`.
+
+        Special-token text in `text` (`<start_of_turn>`, `<eos>`, `<unused3>`, ...) becomes that
+        token's id, as Hugging Face tokenizers do; the rest goes through SentencePiece.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        for chunk, special_id in self._split_special(text):
+            if chunk:
+                ids.extend(self._sp.encode(chunk))
+            if special_id is not None:
+                ids.append(special_id)
+        return ids
+
+    def _split_special(self, text: str) -> Iterable[tuple[str, int | None]]:
+        """Yield (plain text, special id or None) pairs; leftmost-longest match of special pieces."""
+        if self._special_start is None:
+            yield text, None
+            return
+        start = pos = 0
+        while True:
+            m = self._special_start.search(text, pos)
+            if m is None:
+                break
+            i = m.start()
+            for length in self._special_lengths[text[i]]:
+                special_id = self._special_by_text.get(text[i:i + length])
+                if special_id is not None:
+                    yield text[start:i], special_id
+                    start = pos = i + length
+                    break
+            else:
+                pos = i + 1
+        yield text[start:], None
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The UTF-8 bytes one token contributes to decoded text.
+
+        Byte-fallback pieces (`<0xE4>`) give a single raw byte, so one token may hold part of a
+        character; special pieces give their own text, or nothing with `skip_special=True`.
+        """
+        key = (int(token_id), skip_special)
+        cached = self._bytes_cache.get(key)
+        if cached is None:
+            self._check_id(key[0])
+            i, sp = key[0], self._sp
+            piece = sp.id_to_piece(i)
+            if i in self._special_ids:
+                cached = b"" if skip_special else piece.encode("utf-8")
+            elif sp.is_byte(i):
+                cached = bytes([int(piece[3:5], 16)])  # "<0xE4>" -> b"\xe4"
+            else:
+                cached = piece.replace("\u2581", " ").encode("utf-8")
+            self._bytes_cache[key] = cached
+        return cached
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text for token ids. Special tokens are written as their text (`<bos>`, `<end_of_turn>`)
+        unless `skip_special=True`, like Hugging Face's `decode(skip_special_tokens=...)`.
+        Invalid UTF-8 from stray byte-fallback tokens becomes U+FFFD."""
+        if hasattr(ids, "tolist"):  # numpy / mlx arrays
+            ids = ids.tolist()
+        data = b"".join(self.token_bytes(i, skip_special) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    # ---- chat format -------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str | list[int]:
+        """Render a conversation in Gemma's chat format, as Hugging Face's official templates do:
+
+            <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{answer}<end_of_turn>\\n
+
+        `messages` is a list of {"role": "user" | "assistant" | "model" | "system", "content": ...}
+        where content is a string or a list of {"type": "text", "text": ...} parts. "assistant" is
+        written as "model"; every text is stripped of surrounding whitespace, as the templates do.
+        A leading system message is folded into the first user turn as "{system}\\n\\n{user}"; this
+        is what Gemma 3's official template does, and we do it for Gemma 1 and 2 as well, whose
+        templates refuse a system role (no Gemma version has a system turn of its own).
+        `add_generation_prompt=True` appends "<start_of_turn>model\\n" for the model to answer.
+        Two deliberate departures from Gemma 3's template, both where it would silently lose text:
+        a system message given as a list of parts uses all its text parts (the template keeps only
+        the first), and a system message with no user message after it is an error (the template
+        drops it).
+
+        Returns the text, or with `tokenize=True` its ids (the `<bos>` of the text is the only one).
+        Raises UserError for an unknown role, roles that do not alternate user/model, a system
+        message that is not first or not followed by a user message, or unusable content.
+        """
+        text = "".join(piece for piece, _ in self.chat_segments(messages, add_generation_prompt))
+        return self.encode(text, add_bos=False) if tokenize else text
+
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """The chat text of `apply_chat_template` cut into consecutive (text, is_answer) pieces.
+
+        is_answer is True for each model answer together with its closing `<end_of_turn>` (the
+        text a fine-tuned model must learn to produce, including when to stop), False for
+        everything else: `<bos>`, user turns, each `<start_of_turn>model\\n` header and the "\\n"
+        after an answer's `<end_of_turn>`. Joining the texts gives apply_chat_template's string.
+        """
+        start, end = "<start_of_turn>", "<end_of_turn>"
+        if self.start_of_turn_id is None or self.end_of_turn_id is None:
+            raise UserError("this tokenizer has no <start_of_turn>/<end_of_turn> tokens, so it cannot "
+                            "use the Gemma chat format; use plain text or a Gemma tokenizer")
+        segments = [(self.id_to_piece(self.bos_id) if self.bos_id is not None else "", False)]
+        for role, text in _chat_turns(messages):
+            if role == "model":
+                segments += [(f"{start}model\n", False), (text + end, True), ("\n", False)]
+            else:
+                segments.append((f"{start}{role}\n{text}{end}\n", False))
+        if add_generation_prompt:
+            segments.append((f"{start}model\n", False))
+        merged: list[tuple[str, bool]] = []
+        for text, flag in segments:
+            if merged and merged[-1][1] == flag:
+                merged[-1] = (merged[-1][0] + text, flag)
+            elif text:
+                merged.append((text, flag))
+        return merged
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) for a conversation: loss_mask[i] is 1 where ids[i] belongs to a model
+        answer or its closing `<end_of_turn>`, else 0. The ids equal
+        `apply_chat_template(messages, tokenize=True)`: every segment boundary sits next to a
+        special token or after the "\\n" that ends a turn header, and the "\\n" piece never merges
+        with a neighbour, so encoding piecewise cannot change the tokens.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        segments = self.chat_segments(messages, add_generation_prompt)
+        for text, is_answer in segments:
+            piece_ids = self.encode(text, add_bos=False)
+            ids += piece_ids
+            mask += [int(is_answer)] * len(piece_ids)
+        # Cheap next to training, and it guards the argument above against a vocabulary whose
+        # user-defined pieces would merge across a boundary (none of Gemma 1/2/3's do).
+        if ids != self.encode("".join(text for text, _ in segments), add_bos=False):
+            raise RuntimeError("chat segments tokenize differently from the whole conversation")
+        return ids, mask
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.model, tokenizer_config.json (with the chat template) and
+        special_tokens_map.json into `directory` (created if needed), so that Hugging Face's
+        `AutoTokenizer.from_pretrained(directory)` opens it. Each file is written atomically."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        tokens = {name: self.id_to_piece(i) for name, i in
+                  (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                   ("pad_token", self.pad_id), ("unk_token", self.unk_id)) if i is not None}
+        extra = [self.id_to_piece(i) for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None]
+        special_map = dict(tokens, additional_special_tokens=extra)
+        config = dict(
+            tokenizer_class="GemmaTokenizer",
+            add_bos_token=True,
+            add_eos_token=False,
+            clean_up_tokenization_spaces=False,
+            spaces_between_special_tokens=False,
+            chat_template=GEMMA_CHAT_TEMPLATE,
+            **special_map,
+            added_tokens_decoder=self._added_tokens(),
+        )
+        _write_atomic(os.path.join(directory, _MODEL_FILE), self._model_bytes)
+        _write_atomic(os.path.join(directory, "tokenizer_config.json"),
+                      (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        _write_atomic(os.path.join(directory, "special_tokens_map.json"),
+                      (json.dumps(special_map, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+    def _added_tokens(self) -> dict[str, dict]:
+        """Control/unknown pieces (special) and user-defined pieces (not special) in the form of
+        tokenizer_config.json's `added_tokens_decoder`. Hugging Face matches these whole in text;
+        without them it would cut `<unused0>` or `<table>` into pieces (SentencePiece matches
+        user-defined pieces itself, but HF's conversion of tokenizer.model does not)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        # SentencePieceProcessor cannot tell user-defined pieces apart; the proto can.
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._model_bytes)
+        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        added = {}
+        for i, piece in enumerate(proto.pieces):
+            special = i in self._special_ids
+            if special or piece.type == user_defined:
+                added[str(i)] = dict(content=piece.piece, lstrip=False, normalized=False,
+                                     rstrip=False, single_word=False, special=special)
+        return added
+
+
+class StreamingDetokenizer:
+    """Turns generated ids into text as they arrive, never splitting a UTF-8 character.
+
+    `add_token(id)` returns the text that became final with this token (possibly ""), and
+    `finalize()` the rest. The chunks joined equal `tokenizer.decode(ids, skip_special)`. Each
+    step costs O(1): the token's bytes go through an incremental UTF-8 decoder, which holds back
+    the bytes of a character still incomplete (byte-fallback tokens carry one byte each).
+    """
+
+    def __init__(self, tokenizer: GemmaTokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sequence."""
+        # errors="replace" matches decode(): the incremental decoder emits exactly what decoding
+        # the whole byte string at once would, chunked.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one id; return the newly completed text."""
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id, self.skip_special), final=False)
+
+    def finalize(self) -> str:
+        """Return whatever is pending (an incomplete character becomes U+FFFD) and reset."""
+        text = self._decoder.decode(b"", final=True)
+        self.reset()
+        return text
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _none_if_negative(i: int) -> int | None:
+    return i if i >= 0 else None
+
+
+def _content_text(content, where: str, keep_whitespace: bool = False) -> str:
+    """The text of a message's content: a string, or a list of {"type": "text", "text": ...}."""
+    clean = (lambda s: s) if keep_whitespace else str.strip
+    if isinstance(content, str):
+        return clean(content)
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise UserError(f"{where}: content part {k} is {kind!r}; only "
+                                '{"type": "text", "text": "..."} parts are supported (text-only model)')
+            parts.append(clean(part["text"]))
+        return "".join(parts)
+    raise UserError(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
+
+
+def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
+    """Validate a conversation; return (rendered role, text) per turn with the system text folded in."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"message {k} must be a dict with 'role' and 'content', got {m!r:.80}")
+    prefix = ""
+    if messages[0]["role"] == "system":
+        # Gemma 3's template: the system text, unstripped, then a blank line, then the user text.
+        prefix = _content_text(messages[0]["content"], "message 0 (system)", keep_whitespace=True) + "\n\n"
+        messages = messages[1:]
+        if not messages:
+            raise UserError("a system message must be followed by a user message")
+    offset = 1 if prefix else 0
+    turns = []
+    for k, m in enumerate(messages):
+        role, where = m["role"], f"message {k + offset}"
+        if role not in ("user", "assistant", "model"):
+            hint = " (a system message may only come first)" if role == "system" else ""
+            raise UserError(f"{where} has role {role!r}; use 'user', 'assistant' (or 'model'), "
+                            f"or a first 'system'{hint}")
+        expected_user = k % 2 == 0
+        if (role == "user") != expected_user:
+            raise UserError(f"{where} has role {role!r} but conversation roles must alternate "
+                            "user/assistant/user/assistant/..., starting with user")
+        text = _content_text(m["content"], where)
+        if role == "user":
+            turns.append(("user", (prefix if k == 0 else "") + text))
+        else:
+            turns.append(("model", text))
+    return turns
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written file survives."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shareable files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
