@@ -265,6 +265,47 @@ def fuse(model, adapter, out, dequantize, dtype, force):
 
 # --- convert-to-hf / convert-to-gguf --------------------------------------------------------
 
+@main.command("convert-to-hf", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out")
+@click.option("--adapter", "-a", "adapter", default=None,
+              help="LoRA adapter dir to fuse into the weights (or, with --adapter-only, to export).")
+@click.option("--adapter-only", is_flag=True,
+              help="Write only the adapter, as a PEFT adapter dir for the HF base model (checked against SRC).")
+@click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Dtype of the written weights. Default: bfloat16 (as Google's checkpoints); float32 "
+                   "with --adapter-only. float16 is refused for Gemma 3 (its activations overflow it) "
+                   "unless --force.")
+@click.option("--max-shard-size", default="5GB",
+              help="Split the weights into model-0000N-of-0000M.safetensors shards of at most this size.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (and allow float16 for Gemma 3).")
+def convert_to_hf_cmd(src, out, adapter, adapter_only, dtype, max_shard_size, force):
+    """Write SRC (any model spec; quantized weights are dequantized, --adapter fused) as a Hugging
+    Face model dir OUT that transformers' AutoModelForCausalLM / AutoTokenizer open."""
+    from .export import convert_to_hf, output_summary
+
+    path = convert_to_hf(src, out, adapter=adapter, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                         adapter_only=adapter_only)
+    what = f"adapter {adapter} (PEFT)" if adapter_only else src + (f" + {adapter} (fused)" if adapter else "")
+    click.echo(f"wrote {path}: {what}, {dtype or ('float32' if adapter_only else 'bfloat16')}, {output_summary(path)}")
+
+
+@main.command("convert-to-gguf", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out")
+@click.option("--adapter", "-a", "adapter", default=None, help="LoRA adapter dir to fuse into the weights.")
+@click.option("--type", "out_type", default="f16", type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+              help="GGUF type of the 2-D weights (norms stay f32).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def convert_to_gguf_cmd(src, out, adapter, out_type, force):
+    """Write SRC (any model spec; --adapter fused) as one GGUF file OUT, tokenizer included, for
+    llama.cpp and Ollama."""
+    from .export import convert_to_gguf, output_summary
+
+    path = convert_to_gguf(src, out, adapter=adapter, out_type=out_type, force=force)
+    what = src + (f" + {adapter} (fused)" if adapter else "")
+    click.echo(f"wrote {path}: {what}, {out_type}, {output_summary(path)}")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
