@@ -16,7 +16,6 @@ import codecs
 import json
 import os
 import re
-import tempfile
 from typing import Iterable
 
 from .errors import UserError
@@ -436,12 +435,12 @@ def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written file survives."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    """Write to a temporary file in the same folder, then rename: no half-written file survives.
+    Plain open() rather than mkstemp, so the file gets the usual umask permissions, not 0600."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shareable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
