@@ -415,3 +415,20 @@ def test_embedded_model_to_hf(real_dir, tmp_path):
         tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert np.abs(hf_logits(theirs, [ids]) - ours_logits(ours, [ids])).max() <= 1e-3
     assert theirs.generation_config.eos_token_id == [1, 106]
+
+
+@pytest.mark.slow
+def test_embedded_model_with_adapter_to_gguf(real_dir, tmp_path):
+    """A LoRA-tuned 270M as an f32 GGUF: read back, it gives the logits of the unfused model."""
+    adapter = make_adapter(real_dir, tmp_path / "adapter", targets="q_proj,v_proj", rank=4)
+    path = convert_to_gguf("gemma-3-270m", tmp_path / "tuned.gguf", adapter=adapter, out_type="f32")
+    ckpt = read_gguf(path)
+    assert ckpt.config["model_type"] == "gemma3_text" and len(ckpt.tokenizer["tokens"]) == 262144
+    assert set(ckpt.tensor_types.values()) == {"F32"}
+    back, tok = load(str(path), dtype="float32")
+    ours, _ = load("gemma-3-270m", dtype="float32", adapter=adapter)
+    base, _ = load("gemma-3-270m", dtype="float32")
+    ids = [tok.encode("The capital of France is Paris. The capital of Germany is")]
+    expected = ours_logits(ours, ids)
+    assert np.abs(ours_logits(back, ids) - expected).max() <= 1e-3
+    assert np.abs(ours_logits(base, ids) - expected).max() > 1e-2  # the adapter is in the file
