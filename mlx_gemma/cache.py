@@ -1,8 +1,14 @@
-"""Key/value caches for generation: full for global layers, a bounded window for sliding ones.
+"""Key/value caches for generation: full for global layers, a bounded ring for sliding-window ones.
 
 Each cache knows the absolute positions of the keys it returns, so it builds its own
 attention mask (`mask(L, pad)`); the model asks one cache per attention kind.
 Arrays are (B, K, S, D): batch, KV heads, cached positions, head_dim.
+
+`offset` (tokens stored so far = absolute position of the next token) is a Python int in
+ordinary (eager) use. Inside the compiled decode step (mlx_gemma.generate) it is a scalar
+mx.array instead, so that one trace serves every position: then shapes must not depend on
+the position, so `FullCache` returns its whole pre-reserved buffer (unwritten slots masked)
+and writes with `mx.slice_update`; the caller advances `offset` after the step.
 """
 
 from __future__ import annotations
@@ -10,6 +16,13 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
+
+# Position given to empty ring slots: far enough back to be outside every window.
+_EMPTY = -(1 << 30)
+
+
+def _traced(offset) -> bool:
+    return isinstance(offset, mx.array)
 
 
 def _mask(q_pos, k_pos, window, pad):
@@ -29,18 +42,33 @@ class FullCache:
         self.values: Optional[mx.array] = None
         self.offset = 0  # tokens stored so far (= absolute position of the next token)
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int) -> None:
+        """Make room for `tokens` positions in total (rounded up to `step`), keeping what is stored."""
+        if tokens <= self.capacity:
+            return
+        grow = -(-(tokens - self.capacity) // self.step) * self.step
+        new_k = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        new_v = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
+
     def update_and_fetch(self, k: mx.array, v: mx.array):
         B, K, L, D = k.shape
+        if _traced(self.offset):
+            # Fixed shapes: write in place at `offset`, return the whole buffer (mask hides the rest).
+            start = self.offset.reshape(1)
+            self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
+            self.values = mx.slice_update(self.values, v, start, axes=(2,))
+            return self.keys, self.values
         start = self.offset
-        if self.keys is None or start + L > self.keys.shape[2]:
-            grow = ((L + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, K, grow, D), k.dtype)
-            new_v = mx.zeros((B, K, grow, v.shape[-1]), v.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[:, :, :start], new_k], axis=2)
-                self.values = mx.concatenate([self.values[:, :, :start], new_v], axis=2)
+        self.reserve(B, K, D, k.dtype, start + L)
         self.keys[:, :, start:start + L] = k
         self.values[:, :, start:start + L] = v
         self.offset += L
@@ -48,6 +76,9 @@ class FullCache:
 
     def mask(self, L: int, pad: Optional[mx.array]):
         """Mask for the next call with L new tokens: keys at positions [0, offset + L)."""
+        if _traced(self.offset):
+            q_pos = self.offset + mx.arange(L)
+            return _mask(q_pos, mx.arange(self.capacity), None, pad)
         if L == 1 and pad is None:
             return None
         if pad is None and self.offset == 0:
@@ -65,41 +96,74 @@ class FullCache:
 
 
 class SlidingCache:
-    """Keeps only the last window - 1 keys: with the new token they make one full window.
+    """A ring buffer of the last window - 1 keys: with the new token they make one full window.
 
-    Memory stays bounded however long the generation runs. Chunks longer than the
-    window are returned whole for their own attention and then trimmed.
+    Memory stays bounded however long the generation runs. Position p lives in slot
+    p % (window - 1), so writing a token never shifts the others; attention does not care
+    about key order (RoPE was applied before caching), and `mask` knows each slot's position.
+    Each call returns the ring followed by the new keys: (B, K, window - 1 + L, D).
     """
 
     def __init__(self, window: int):
         self.window = window
+        self.size = max(window - 1, 0)  # ring slots
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
 
-    def _kept(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
+        """Allocate the ring (its size never depends on `tokens`)."""
+        if self.keys is None and self.size:
+            self.keys = mx.zeros((batch, kv_heads, self.size, head_dim), dtype)
+            self.values = mx.zeros((batch, kv_heads, self.size, head_dim), dtype)
+
+    def _slot_positions(self):
+        """Absolute position held by each ring slot before this call (_EMPTY where none): (size,)."""
+        last = self.offset - 1
+        pos = last - (last - mx.arange(self.size)) % self.size  # largest p <= last with p % size == slot
+        return mx.where(pos >= 0, pos, _EMPTY)
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
-        if self.keys is not None:
-            k = mx.concatenate([self.keys, k], axis=2)
-            v = mx.concatenate([self.values, v], axis=2)
-        self.offset += k.shape[2] - self._kept()
-        keep = self.window - 1
-        if keep <= 0:
-            self.keys = self.values = None
-        else:
-            self.keys, self.values = k[:, :, -keep:], v[:, :, -keep:]
-        return k, v
+        B, K, L, D = k.shape
+        if not self.size:
+            if not _traced(self.offset):
+                self.offset += L
+            return k, v
+        self.reserve(B, K, D, k.dtype)
+        out_k = mx.concatenate([self.keys, k], axis=2)
+        out_v = mx.concatenate([self.values, v], axis=2)
+        if _traced(self.offset):  # decode step, L == 1: one slot
+            start = (self.offset % self.size).reshape(1)
+            self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
+            self.values = mx.slice_update(self.values, v, start, axes=(2,))
+            return out_k, out_v
+        # The last min(L, size) new tokens go into their slots: a contiguous run of slots that may
+        # wrap around the end of the ring, so at most two slice writes.
+        m = min(L, self.size)
+        first = (self.offset + L - m) % self.size
+        head = min(m, self.size - first)
+        self.keys[:, :, first:first + head] = k[:, :, L - m:L - m + head]
+        self.values[:, :, first:first + head] = v[:, :, L - m:L - m + head]
+        if head < m:
+            self.keys[:, :, : m - head] = k[:, :, L - m + head:]
+            self.values[:, :, : m - head] = v[:, :, L - m + head:]
+        self.offset += L
+        return out_k, out_v
 
     def mask(self, L: int, pad: Optional[mx.array]):
-        kept = self._kept()
-        if L == 1 and pad is None:
-            return None  # kept (< window) old keys plus the new one: all visible
-        q_pos = mx.arange(self.offset, self.offset + L)
-        k_pos = mx.arange(self.offset - kept, self.offset + L)
+        if not self.size:
+            q_pos = self.offset + mx.arange(L)
+            return _mask(q_pos, q_pos, self.window, pad)
+        if not _traced(self.offset) and L == 1 and pad is None and self.offset >= self.size:
+            return None  # a full ring of in-window keys plus the new one: all visible
+        q_pos = self.offset + mx.arange(L)
+        k_pos = mx.concatenate([self._slot_positions(), q_pos])
         return _mask(q_pos, k_pos, self.window, pad)
 
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        return self.keys, self.values

@@ -113,7 +113,146 @@ def convert(src, out, dtype, quantize, bits, group_size, force):
 
 # --- generate / chat -------------------------------------------------------------------------
 
+
+def sampling_options(f):
+    """The sampling / length options shared by `generate` and `chat`."""
+    options = [
+        click.option("--max-tokens", default=256, type=int, help="Most new tokens per answer."),
+        click.option("--temp", default=0.0, type=float, help="Sampling temperature (0 = greedy)."),
+        click.option("--top-k", default=0, type=int, help="Sample among the K most likely tokens (0 = off)."),
+        click.option("--top-p", default=1.0, type=float, help="Nucleus sampling mass, in (0, 1] (1 = off)."),
+        click.option("--min-p", default=0.0, type=float, help="Drop tokens below P x the top probability (0 = off)."),
+        click.option("--repetition-penalty", default=1.0, type=float,
+                     help="Penalise tokens seen in the last --repetition-window tokens (1 = off)."),
+        click.option("--repetition-window", default=64, type=int, help="Tokens the repetition penalty looks back."),
+        click.option("--seed", default=None, type=int, help="PRNG seed for reproducible sampling."),
+        click.option("--stop", "stop", multiple=True, help="Stop at this text (repeatable)."),
+        click.option("--adapter", default=None, type=click.Path(), help="LoRA adapter dir to apply."),
+        dtype_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sampling(kw) -> dict:
+    from .generate import check_sampling
+
+    opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
+                               "repetition_window", "seed")}
+    check_sampling(**{k: v for k, v in opts.items() if k != "seed"})  # before the (slow) model load
+    opts["stop"] = list(kw["stop"])
+    return opts
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--prompt", "-p", required=True, help="The prompt text; '-' reads it from stdin.")
+@click.option("--system", default=None, help="System instructions (folded into the first user turn).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is (base-model continuation), no chat template.")
+@sampling_options
+def generate(model, prompt, system, raw, adapter, dtype, **kw):
+    """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
+    from .generate import stream_generate
+    from .loading import load
+
+    opts = _sampling(kw)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - with text on stdin)")
+    if raw and system is not None:
+        raise UserError("--system needs the chat template; drop --raw or --system")
+    net, tokenizer = load(model, dtype=dtype, adapter=adapter)
+    source = prompt if raw else [{"role": "user", "content": prompt}]
+    stats = None
+    for chunk in stream_generate(net, tokenizer, source, system=system, **opts):
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
+        stats = chunk.stats
+    click.echo("")
+    click.echo(stats.line(), err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--system", default=None, help="System instructions for the conversation.")
+@sampling_options
+def chat(model, system, adapter, dtype, **kw):
+    """Interactive multi-turn chat that keeps its KV cache between turns.
+
+    One message per line on stdin (piped input works too); /reset starts a new
+    conversation, /exit (or end of input) quits. Stats for each answer go to stderr.
+    """
+    from .generate import ChatSession
+    from .loading import load
+
+    opts = _sampling(kw)
+    net, tokenizer = load(model, dtype=dtype, adapter=adapter)
+    session = ChatSession(net, tokenizer, system=system, **opts)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("chat with the model; /reset starts over, /exit quits", err=True)
+    while True:
+        if interactive:
+            click.echo(">> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not text:
+            continue
+        for chunk in session.send(text):
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+        click.echo("")
+        click.echo(session.last_stats.line(), err=True)
+
+
 # --- quantize / evaluate --------------------------------------------------------------------
+
+@main.command("quantize", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out")
+@click.option("--bits", default=4, type=int, help="Bits per weight (4 or 8).")
+@click.option("--group-size", default=64, type=int, help="Weights per scale/bias pair (32, 64 or 128).")
+@click.option("--keep-embedding", is_flag=True,
+              help="Keep the embedding / tied LM head in full precision (quantize only the linear layers).")
+@click.option("--text", "text_file", default=None, type=click.Path(dir_okay=False),
+              help="Held-out text for the perplexity check [default: data/heldout_zh_en.txt].")
+@click.option("--max-seq-len", default=1024, type=int, help="Perplexity window (tokens), as `evaluate`.")
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity comparison (faster).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_len, no_eval, force):
+    """Quantize SRC (model dir, .gguf, repo id or alias) with MLX affine quantization into OUT.
+
+    Prints the perplexity of both models on a held-out text, their size on disk and
+    parameter memory. OUT loads with mlx-gemma and mlx_lm.load.
+    """
+    from pathlib import Path
+
+    from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, format_report, quantize_checkpoint
+
+    if bits not in SUPPORTED_BITS:  # before the (slow) load
+        raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise UserError(f"unsupported --group-size {group_size}; use one of "
+                        f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+    if Path(out).exists() and not force:
+        raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
+    if text_file is not None and not Path(text_file).is_file():
+        raise UserError(f"--text {text_file}: no such file")
+    result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, quantize_embedding=not keep_embedding,
+                                 eval_text=None if no_eval else (text_file or "default"), max_seq_len=max_seq_len,
+                                 force=force, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(format_report(result))
+
 
 # --- train / fuse / data --------------------------------------------------------------------
 
