@@ -467,3 +467,38 @@ def test_real_270m_metadata(real_ckpt):
     assert real_ckpt.tensor_types["model.embed_tokens.weight"] == "Q8_0"
     assert set(real_ckpt.tensor_types.values()) == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
     assert all(t.dtype == np.float32 for t in real_ckpt.tensors.values())
+
+
+def test_real_vocab_round_trips_through_write_gguf(real_ckpt, tmp_path):
+    """GGUF vocab -> tokenizer.model (convert.spm) -> write_gguf -> read_gguf keeps every piece.
+
+    A tiny random network carries the real 262,144-piece vocabulary, so the export path sees
+    the real user-defined pieces (runs of spaces, stored with literal spaces by llama.cpp).
+    """
+    pytest.importorskip("mlx_gemma.convert.spm")
+    from mlx_gemma.convert.gguf import tokenizer_model_bytes
+
+    tok = real_ckpt.tokenizer
+    vocab = len(tok["tokens"])
+    config = dict(tiny_config("gemma3_text"), vocab_size=vocab, hidden_size=32, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                  rope_scaling=None)
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (vocab, 32), "model.norm.weight": (32,)}
+    for n, s in [("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)), ("self_attn.v_proj", (32, 32)),
+                 ("self_attn.o_proj", (32, 32)), ("mlp.gate_proj", (32, 32)), ("mlp.up_proj", (32, 32)),
+                 ("mlp.down_proj", (32, 32)), ("self_attn.q_norm", (32,)), ("self_attn.k_norm", (32,)),
+                 ("input_layernorm", (32,)), ("post_attention_layernorm", (32,)),
+                 ("pre_feedforward_layernorm", (32,)), ("post_feedforward_layernorm", (32,))]:
+        shapes[f"model.layers.0.{n}.weight"] = s
+    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    write_gguf(tensors, config, tokenizer_model_bytes(real_ckpt), tmp_path / "v.gguf", out_type="f32")
+    back = read_gguf(tmp_path / "v.gguf").tokenizer
+    assert back["tokens"] == tok["tokens"]
+    np.testing.assert_array_equal(back["scores"], tok["scores"])
+    # llama.cpp types Gemma 3's <unk> CONTROL (from tokenizer_config); SentencePiece has it UNKNOWN.
+    want_types = tok["token_types"].copy()
+    want_types[tok["unk_id"]] = 2
+    np.testing.assert_array_equal(back["token_types"], want_types)
+    for key in ("bos_id", "eos_id", "unk_id", "pad_id", "add_bos_token", "add_eos_token", "add_space_prefix"):
+        assert back[key] == tok[key], key
