@@ -1,0 +1,383 @@
+"""MLX affine quantization of Gemma models: quantize, dequantize, rebuild quantized layers on load.
+
+Format: mlx-lm's. Each quantized layer stores `weight` (uint32, 32/bits values per word),
+`scales` and `biases` (one per `group_size` consecutive inputs: w ≈ scale * q + bias), and
+config.json records `"quantization": {"group_size": G, "bits": B, "mode": "affine"}`, with
+per-layer entries (`"model.embed_tokens": false` or a dict of its own params) where a layer
+differs. So mlx-lm loads our dirs and we load its dirs.
+
+Speed: MLX's `quantized_matmul` is fast on Metal/CUDA, but its CPU kernel is a naive loop
+(≈ 20x slower than an OpenBLAS fp32 matmul once there are more than a few rows). On the CPU our
+layers therefore dequantize their weight on the fly and run an fp32 matmul when the input has
+`DEQUANTIZE_MIN_ROWS` rows or more (prefill, training batches, perplexity), and use the kernel
+for fewer rows (decode), where it is faster (benchmarks/quantize.py measures both).
+`quantized_path(model)` reports which path ran.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .errors import UserError
+
+SUPPORTED_BITS = (4, 8)  # what `quantize_model` writes; loading accepts whatever MLX supports
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+# CPU only: inputs with at least this many rows (tokens) take the dequantize + fp32 matmul path.
+# Measured on a 2-core x86 box (benchmarks/quantize.py): for a 2048x640 4-bit layer the kernel
+# costs ~2 ms per row, dequantizing + matmul ~30 ms flat, so they cross near 8-16 rows.
+DEQUANTIZE_MIN_ROWS = 8
+# Rows of the (V, E) embedding dequantized at once by the tied LM head: 16384 x 640 fp32 = 42 MB,
+# instead of the 671 MB of a full 262,144-row Gemma 3 vocabulary.
+VOCAB_CHUNK = 16384
+
+KERNEL, DEQUANTIZE = "quantized_matmul", "dequantize+matmul"
+_POLICY = {"path": "auto"}  # "auto" | "kernel" | "dequantize" (tests and benchmarks force one)
+
+
+def set_quantized_path(path: str) -> None:
+    """Force the matmul path of quantized layers: "auto" (default), "kernel" or "dequantize"."""
+    if path not in ("auto", "kernel", "dequantize"):
+        raise UserError(f"unknown quantized path {path!r}; use auto, kernel or dequantize")
+    _POLICY["path"] = path
+
+
+def _dequantize_for(rows: int) -> bool:
+    """True when this call should dequantize + matmul instead of calling quantized_matmul."""
+    path = _POLICY["path"]
+    if path != "auto":
+        return path == "dequantize"
+    return mx.default_device().type == mx.DeviceType.cpu and rows >= DEQUANTIZE_MIN_ROWS
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear (same parameters and attributes, so LoRA can wrap it) whose matmul
+    dequantizes on the fly on the CPU for many-row inputs; see the module docstring."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = False, group_size: int = 64,
+                 bits: int = 4, mode: str = "affine"):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        # Placeholders with the packed shapes (lazy zeros, never computed: loading replaces
+        # them); nn.QuantizedLinear.__init__ would quantize a random matrix instead.
+        self.weight, self.scales, self.biases = _packed_placeholders(output_dims, input_dims, group_size, bits, mode)
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.paths_used = set()
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        output_dims, input_dims = linear.weight.shape
+        layer = cls(input_dims, output_dims, "bias" in linear, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = _quantize(linear.weight, group_size, bits, mode)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        layer.freeze()
+        return layer
+
+    def dequantized_weight(self) -> mx.array:
+        """The (output_dims, input_dims) weight in the scales' dtype."""
+        return mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if _dequantize_for(rows):
+            self.paths_used.add(DEQUANTIZE)
+            y = x @ self.dequantized_weight().astype(x.dtype).T  # (..., in) @ (in, out)
+            return y + self["bias"] if "bias" in self else y
+        self.paths_used.add(KERNEL)
+        return super().__call__(x)
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied-LM-head matmul (`as_linear`) dequantizes the (V, E) table
+    in VOCAB_CHUNK-row slices on the CPU for many-row inputs."""
+
+    def __init__(self, num_embeddings: int, dims: int, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.num_embeddings, self.dims = num_embeddings, dims
+        self.weight, self.scales, self.biases = _packed_placeholders(num_embeddings, dims, group_size, bits, mode)
+        self.paths_used = set()
+        self.freeze()
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        num_embeddings, dims = embedding.weight.shape
+        layer = cls(num_embeddings, dims, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = _quantize(embedding.weight, group_size, bits, mode)
+        layer.freeze()
+        return layer
+
+    def dequantized_rows(self, start: int = 0, stop: int | None = None) -> mx.array:
+        """Rows start:stop of the (V, E) table, dequantized (scales' dtype)."""
+        biases = self.get("biases")
+        return mx.dequantize(self["weight"][start:stop], self["scales"][start:stop],
+                             biases[start:stop] if biases is not None else None,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """x (..., E) -> (..., V) against the embedding table (Gemma's tied LM head)."""
+        rows = x.size // x.shape[-1]
+        if not _dequantize_for(rows):
+            self.paths_used.add(KERNEL)
+            return super().as_linear(x)
+        self.paths_used.add(DEQUANTIZE)
+        parts = [x @ self.dequantized_rows(s, s + VOCAB_CHUNK).astype(x.dtype).T
+                 for s in range(0, self.num_embeddings, VOCAB_CHUNK)]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _packed_placeholders(rows: int, cols: int, group_size: int, bits: int, mode: str):
+    """Lazy zero arrays shaped like mx.quantize's output for a (rows, cols) matrix."""
+    if cols % group_size or (cols * bits) % 32:
+        raise UserError(f"a ({rows}, {cols}) weight cannot be quantized with group size {group_size} "
+                        f"and {bits} bits: {cols} is not a multiple of {group_size}")
+    weight = mx.zeros((rows, cols * bits // 32), dtype=mx.uint32)
+    scales = mx.zeros((rows, cols // group_size))
+    return weight, scales, (mx.zeros((rows, cols // group_size)) if mode == "affine" else None)
+
+
+def _quantize(weight: mx.array, group_size: int, bits: int, mode: str):
+    weight, scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+    return weight, scales, (biases[0] if biases else None)
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+
+
+def quantized_layers(model: nn.Module) -> list:
+    """[(path, module)] of every quantized linear / embedding layer in the model."""
+    return [(path, m) for path, m in model.named_modules() if is_quantized_layer(m)]
+
+
+# -- loading: rebuild the structure a checkpoint was saved with ---------------------------------
+
+
+def _layer_params(path: str, module: nn.Module, quantization: dict, weights: dict):
+    """Quantization params {group_size, bits, mode} for one layer, or None to keep it dense.
+
+    A per-layer entry in `quantization` wins (False: dense); otherwise a layer is quantized
+    when the checkpoint holds `<path>.scales`, with group size and bits read off the shapes
+    (so a checkpoint whose layers differ still loads) and checked against the config.
+    """
+    entry = quantization.get(path)
+    if entry is False:
+        return None
+    if f"{path}.scales" not in weights:
+        if isinstance(entry, dict):
+            raise UserError(f"config.json quantizes {path} but the weights have no {path}.scales; "
+                            "the checkpoint does not match its config")
+        return None
+    params = dict(entry) if isinstance(entry, dict) else {
+        k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    params.setdefault("mode", "affine")
+    in_dims = module.weight.shape[-1]
+    packed, groups = weights[f"{path}.weight"].shape[-1], weights[f"{path}.scales"].shape[-1]
+    params.setdefault("group_size", in_dims // groups)
+    params.setdefault("bits", packed * 32 // in_dims)
+    if in_dims // params["group_size"] != groups or in_dims * params["bits"] // 32 != packed:
+        raise UserError(f"{path}: quantized tensors of shapes {tuple(weights[f'{path}.weight'].shape)} / "
+                        f"{tuple(weights[f'{path}.scales'].shape)} do not match group_size {params['group_size']}"
+                        f", bits {params['bits']} from config.json")
+    return {k: params[k] for k in ("group_size", "bits", "mode")}
+
+
+def quantize_structure(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Swap in (empty) quantized layers wherever `weights` holds `<path>.scales`, so that strict
+    loading of a quantized checkpoint works. `quantization` is config.json's entry (mlx-lm's
+    convention, per-layer entries included). Called by `loading.build_model`; weights are not read."""
+    if not isinstance(quantization, dict):
+        raise UserError(f"config.json: quantization must be an object like {{\"group_size\": 64, \"bits\": 4}}, "
+                        f"got {quantization!r}")
+
+    def swap(path, module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return module
+        params = _layer_params(path, module, quantization, weights)
+        if params is None:
+            return module
+        rows, cols = module.weight.shape
+        if isinstance(module, nn.Embedding):
+            return QuantizedEmbedding(rows, cols, **params)
+        return QuantizedLinear(cols, rows, "bias" in module, **params)
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+
+
+# -- quantize / dequantize a loaded model -------------------------------------------------------
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True):
+    """Quantize the model's linear layers (and its embedding / tied LM head unless
+    quantize_embedding=False) in place with MLX affine quantization; sets model.config.quantization.
+
+    bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). Every check runs
+    before any layer changes, so a refused model is left untouched. Returns the model.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise UserError(f"unsupported --group-size {group_size}; use one of "
+                        f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+    config = getattr(model, "config", None)
+    if quantized_layers(model) or getattr(config, "quantization", None):
+        raise UserError("the model is already quantized; quantize the original full-precision model instead "
+                        "(or dequantize it first)")
+    targets = [(path, m) for path, m in model.named_modules()
+               if isinstance(m, nn.Linear) or (quantize_embedding and isinstance(m, nn.Embedding))]
+    for path, m in targets:
+        dims = m.weight.shape[-1]
+        if dims % group_size:
+            fits = [g for g in SUPPORTED_GROUP_SIZES if dims % g == 0]
+            hint = f"use --group-size {fits[-1]}" if fits else "this model cannot be quantized"
+            raise UserError(f"{path}: input size {dims} is not divisible by group size {group_size}; {hint}")
+    params = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, m in targets:
+        layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
+                 else QuantizedLinear.from_linear(m, **params))
+        mx.eval(layer.parameters())  # layer by layer: the full-precision weight is freed right away
+        _set_module(model, path, layer)
+    quantization = dict(params)
+    if not quantize_embedding:
+        quantization.update({path: False for path, m in model.named_modules() if isinstance(m, nn.Embedding)})
+    if config is not None:
+        config.quantization = quantization
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype=None):
+    """Replace every quantized layer by a dense nn.Linear / nn.Embedding in place (fuse, export).
+
+    dtype: of the dense weights (default: the scales' dtype). Clears model.config.quantization."""
+    for path, m in quantized_layers(model):
+        if isinstance(m, nn.QuantizedEmbedding):
+            weight = _dequantize(m)
+            dense = nn.Embedding(*weight.shape)
+        else:
+            weight = _dequantize(m)
+            dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+            if "bias" in m:
+                dense.bias = m.bias
+        dense.weight = weight.astype(dtype) if dtype is not None else weight
+        mx.eval(dense.parameters())
+        _set_module(model, path, dense)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.quantization = None
+    return model
+
+
+def _dequantize(m: nn.Module) -> mx.array:
+    return mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits,
+                         mode=getattr(m, "mode", "affine"))
+
+
+def _set_module(model: nn.Module, path: str, layer: nn.Module) -> None:
+    """model.<path> = layer, where path is dotted with list indices (model.layers.3.mlp.up_proj)."""
+    *parents, last = path.split(".")
+    parent = model
+    for key in parents:
+        parent = parent[int(key)] if isinstance(parent, list) else parent[key]
+    if isinstance(parent, list):
+        parent[int(last)] = layer
+    else:
+        setattr(parent, last, layer)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def quantized_path(model: nn.Module, reset: bool = False) -> str:
+    """Which matmul path the model's quantized layers took since loading (or the last reset):
+    "quantized_matmul", "dequantize+matmul", both joined by " + ", or "not quantized".
+    Before any call, the path a one-token decode step would take on this device."""
+    layers = [m for _, m in quantized_layers(model)]
+    if not layers:
+        return "not quantized"
+    used = set().union(*(getattr(m, "paths_used", {KERNEL}) for m in layers))
+    if reset:
+        for m in layers:
+            if hasattr(m, "paths_used"):
+                m.paths_used.clear()
+    if not used:
+        used = {DEQUANTIZE if _dequantize_for(1) else KERNEL}
+    return " + ".join(sorted(used, key=[DEQUANTIZE, KERNEL].index))
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters (quantized weights, scales and biases included)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def disk_bytes(path) -> int:
+    """Size of a model's weights on disk: a .gguf file, or the *.safetensors of a model dir."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors") if not f.name.startswith("adapter"))
+
+
+# -- `mlx-gemma quantize` -----------------------------------------------------------------------
+
+
+def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
+                        eval_text=None, max_seq_len: int = 1024, force: bool = False, progress=None) -> dict:
+    """Load SRC in float32, quantize it, save it to OUT (atomically) and measure both models.
+
+    eval_text: a text file for the perplexity comparison, "default" for the project's held-out
+    Chinese + English text (mlx_gemma/data/heldout_zh_en.txt), or None to skip it.
+    Returns {"original": {...}, "quantized": {...}, "bits", "group_size", "out"}, each side with
+    disk_bytes, param_bytes and (when evaluated) loss / perplexity / tokens.
+    """
+    from pathlib import Path
+
+    from .data import DATA_DIR
+    from .evaluate import perplexity
+    from .loading import load, resolve, save_model
+
+    say = progress or (lambda msg: None)
+    text = None
+    if eval_text is not None:
+        text_path = DATA_DIR / "heldout_zh_en.txt" if eval_text == "default" else Path(eval_text)
+        if not text_path.is_file():
+            raise UserError(f"{text_path}: no such text file for the perplexity check; pass --text FILE or --no-eval")
+        text = text_path.read_text(encoding="utf-8")
+    src_path = resolve(src)
+    model, tokenizer = load(src, dtype="float32")
+    if model.config.quantization or quantized_layers(model):
+        raise UserError(f"{src} is already quantized; quantize the original full-precision model instead")
+    original = {"disk_bytes": disk_bytes(src_path), "param_bytes": parameter_bytes(model)}
+    if text is not None:
+        say(f"perplexity of the original model on {text_path.name} ...")
+        original.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
+    say(f"quantizing to {bits} bits, group size {group_size} ...")
+    quantize_model(model, bits=bits, group_size=group_size, quantize_embedding=quantize_embedding)
+    save_model(model, tokenizer, out, force=force)
+    quantized = {"disk_bytes": disk_bytes(out), "param_bytes": parameter_bytes(model)}
+    if text is not None:
+        say("perplexity of the quantized model ...")
+        quantized.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
+    return {"original": original, "quantized": quantized, "bits": bits, "group_size": group_size,
+            "out": str(out), "text": text_path.name if text is not None else None}
+
+
+def format_report(result: dict) -> str:
+    """The table `mlx-gemma quantize` prints from quantize_checkpoint's result."""
+    o, q = result["original"], result["quantized"]
+    label = f"{result['bits']}-bit, group {result['group_size']}"
+    lines = [f"wrote {result['out']}", f"{'':18s}{'original':>14s}{label:>22s}{'change':>10s}"]
+    if "perplexity" in o:
+        change = q["perplexity"] / o["perplexity"] - 1
+        lines.append(f"{'perplexity':18s}{o['perplexity']:14.3f}{q['perplexity']:22.3f}{change:+10.1%}"
+                     f"   ({o['tokens']} tokens of {result['text']})")
+    for key, name in (("disk_bytes", "size on disk"), ("param_bytes", "param memory")):
+        lines.append(f"{name:18s}{o[key] / 1e6:11.1f} MB{q[key] / 1e6:19.1f} MB{q[key] / o[key] - 1:+10.1%}")
+    return "\n".join(lines)
