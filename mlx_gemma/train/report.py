@@ -1,0 +1,461 @@
+"""The main job's before/after report: did fine-tuning teach the base model to answer and stop?
+
+Pure metrics (unit-tested against hand-computed values):
+    cjk_share(text)                       share of non-space characters that are CJK
+    repeated_ngram_share(seq, n=4)        share of n-grams that repeat an earlier one (looping)
+    ends_with_end_of_turn(ids, tokenizer) did the answer stop with <end_of_turn>?
+
+Model-facing pieces:
+    evaluate_generation(model, tokenizer, records, max_tokens)   greedy answers + the metrics above
+    evaluate_model(model, tokenizer, test_set, records, ...)      test loss/perplexity + generation
+    write_report(out_dir, before, after, samples, run_info)       report.md + report.json
+    run_main_job(args)                                            load, evaluate, train, evaluate, report
+
+The test split is only evaluated, never trained or tuned on; the sample questions are the first
+`SAMPLES` test records (a fixed rule, not a choice).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+
+from ..errors import UserError
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+LOSS_CURVE = "loss.png"  # drawn by the trainer (train/plot.py) next to the adapter
+DEFAULT_MAX_TOKENS = 128
+SAMPLES = 3
+NGRAM = 4
+
+# Targets of the main job (issue: >= 80% of answers stop, test loss -30%, answers in Chinese).
+TARGETS = {"end_of_turn_share": 0.80, "loss_drop": 0.30, "cjk_share": 0.80}
+
+# CJK ideographs and the punctuation / full-width forms Chinese text is written with.
+# (code point ranges, inclusive)
+CJK_RANGES = (
+    (0x3000, 0x303F),  # CJK symbols and punctuation: 、。《》「」
+    (0x3400, 0x4DBF),  # CJK unified ideographs extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF00, 0xFFEF),  # half-/full-width forms: ，！？（）：；
+    (0x20000, 0x2FA1F),  # extensions B-F and compatibility supplement
+)
+
+
+# ---- pure metrics -------------------------------------------------------------------------------
+
+
+def is_cjk(ch: str) -> bool:
+    """True for a CJK ideograph or CJK punctuation / full-width form (see CJK_RANGES)."""
+    cp = ord(ch)
+    return any(a <= cp <= b for a, b in CJK_RANGES)
+
+
+def cjk_counts(text: str) -> tuple[int, int]:
+    """(CJK characters, non-whitespace characters) of `text`."""
+    chars = [c for c in text if not c.isspace()]
+    return sum(is_cjk(c) for c in chars), len(chars)
+
+
+def cjk_share(text: str) -> float:
+    """Share of the non-whitespace characters of `text` that are CJK (0.0 for an empty text).
+
+    "你好, world" -> 2 CJK of 8 non-space characters = 0.25 (the ASCII comma is not CJK).
+    """
+    cjk, total = cjk_counts(text)
+    return cjk / total if total else 0.0
+
+
+def ngram_counts(seq: Sequence, n: int = NGRAM) -> tuple[int, int]:
+    """(repeated n-grams, all n-grams) of `seq`: an n-gram is repeated when the same n items
+    already occurred at an earlier position."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def repeated_ngram_share(seq: Sequence, n: int = NGRAM) -> float:
+    """Share of the n-grams of `seq` (token ids or characters) that repeat an earlier n-gram.
+
+    A text that loops has a share near 1; ordinary prose near 0. Fewer than n items -> 0.0.
+    "abcabc" with n=2: ab bc ca ab bc -> 2 repeats of 5 = 0.4.
+    """
+    repeats, total = ngram_counts(seq, n)
+    return repeats / total if total else 0.0
+
+
+def finish_reason(ids: Sequence[int], tokenizer) -> str:
+    """How a generated answer ended: "end_of_turn", "eos" (the first stop id seen) or "length"."""
+    stops = set(tokenizer.stop_ids)
+    for t in ids:
+        if t in stops:
+            return "end_of_turn" if t == tokenizer.end_of_turn_id else "eos"
+    return "length"
+
+
+def ends_with_end_of_turn(ids: Sequence[int], tokenizer) -> bool:
+    """True when the generated ids stop with `<end_of_turn>`: it is the first stop token in them
+    (generation ends at the first stop token; no stop token means the token limit was hit)."""
+    return finish_reason(ids, tokenizer) == "end_of_turn"
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+def prompt_messages(record: dict) -> list:
+    """A chat record's messages up to (not including) its last assistant answer."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not messages or messages[-1].get("role") != "assistant":
+        raise UserError("the generation metrics need chat records ({'messages': [..., {'role': 'assistant', "
+                        "...}]}) in the test split")
+    return messages[:-1]
+
+
+def reference_answer(record: dict) -> str:
+    return record["messages"][-1]["content"]
+
+
+def question(record: dict) -> str:
+    """The last user message of a chat record."""
+    return next(m["content"] for m in reversed(record["messages"]) if m.get("role") == "user")
+
+
+def greedy_batch(model, tokenizer, prompts: list, max_tokens: int) -> list:
+    """Greedy token ids for each prompt (lists of ids), all decoded as one left-padded batch.
+
+    Each row's ids end at (and include) its first stop token, or hold `max_tokens` ids.
+    Rows that stopped keep being decoded until every row has (one batch, one shape).
+    """
+    from ..generate import generate_step
+
+    T = max(len(p) for p in prompts)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    batch = mx.array([[pad_id] * (T - len(p)) + list(p) for p in prompts], mx.int32)  # (B, T)
+    pad = mx.array([T - len(p) for p in prompts], mx.int32)  # (B,)
+    stops = set(tokenizer.stop_ids)
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    steps = generate_step(model, batch, pad=pad, max_tokens=max_tokens)
+    for tokens in steps:  # (B,) per step
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stops
+        if all(done):
+            break
+    steps.close()
+    return out
+
+
+def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
+                        batch_size: int = 64) -> dict:
+    """Greedy answers to the prompts of chat `records` (system + user, chat template with the
+    generation header), and how they look.
+
+    Returns {"n", "max_tokens", "end_of_turn_share", "cjk_share", "repeated_4gram_share",
+    "mean_tokens", "answers": [{"question", "answer", "tokens", "finish_reason"}]}.
+    cjk_share pools the characters of every answer; repeated_4gram_share pools the 4-grams of
+    every answer's token ids (stop token excluded).
+    """
+    prompts = [tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True)
+               for r in records]
+    was_training = model.training
+    model.eval()
+    ids = []
+    for a in range(0, len(prompts), batch_size):
+        ids += greedy_batch(model, tokenizer, prompts[a:a + batch_size], max_tokens)
+    model.train(was_training)
+    answers = []
+    cjk = chars = reps = grams = tokens = 0
+    for record, row in zip(records, ids):
+        reason = finish_reason(row, tokenizer)
+        body = row[:-1] if reason != "length" else row
+        text = tokenizer.decode(body, skip_special=True)
+        c, t = cjk_counts(text)
+        r, g = ngram_counts(body, NGRAM)
+        cjk, chars, reps, grams, tokens = cjk + c, chars + t, reps + r, grams + g, tokens + len(body)
+        answers.append({"question": question(record), "answer": text, "tokens": len(body),
+                        "finish_reason": reason})
+    n = len(answers)
+    return {
+        "n": n, "max_tokens": max_tokens,
+        "end_of_turn_share": sum(a["finish_reason"] == "end_of_turn" for a in answers) / n if n else 0.0,
+        "cjk_share": cjk / chars if chars else 0.0,
+        "repeated_4gram_share": reps / grams if grams else 0.0,
+        "mean_tokens": tokens / n if n else 0.0,
+        "answers": answers,
+    }
+
+
+def reference_metrics(tokenizer, records: Sequence[dict]) -> dict:
+    """The same text metrics on the test split's own answers: what "Chinese, no loops" looks like."""
+    cjk = chars = reps = grams = tokens = 0
+    for r in records:
+        text = reference_answer(r)
+        ids = tokenizer.encode(text, add_bos=False)
+        c, t = cjk_counts(text)
+        rp, g = ngram_counts(ids, NGRAM)
+        cjk, chars, reps, grams, tokens = cjk + c, chars + t, reps + rp, grams + g, tokens + len(ids)
+    n = max(len(records), 1)
+    return {"cjk_share": cjk / chars if chars else 0.0, "repeated_4gram_share": reps / grams if grams else 0.0,
+            "mean_tokens": tokens / n}
+
+
+def evaluate_model(model, tokenizer, test_set, records: Sequence[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
+                   batch_size: int = 4, max_seq_len: Optional[int] = None) -> dict:
+    """Test loss / perplexity over the whole tokenized `test_set` and generation metrics on
+    the chat `records` (see evaluate_generation), with the seconds each took."""
+    from .trainer import evaluate_dataset
+
+    t0 = time.perf_counter()
+    loss = evaluate_dataset(model, tokenizer, test_set, batch_size, max_seq_len)
+    t1 = time.perf_counter()
+    gen = evaluate_generation(model, tokenizer, records, max_tokens)
+    t2 = time.perf_counter()
+    return {"loss": loss["loss"], "perplexity": loss["perplexity"], "loss_tokens": loss["tokens"], **gen,
+            "seconds": {"loss": t1 - t0, "generation": t2 - t1}}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: Optional[float], digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    """Text for one Markdown table cell: escaped pipes, line breaks as <br>, cut at `limit` chars."""
+    text = text.strip()
+    if len(text) > limit:
+        text = text[:limit] + " …"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return text.replace("\r", "").replace("\n", "<br>") or "*(empty)*"
+
+
+def loss_drop(before: dict, after: dict) -> float:
+    """Relative drop of the test loss: (before - after) / before."""
+    return (before["loss"] - after["loss"]) / before["loss"]
+
+
+def checks(before: dict, after: dict) -> dict:
+    """{target name: (measured value, bound, met)} for the TARGETS."""
+    drop = loss_drop(before, after)
+    return {
+        "end_of_turn_share": (after["end_of_turn_share"], TARGETS["end_of_turn_share"],
+                              after["end_of_turn_share"] >= TARGETS["end_of_turn_share"]),
+        "loss_drop": (drop, TARGETS["loss_drop"], drop >= TARGETS["loss_drop"]),
+        "cjk_share": (after["cjk_share"], TARGETS["cjk_share"], after["cjk_share"] >= TARGETS["cjk_share"]),
+    }
+
+
+def _metric_rows(before: dict, after: dict, reference: Optional[dict]) -> list:
+    ref = reference or {}
+    n, mt = after.get("n"), after.get("max_tokens")
+    return [
+        ("test loss (nats/token)", _num(before["loss"], 4), _num(after["loss"], 4), "",
+         f"{-100 * loss_drop(before, after):+.1f}%"),
+        ("test perplexity", _num(before["perplexity"], 2), _num(after["perplexity"], 2), "",
+         f"{after['perplexity'] / before['perplexity']:.2f}x"),
+        (f"answers ending with `<end_of_turn>` within {mt} tokens (of {n})", _pct(before["end_of_turn_share"]),
+         _pct(after["end_of_turn_share"]), "100.0%", ""),
+        ("CJK share of generated characters", _pct(before["cjk_share"]), _pct(after["cjk_share"]),
+         _pct(ref.get("cjk_share")), ""),
+        ("repeated 4-grams (share of answer token 4-grams)", _pct(before["repeated_4gram_share"]),
+         _pct(after["repeated_4gram_share"]), _pct(ref.get("repeated_4gram_share")), ""),
+        ("mean answer length (tokens)", _num(before["mean_tokens"], 1), _num(after["mean_tokens"], 1),
+         _num(ref.get("mean_tokens"), 1), ""),
+    ]
+
+
+def render_markdown(before: dict, after: dict, samples: list, run_info: dict) -> str:
+    """The report as Markdown (see write_report)."""
+    ref = run_info.get("reference")
+    lines = [f"# Fine-tuning report: {run_info.get('model', '?')} on {run_info.get('data', '?')}", ""]
+    if run_info.get("date"):
+        lines += [f"{run_info['date']} on {run_info.get('machine', 'this machine')}.", ""]
+    lines += ["## Before / after", "",
+              "| metric | before | after | test answers (reference) | change |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {' | '.join(row)} |" for row in _metric_rows(before, after, ref)]
+    lines += ["", "Targets:", ""]
+    names = {"end_of_turn_share": "answers that stop with `<end_of_turn>`", "loss_drop": "test loss drop",
+             "cjk_share": "CJK share of generated characters"}
+    for key, (value, bound, met) in checks(before, after).items():
+        lines.append(f"- {names[key]}: {_pct(value)} (target >= {_pct(bound)}) {'met' if met else '**not met**'}")
+    lines += ["", f"Loss: the whole test split ({after.get('loss_tokens', '?')} answer tokens, the model's "
+              "answers and their `<end_of_turn>`). Generation: greedy, the chat template with the system "
+              f"prompt, at most {after.get('max_tokens')} new tokens, {after.get('n')} test questions "
+              f"({run_info.get('generation_subset', 'all of them')}). The test split is never trained on.", ""]
+    if run_info.get("loss_curve"):
+        lines += ["## Loss curve", "", f"![train and validation loss]({run_info['loss_curve']})", ""]
+    lines += [f"## Samples (the first {len(samples)} test questions)", "",
+              "| question | before | after | reference |", "| --- | --- | --- | --- |"]
+    for s in samples:
+        lines.append(f"| {_cell(s['question'])} | {_cell(s['before'])} | {_cell(s['after'])} | "
+                     f"{_cell(s.get('reference', ''))} |")
+    lines += ["", "## Run", ""]
+    times = run_info.get("seconds", {})
+    if times:
+        lines.append("| step | seconds |")
+        lines.append("| --- | ---: |")
+        lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+        lines.append("")
+    settings = run_info.get("settings", {})
+    if settings:
+        lines.append("Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()))
+        lines.append("")
+    for key in ("training", "adapter"):
+        if run_info.get(key):
+            lines.append(f"{key.capitalize()}: {run_info[key]}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_report(out_dir, before: dict, after: dict, samples: list, run_info: dict) -> Path:
+    """Write report.md (before/after table, targets, loss curve, side-by-side samples, run time and
+    settings) and report.json (every number, every generated answer) into `out_dir`.
+
+    before / after: evaluate_model results; samples: [{"question", "before", "after", "reference"}];
+    run_info: {"model", "data", "date", "machine", "seconds": {step: s}, "settings": {...},
+    "loss_curve": file name or None, "reference": reference_metrics(...), ...}.
+    Returns the path of report.md.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"before": before, "after": after, "samples": samples, "run": run_info,
+              "loss_drop": loss_drop(before, after),
+              "targets": {k: {"value": v, "bound": b, "met": m} for k, (v, b, m) in checks(before, after).items()}}
+    _write_text_atomic(out / REPORT_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    md = out / REPORT_MD
+    _write_text_atomic(md, render_markdown(before, after, samples, run_info))
+    return md
+
+
+def summary(before: dict, after: dict, report_path) -> str:
+    """A few lines for the terminal."""
+    drop = loss_drop(before, after)
+    return "\n".join([
+        f"test loss        {before['loss']:.4f} -> {after['loss']:.4f} ({-100 * drop:+.1f}%), "
+        f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}",
+        f"<end_of_turn>    {_pct(before['end_of_turn_share'])} -> {_pct(after['end_of_turn_share'])} of "
+        f"{after['n']} answers within {after['max_tokens']} tokens",
+        f"CJK characters   {_pct(before['cjk_share'])} -> {_pct(after['cjk_share'])}",
+        f"repeated 4-grams {_pct(before['repeated_4gram_share'])} -> {_pct(after['repeated_4gram_share'])}",
+        f"report: {report_path}",
+    ])
+
+
+# ---- the main job -------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} ({mx.default_device()})"
+
+
+def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit: Optional[int] = None,
+                 progress: bool = True, echo: Callable = print):
+    """The whole job behind `mlx-gemma train`: load the model and data, evaluate the base model on
+    the test split, fine-tune (train/trainer.py `train`), evaluate again, write the report next to
+    the adapter and print its summary.
+
+    args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
+    the test loss always covers the whole split. Returns (TrainResult, path of report.md).
+    """
+    from ..loading import load
+    from . import data as data_lib
+    from .trainer import check_args, default_data_dir, load_training_data, prepare_out_dir, train
+
+    t_start = time.perf_counter()
+    check_args(args)
+    if prepare_out_dir(args) is None and args.force:  # fail before the slow model load
+        for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
+            (Path(args.out).expanduser() / name).unlink(missing_ok=True)
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    t_loaded = time.perf_counter()
+    data_path = Path(args.data).expanduser() if args.data else default_data_dir()
+    splits = load_training_data(args, tokenizer)
+    for split in data_lib.SPLITS:
+        if splits[split] is not None:
+            echo(splits[split].summary())
+    test_file = data_lib.resolve_split(data_path, "test", required=False) if data_path.is_dir() else None
+    if splits["test"] is None or test_file is None:
+        raise UserError(f"{data_path}: the report needs a test split (test.jsonl) to evaluate on")
+    records = [r for _, r in data_lib.read_records(test_file)]
+    gen_records = records[:generation_limit] if generation_limit else records
+    subset = "all of them" if len(gen_records) == len(records) else f"the first {len(gen_records)} of {len(records)}"
+
+    echo(f"evaluating the base model on the test split ({len(records)} records; answering {subset})...")
+    before = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, args.batch_size,
+                            args.max_seq_len)
+    t_before = time.perf_counter()
+    extra = {"data_resolved": str(data_path),
+             "data_summary": {k: v.summary() for k, v in splits.items() if v is not None}}
+    result = train(model, tokenizer, args, splits["train"], splits["valid"], None, progress=progress,
+                   extra_config=extra)
+    t_trained = time.perf_counter()
+    if result.interrupted:
+        echo(result.summary())
+        return result, None
+    echo("evaluating the fine-tuned model on the test split...")
+    after = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, args.batch_size,
+                           args.max_seq_len)
+    result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
+    t_after = time.perf_counter()
+
+    out = Path(result.out)
+    samples = [{"question": question(r), "before": b["answer"], "after": a["answer"],
+                "reference": reference_answer(r)}
+               for r, b, a in zip(gen_records[:SAMPLES], before["answers"], after["answers"])]
+    settings = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "targets", "lr", "epochs", "iters",
+                                              "batch_size", "max_seq_len", "seed")}
+    settings["steps"] = result.steps
+    run_info = {
+        "model": args.model, "data": str(data_path), "adapter": str(out),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_line(),
+        "generation_subset": subset, "reference": reference_metrics(tokenizer, gen_records),
+        "loss_curve": LOSS_CURVE if (out / LOSS_CURVE).exists() else None,
+        "training": (f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s "
+                     f"({result.tokens_per_second:.0f} tok/s), peak memory {result.peak_memory_gb:.2f} GB"),
+        "train_loss_last": result.train_loss, "val_loss": result.val_loss,
+        "seconds": {"load model (incl. first-time conversion)": t_loaded - t_start,
+                    "evaluate before": t_before - t_loaded, "train": t_trained - t_before,
+                    "evaluate after": t_after - t_trained, "total": time.perf_counter() - t_start},
+        "settings": settings,
+    }
+    path = write_report(out, before, after, samples, run_info)
+    echo(result.summary())
+    echo(summary(before, after, path))
+    return result, path

