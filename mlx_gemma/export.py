@@ -71,7 +71,7 @@ def dense_weights(model) -> dict:
     return hf_convert.to_hf(dict(tree_flatten(model.parameters())))
 
 
-def _check_float16(weights: dict, model_type: str, force: bool, target: str) -> None:
+def _check_float16(weights: dict, model_type: Optional[str], force: bool, target: str) -> None:
     """Weights outside float16's range cannot be held; Gemma 3's activations overflow it (see module doc)."""
     for name, w in weights.items():
         peak = float(mx.abs(w).max())
@@ -169,7 +169,7 @@ def _export_adapter(src, out: Path, adapter, dtype: str, force: bool) -> Path:
     config = dict(load_adapter(model, adapter))  # strict: every matrix must fit this model
     params = lora_parameters(model)
     if target == mx.float16:
-        _check_float16(params, model.config.model_type, True, "--dtype")
+        _check_float16(params, None, True, "--dtype")  # LoRA matrices: only the range matters
     params = {k: v.astype(target) for k, v in params.items()}
     model.update(tree_unflatten(list(params.items())))
     config["base_model_name_or_path"] = base_model_name(src, path, config)
