@@ -108,7 +108,7 @@ def load_safetensors(files: list) -> dict:
     return weights
 
 
-def _parse_size(size) -> int:
+def parse_size(size) -> int:
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
@@ -121,7 +121,7 @@ def _parse_size(size) -> int:
 
 def save_safetensors(weights: dict, out_dir: Path, max_shard_size="5GB", metadata=None) -> list:
     """Write weights as model.safetensors, or as HF-style shards plus model.safetensors.index.json."""
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards, current, size = [], {}, 0
     for name in sorted(weights):
         nbytes = weights[name].nbytes

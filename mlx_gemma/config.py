@@ -72,7 +72,8 @@ class GemmaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.query_pre_attn_scalar is None:
+        if self.query_pre_attn_scalar is None or self.model_type == "gemma":
+            # Gemma 1 has no such field: transformers scales its scores by head_dim ** -0.5.
             self.query_pre_attn_scalar = self.head_dim
         if self.layer_types is None:
             self.layer_types = self._default_layer_types()
@@ -182,6 +183,7 @@ class GemmaConfig:
             out["hidden_act"] = self.hidden_activation
             out.pop("layer_types")
             out.pop("sliding_window", None)
+            out.pop("query_pre_attn_scalar")  # Gemma 1 always scales by head_dim ** -0.5
         if self.quantization:
             out["quantization"] = dict(self.quantization)
         return {k: v for k, v in out.items() if v is not None}

@@ -139,7 +139,7 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
         return _export_adapter(src, out, adapter, dtype or "float32", force)
     dtype = dtype or "bfloat16"
     target = _check_hf_dtype(dtype)
-    hf_convert._parse_size(max_shard_size)  # a bad size fails before the load
+    hf_convert.parse_size(max_shard_size)  # a bad size fails before the load
     _check_new_output(out, force)
     (model, tokenizer), _ = _load_for_export(src, adapter, dtype)
     weights = dense_weights(model)
@@ -150,9 +150,7 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
     from .loading import write_model_files
 
     with hf_convert.atomic_output_dir(out, force) as tmp:
-        write_model_files(tmp, weights, model.config, tokenizer, max_shard_size)
-        # manifest.json is mlx-gemma's cache check, not part of an HF checkpoint.
-        (tmp / "manifest.json").unlink(missing_ok=True)
+        write_model_files(tmp, weights, model.config, tokenizer, max_shard_size, manifest=False)
     return out
 
 
@@ -182,14 +180,6 @@ def _export_adapter(src, out: Path, adapter, dtype: str, force: bool) -> Path:
 # -- GGUF -----------------------------------------------------------------------------------
 
 
-def tokenizer_model_bytes(tokenizer) -> bytes:
-    """The serialized SentencePiece model (the bytes of tokenizer.model) behind a GemmaTokenizer."""
-    data = getattr(tokenizer, "model_bytes", None)
-    if data is None:
-        data = tokenizer._model_bytes
-    return bytes(data)
-
-
 def convert_to_gguf(src, out, adapter=None, out_type: str = "f16", force: bool = False) -> Path:
     """Write `src` (+ `adapter`, fused) as one GGUF file for llama.cpp / Ollama, tokenizer included.
 
@@ -213,7 +203,7 @@ def convert_to_gguf(src, out, adapter=None, out_type: str = "f16", force: bool =
     tensors = {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
     config = model.config.to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(tensors, config, tokenizer_model_bytes(tokenizer), out, out_type=out_type)
+    write_gguf(tensors, config, tokenizer.model_bytes, out, out_type=out_type)
     return out
 
 

@@ -223,15 +223,19 @@ def generation_config(config: GemmaConfig, tokenizer) -> dict:
 
 
 def write_model_files(out_dir: Path, weights: dict, config: GemmaConfig, tokenizer, max_shard_size="5GB",
-                      extra_metadata=None) -> None:
-    """Write a complete HF-layout model dir into an existing (temporary) dir."""
+                      extra_metadata=None, manifest: bool = True) -> None:
+    """Write a complete HF-layout model dir into an existing (temporary) dir.
+
+    manifest.json (file sizes) lets the alias cache detect a damaged entry; HF exports skip it.
+    """
     hf_convert.save_safetensors(hf_convert.to_hf(weights), out_dir, max_shard_size, extra_metadata)
     cfg = config.to_dict()
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
     tokenizer.save(out_dir)
-    sizes = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
-    (out_dir / "manifest.json").write_text(json.dumps({"sizes": sizes}, indent=2) + "\n")
+    if manifest:
+        sizes = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
+        (out_dir / "manifest.json").write_text(json.dumps({"sizes": sizes}, indent=2) + "\n")
 
 
 def save_model(model: Gemma, tokenizer, out_dir, force: bool = False, dtype=None, max_shard_size="5GB") -> Path:

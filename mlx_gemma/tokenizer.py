@@ -91,6 +91,11 @@ class GemmaTokenizer:
         self._setup(bytes(data), source)
         return self
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized SentencePiece model (the bytes of tokenizer.model)."""
+        return self._model_bytes
+
     def _setup(self, data: bytes, source: str) -> None:
         import sentencepiece
 
