@@ -213,13 +213,9 @@ def quantize_structure(model: nn.Module, quantization: dict, weights: dict) -> N
 # -- quantize / dequantize a loaded model -------------------------------------------------------
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True):
-    """Quantize the model's linear layers (and its embedding / tied LM head unless
-    quantize_embedding=False) in place with MLX affine quantization; sets model.config.quantization.
-
-    bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). Every check runs
-    before any layer changes, so a refused model is left untouched. Returns the model.
-    """
+def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_embedding: bool = True) -> list:
+    """Raise UserError unless quantize_model(model, bits, group_size, ...) can run; returns the
+    [(path, layer)] it would quantize. Lets the CLI refuse before any slow work."""
     if bits not in SUPPORTED_BITS:
         raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
     if group_size not in SUPPORTED_GROUP_SIZES:
@@ -231,12 +227,23 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quanti
                         "(or dequantize it first)")
     targets = [(path, m) for path, m in model.named_modules()
                if isinstance(m, nn.Linear) or (quantize_embedding and isinstance(m, nn.Embedding))]
-    for path, m in targets:
+    for path, m in sorted(targets, key=lambda t: t[0]):
         dims = m.weight.shape[-1]
         if dims % group_size:
             fits = [g for g in SUPPORTED_GROUP_SIZES if dims % g == 0]
             hint = f"use --group-size {fits[-1]}" if fits else "this model cannot be quantized"
             raise UserError(f"{path}: input size {dims} is not divisible by group size {group_size}; {hint}")
+    return targets
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True):
+    """Quantize the model's linear layers (and its embedding / tied LM head unless
+    quantize_embedding=False) in place with MLX affine quantization; sets model.config.quantization.
+
+    bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). Every check runs
+    before any layer changes, so a refused model is left untouched. Returns the model.
+    """
+    targets = check_quantizable(model, bits, group_size, quantize_embedding)
     params = {"group_size": group_size, "bits": bits, "mode": "affine"}
     for path, m in targets:
         layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
@@ -246,6 +253,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quanti
     quantization = dict(params)
     if not quantize_embedding:
         quantization.update({path: False for path, m in model.named_modules() if isinstance(m, nn.Embedding)})
+    config = getattr(model, "config", None)
     if config is not None:
         config.quantization = quantization
     return model
@@ -354,6 +362,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     model, tokenizer = load(src, dtype="float32")
     if model.config.quantization or quantized_layers(model):
         raise UserError(f"{src} is already quantized; quantize the original full-precision model instead")
+    check_quantizable(model, bits, group_size, quantize_embedding)
     original = {"disk_bytes": disk_bytes(src_path), "param_bytes": parameter_bytes(model)}
     if text is not None:
         say(f"perplexity of the original model on {text_path.name} ...")

@@ -1,0 +1,113 @@
+"""fp32 vs 8-bit vs 4-bit Gemma 3 270M on this machine: prefill / decode tokens/s, peak memory,
+size on disk, perplexity; and, for the quantized models, MLX's quantized_matmul kernel against
+the dequantize + fp32 matmul path (what `auto` picks on the CPU: dequantize for >= 8 rows).
+
+    python benchmarks/quantize.py [--prompt 256] [--decode 32] [--ppl-chars 0 (=all)] [--bits 8 4]
+
+Prints a Markdown table. Timings on a shared 2-core box move by +-30%: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import tempfile
+import time
+
+import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+
+from mlx_gemma import quantize as Q
+from mlx_gemma.data import DATA_DIR
+from mlx_gemma.evaluate import perplexity
+from mlx_gemma.loading import load, resolve, save_model
+
+
+def prefill_tps(model, ids, reps=2) -> float:
+    """Tokens/s of filling the KV cache with the prompt (no LM head, as generate's prefill)."""
+    best = float("inf")
+    for _ in range(reps):
+        cache = model.make_cache()
+        t = time.perf_counter()
+        model.model(ids, cache=cache)
+        mx.eval([c.state for c in cache])
+        best = min(best, time.perf_counter() - t)
+    return ids.shape[1] / best
+
+
+def decode_tps(model, ids, n) -> float:
+    """Greedy tokens/s after a prompt: one row per step, logits of that row only."""
+    cache = model.make_cache()
+    model.model(ids, cache=cache)
+    mx.eval([c.state for c in cache])
+    tok = mx.array([[int(ids[0, -1].item())]])
+    tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdims=True)
+    mx.eval(tok)  # warm-up step
+    t = time.perf_counter()
+    for _ in range(n):
+        tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdims=True)
+        mx.eval(tok)
+    return n / (time.perf_counter() - t)
+
+
+def measure(name, model, tokenizer, ids, args, disk) -> dict:
+    row = {"model": name, "disk_mb": disk / 1e6, "param_mb": Q.parameter_bytes(model) / 1e6}
+    mx.reset_peak_memory()
+    quantized = bool(Q.quantized_layers(model))
+    paths = ["auto", "kernel", "dequantize"] if quantized else ["auto"]
+    for path in paths:
+        Q.set_quantized_path(path)
+        row[f"prefill_{path}"] = prefill_tps(model, ids)
+        row[f"decode_{path}"] = decode_tps(model, ids, args.decode)
+    Q.set_quantized_path("auto")
+    row["peak_mb"] = mx.get_peak_memory() / 1e6
+    if args.ppl_chars >= 0:
+        text = (DATA_DIR / "heldout_zh_en.txt").read_text(encoding="utf-8")
+        text = text[:args.ppl_chars] if args.ppl_chars else text
+        res = perplexity(model, tokenizer, text, max_seq_len=1024)
+        row["ppl"], row["ppl_tokens"] = res["perplexity"], res["tokens"]
+    print(f"  {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+          flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=256, help="Prompt tokens for prefill / before decode.")
+    ap.add_argument("--decode", type=int, default=16, help="Decode steps timed.")
+    ap.add_argument("--ppl-chars", type=int, default=0, help="Characters of the held-out text (0: all, -1: skip).")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--group-size", type=int, default=64)
+    args = ap.parse_args()
+
+    ids = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(1, args.prompt)))
+    rows = []
+    model, tokenizer = load("gemma-3-270m", dtype="float32")
+    rows.append(measure("fp32", model, tokenizer, ids, args, Q.disk_bytes(resolve("gemma-3-270m"))))
+    for bits in args.bits:
+        model, _ = load("gemma-3-270m", dtype="float32")
+        Q.quantize_model(model, bits=bits, group_size=args.group_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tokenizer, f"{tmp}/q")
+            disk = Q.disk_bytes(f"{tmp}/q")
+        rows.append(measure(f"{bits}-bit g{args.group_size}", model, tokenizer, ids, args, disk))
+
+    print(f"\nGemma 3 270M, MLX {mx.__version__} on {mx.default_device()}, {platform.machine()} "
+          f"{platform.system()}, {datetime.date.today()}; prompt {args.prompt} tokens, {args.decode} decode steps")
+    print("prefill / decode tok/s: auto path (kernel | dequantize+matmul forced)\n")
+    print("| model | prefill tok/s | decode tok/s | peak mem MB | params MB | disk MB | perplexity |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        def both(kind):
+            if f"{kind}_kernel" not in r:
+                return f"{r[f'{kind}_auto']:.1f}"
+            return f"{r[f'{kind}_auto']:.1f} ({r[f'{kind}_kernel']:.1f} \\| {r[f'{kind}_dequantize']:.1f})"
+        ppl = f"{r['ppl']:.2f} ({r['ppl_tokens']} tok)" if "ppl" in r else "-"
+        print(f"| {r['model']} | {both('prefill')} | {both('decode')} | {r['peak_mb']:.0f} | {r['param_mb']:.0f} "
+              f"| {r['disk_mb']:.0f} | {ppl} |")
+
+
+if __name__ == "__main__":
+    main()
