@@ -286,6 +286,15 @@ def context_length(model) -> int:
     return int(model.config.max_position_embeddings)
 
 
+def _check_ids(model, ids: Sequence[int]) -> None:
+    """Ids past the embedding table would be read out of bounds: a tokenizer/model mismatch."""
+    vocab = model.config.vocab_size
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise UserError(f"token id {bad} is outside the model's vocabulary ({vocab} tokens); "
+                        "the tokenizer does not belong to this model")
+
+
 def _check_length(model, n_prompt: int, used: int = 0) -> None:
     limit = context_length(model)
     if used + n_prompt >= limit:
@@ -334,6 +343,7 @@ def _stream_ids(model, tokenizer, new_ids: list, *, cache: list, history: Option
         raise UserError("the prompt is empty; give some text (or messages) to continue")
     used = cache[0].offset
     _check_length(model, len(new_ids), used)
+    _check_ids(model, new_ids)
     max_tokens = min(max_tokens, context_length(model) - used - len(new_ids))
     stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
     processors = make_logits_processors(repetition_penalty, repetition_window) + list(logits_processors)
@@ -423,6 +433,7 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_tokens: i
     rows = [encode_prompt(tokenizer, p, system) for p in prompts]
     for ids in rows:
         _check_length(model, len(ids))
+        _check_ids(model, ids)
     T = max(len(ids) for ids in rows)
     max_tokens = min(max_tokens, context_length(model) - T)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -492,9 +503,12 @@ class ChatSession:
         self.ids += self._turn_ids(text)
         cached = self.cache[0].offset
         new_ids = self.ids[cached:]
-        for chunk in _stream_ids(self.model, self.tokenizer, new_ids, cache=self.cache, history=self.ids[:cached],
-                                 **self.options):
-            self.last_stats = chunk.stats
-            if chunk.finish_reason is not None:
-                self.ids += chunk.tokens
-            yield chunk
+        generated: list = []
+        try:
+            for chunk in _stream_ids(self.model, self.tokenizer, new_ids, cache=self.cache,
+                                     history=self.ids[:cached], **self.options):
+                self.last_stats, generated = chunk.stats, chunk.tokens
+                yield chunk
+        finally:
+            # Also when the caller stops early: the cache then holds a prefix of these ids.
+            self.ids += generated

@@ -43,6 +43,12 @@ def tiny2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny3_text(tmp_path_factory):
+    """Gemma 3 tiny with the real 262,144-token vocabulary, for prompts that go through the tokenizer."""
+    return load_dir(save_hf_model(make_hf_model("gemma3_text", vocab_size=262144), tmp_path_factory.mktemp("g3v")))
+
+
+@pytest.fixture(scope="module")
 def tokenizer():
     """The real Gemma 3 tokenizer; its ids below 512 (specials, byte pieces) fit the tiny models."""
     from mlx_gemma.loading import resolve
@@ -187,6 +193,8 @@ def test_empty_and_too_long_prompts(tiny3, tokenizer):
         generate(tiny3, tokenizer, "  ")
     with pytest.raises(UserError, match="context is 256 tokens"):  # tiny max_position_embeddings
         generate(tiny3, tokenizer, [2] + [300] * 300)
+    with pytest.raises(UserError, match="token id 23391 is outside the model's vocabulary"):
+        generate(tiny3, tokenizer, [2, 23391])  # vocab 512: a tokenizer that does not fit the model
 
 
 # ---- stopping and streaming ----------------------------------------------------------------
@@ -233,7 +241,8 @@ def test_stop_string_is_never_streamed(tiny3, tokenizer):
 # ---- chat ----------------------------------------------------------------------------------
 
 
-def test_chat_reuses_the_cache_and_matches_a_fresh_run(tiny3, tokenizer):
+def test_chat_reuses_the_cache_and_matches_a_fresh_run(tiny3_text, tokenizer):
+    tiny3 = tiny3_text
     session = ChatSession(tiny3, tokenizer, max_tokens=6)
     first = "".join(c.text for c in session.send("hello"))
     assert session.last_stats.prompt_tokens == len(tokenizer.apply_chat_template(
@@ -259,11 +268,11 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(tiny3, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny3, tokenizer, tmp_path_factory):
+def tiny_dir(tiny3_text, tokenizer, tmp_path_factory):
     """A tiny Gemma 3 model dir with the real tokenizer (context 256), for fast CLI runs."""
     from mlx_gemma.loading import save_model
 
-    return save_model(tiny3, tokenizer, tmp_path_factory.mktemp("cli") / "model")
+    return save_model(tiny3_text, tokenizer, tmp_path_factory.mktemp("cli") / "model")
 
 
 def run_cli(*args, stdin=None):
@@ -292,7 +301,8 @@ def test_cli_bad_input_is_one_line_exit_1(tiny_dir, args, message):
 def test_cli_adapter_for_another_model(tiny_dir, tmp_path):
     from mlx_gemma.lora import apply_lora, save_adapter
 
-    other = load_dir(save_hf_model(make_hf_model("gemma3_text", hidden_size=48), tmp_path / "other"))
+    other = load_dir(save_hf_model(make_hf_model("gemma3_text", hidden_size=48, vocab_size=262144),
+                                   tmp_path / "other"))
     save_adapter(other, tmp_path / "adapter", apply_lora(other, rank=4))
     result = run_cli("generate", "--model", str(tiny_dir), "--prompt", "hi", "--adapter", str(tmp_path / "adapter"))
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
