@@ -13,6 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fastmath
 from .errors import UserError
 from .quantize import _dequantize_for
 from .train.loss import head_weights
@@ -48,18 +49,18 @@ def _token_losses(model, hidden: mx.array, targets: mx.array, chunk: int) -> mx.
         b = min(a + chunk, V)
         z = h @ block(a, b).astype(mx.float32).T if dequantize else project(hidden, a, b).astype(mx.float32)
         if cap:
-            z = mx.tanh(z / cap) * cap
+            z = fastmath.tanh(z / cap) * cap
         cm = z.max(-1)  # streaming logsumexp over the chunks
         if m is None:
-            m, s = cm, mx.exp(z - cm[:, None]).sum(-1)
+            m, s = cm, fastmath.exp(z - cm[:, None]).sum(-1)
         else:
             new = mx.maximum(m, cm)
-            s = s * mx.exp(m - new) + mx.exp(z - new[:, None]).sum(-1)
+            s = s * fastmath.exp(m - new) + fastmath.exp(z - new[:, None]).sum(-1)
             m = new
         mx.eval(m, s)  # keep one chunk of logits alive at a time
     zt = (h * rows(targets).astype(mx.float32)).sum(-1)  # target logits without a one-hot over V
     if cap:
-        zt = mx.tanh(zt / cap) * cap
+        zt = fastmath.tanh(zt / cap) * cap
     return m + mx.log(s) - zt
 
 

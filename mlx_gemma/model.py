@@ -23,6 +23,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fastmath
 from .cache import FullCache, SlidingCache
 from .config import GemmaConfig
 
@@ -47,7 +48,7 @@ def residual_add(x: mx.array, y: mx.array) -> mx.array:
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
-    return mx.tanh(x / cap) * cap
+    return fastmath.tanh(x / cap) * cap
 
 
 def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
@@ -69,7 +70,7 @@ def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
     if mask is not None:
         mask = mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, 1, 1, L, S)
         scores = mx.where(mask, scores, mx.array(-math.inf, scores.dtype))
-    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    probs = fastmath.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
     out = probs @ v[:, :, None]  # (B, K, H/K, L, D)
     return out.reshape(B, H, L, D)
 
@@ -139,7 +140,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))  # tanh GELU
+        return self.down_proj(fastmath.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

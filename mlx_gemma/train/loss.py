@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import fastmath
+
 DEFAULT_CHUNK = 32768
 
 
@@ -76,7 +78,7 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
     bounds = [(a, min(a + chunk, V)) for a in range(0, V, chunk)]
 
     def capped(z):
-        return mx.tanh(z / cap) * cap if cap else z
+        return fastmath.tanh(z / cap) * cap if cap else z
 
     def chunk_logits(h, a, b):
         return capped(project(h, a, b).astype(mx.float32))
@@ -93,10 +95,10 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
             z = chunk_logits(h, a, b)  # (N, chunk)
             cm = z.max(-1)
             if m is None:
-                m, s = cm, mx.exp(z - cm[:, None]).sum(-1)
+                m, s = cm, fastmath.exp(z - cm[:, None]).sum(-1)
             else:
                 new = mx.maximum(m, cm)
-                s = s * mx.exp(m - new) + mx.exp(z - new[:, None]).sum(-1)
+                s = s * fastmath.exp(m - new) + fastmath.exp(z - new[:, None]).sum(-1)
                 m = new
         return m + mx.log(s)  # logsumexp (N,)
 
@@ -115,15 +117,15 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
         for a, b in bounds:
             raw = project(h, a, b).astype(mx.float32)
             if cap:
-                tz = mx.tanh(raw / cap)
-                p = mx.exp(tz * cap - lse[:, None]) * (1 - tz * tz)
+                tz = fastmath.tanh(raw / cap)
+                p = fastmath.exp(tz * cap - lse[:, None]) * (1 - tz * tz)
             else:
-                p = mx.exp(raw - lse[:, None])
+                p = fastmath.exp(raw - lse[:, None])
             dz = (g[:, None] * p).astype(h.dtype)  # d loss / d raw logits, softmax part
             dh = dh + dz @ block(a, b).astype(dz.dtype)  # (N, chunk) @ (chunk, E)
         # minus the target's one-hot part: d(-capped(zt))/dh = -capped'(zt) * w_t
         zt, wt = target_logit(h, t)
-        d_cap = (1 - mx.tanh(zt / cap) ** 2) if cap else 1.0
+        d_cap = (1 - fastmath.tanh(zt / cap) ** 2) if cap else 1.0
         dh = dh - (g * d_cap)[:, None] * wt
         return dh.astype(h.dtype), mx.zeros_like(t)
 
