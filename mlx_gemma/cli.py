@@ -282,9 +282,14 @@ def _train_options(fn):
 @main.command(context_settings=CONTEXT)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML/JSON file of train options (keys as below, e.g. lr: 1e-4); the command line overrides it.")
+@click.option("--report/--no-report", default=True,
+              help="Evaluate the base and the tuned model on the test split (loss, greedy answers) and "
+                   "write report.md / report.json next to the adapter.")
+@click.option("--report-max-tokens", default=128, type=int,
+              help="New tokens per test answer in the report (the <end_of_turn> check uses this limit).")
 @_train_options
 @click.pass_context
-def train(ctx, config_file, **options):
+def train(ctx, config_file, report, report_max_tokens, **options):
     """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
@@ -305,8 +310,13 @@ def train(ctx, config_file, **options):
         values["quantize_bits"] = int(values["quantize_bits"])
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in values.items() if k in known})
-    result = run_training(args, echo=lambda s: click.echo(s, err=True))
-    click.echo(result.summary())
+    if report and not args.resume:
+        from .train.report import run_main_job
+
+        result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
+    else:
+        result = run_training(args, echo=lambda s: click.echo(s, err=True))
+        click.echo(result.summary())
     if result.interrupted:
         sys.exit(130)
 

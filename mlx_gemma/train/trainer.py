@@ -75,7 +75,8 @@ class TrainArgs:
     warmup: Optional[int] = _opt(None, "Linear warmup steps (default: 5% of the steps).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Clip the gradient to this global norm (0: off).")
-    epochs: Optional[int] = _opt(None, "Passes over the training set (default 1 unless --iters).")
+    epochs: Optional[int] = _opt(None, "Passes over the training set (default 1; on the bundled data "
+                                       "without --epochs/--iters: 60 steps).")
     iters: Optional[int] = _opt(None, "Optimizer steps (overrides --epochs).")
     batch_size: int = _opt(4, "Rows per micro-batch.")
     grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
@@ -359,7 +360,8 @@ def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
 
 def _clean_out_dir(out: Path) -> None:
     """--force: remove what a previous run wrote (only our files, never the whole dir)."""
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json", "metrics.jsonl", "loss.png"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json", "metrics.jsonl", "loss.png",
+                 "report.md", "report.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
@@ -415,9 +417,16 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
 # ---- the loop ---------------------------------------------------------------------------------
 
 
+# The main job (`mlx-gemma train` on the bundled data, no --epochs/--iters): sized so that
+# evaluation before and after plus training fit in 15 minutes on a 2-core CPU.
+BUNDLED_DATA_ITERS = 60
+
+
 def _total_steps(args: TrainArgs, batches: int) -> int:
     if args.iters:
         return int(args.iters)
+    if args.data is None and args.epochs is None:
+        return BUNDLED_DATA_ITERS
     return max(1, math.ceil((args.epochs or 1) * batches / args.grad_accum))
 
 
