@@ -430,5 +430,7 @@ def test_embedded_model_with_adapter_to_gguf(real_dir, tmp_path):
     base, _ = load("gemma-3-270m", dtype="float32")
     ids = [tok.encode("The capital of France is Paris. The capital of Germany is")]
     expected = ours_logits(ours, ids)
-    assert np.abs(ours_logits(back, ids) - expected).max() <= 1e-3
+    # f32 GGUF stores norms as 1 + w (w comes back within one f32 ulp of 1) and the adapter fused;
+    # the 270M's residual stream reaches ~1e5, so these roundings show up at ~1e-3 in the logits.
+    assert np.abs(ours_logits(back, ids) - expected).max() <= 2e-3
     assert np.abs(ours_logits(base, ids) - expected).max() > 1e-2  # the adapter is in the file

@@ -213,14 +213,15 @@ def test_config_file_with_cli_override_and_unknown_key(tok, data_dir, tmp_path):
                    "eval_every: 0\nsave_every: 0\nrank: 4\n")
     out = tmp_path / "adapter"
     runner = CliRunner()
-    res = runner.invoke(main, ["train", "--config", str(cfg), "--iters", "3", "--out", str(out)])
+    # --no-report: the before/after report is the main job's (tests/test_main_job.py)
+    res = runner.invoke(main, ["train", "--config", str(cfg), "--iters", "3", "--out", str(out), "--no-report"])
     assert res.exit_code == 0, res.output
     used = json.loads((out / "train_config.json").read_text())
     assert used["iters"] == 3 and used["lr"] == 0.003 and used["rank"] == 4 and used["max_seq_len"] == 64
     assert "trained: 3/3 steps" in res.output
     # a second run into the same dir without --resume/--force: one line, nothing overwritten
     before = (out / "adapter_model.safetensors").read_bytes()
-    res = runner.invoke(main, ["train", "--config", str(cfg), "--out", str(out)])
+    res = runner.invoke(main, ["train", "--config", str(cfg), "--out", str(out), "--no-report"])
     assert res.exit_code == 1 and res.output.strip().startswith("error:") and "--resume" in res.output
     assert (out / "adapter_model.safetensors").read_bytes() == before
     # evaluate with the adapter on the test split
