@@ -16,7 +16,7 @@ import mlx.nn as nn
 from . import fastmath
 from .errors import UserError
 from .quantize import _dequantize_for
-from .train.loss import head_weights
+from .train.loss import head_weights, streaming_logsumexp
 
 VOCAB_CHUNK = 32768
 
@@ -44,24 +44,18 @@ def _token_losses(model, hidden: mx.array, targets: mx.array, chunk: int) -> mx.
     dequantize = isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)) and _dequantize_for(hidden.shape[0])
     cap = model.config.final_logit_softcapping
     h = hidden.astype(mx.float32)
-    m = s = None
-    for a in range(0, V, chunk):
-        b = min(a + chunk, V)
-        z = h @ block(a, b).astype(mx.float32).T if dequantize else project(hidden, a, b).astype(mx.float32)
-        if cap:
-            z = fastmath.tanh(z / cap) * cap
-        cm = z.max(-1)  # streaming logsumexp over the chunks
-        if m is None:
-            m, s = cm, fastmath.exp(z - cm[:, None]).sum(-1)
-        else:
-            new = mx.maximum(m, cm)
-            s = s * fastmath.exp(m - new) + fastmath.exp(z - new[:, None]).sum(-1)
-            m = new
-        mx.eval(m, s)  # keep one chunk of logits alive at a time
+
+    def chunks():
+        for a in range(0, V, chunk):
+            b = min(a + chunk, V)
+            z = h @ block(a, b).astype(mx.float32).T if dequantize else project(hidden, a, b).astype(mx.float32)
+            yield fastmath.tanh(z / cap) * cap if cap else z
+
+    lse = streaming_logsumexp(chunks(), eval_each=True)  # one chunk of logits alive at a time
     zt = (h * rows(targets).astype(mx.float32)).sum(-1)  # target logits without a one-hot over V
     if cap:
         zt = fastmath.tanh(zt / cap) * cap
-    return m + mx.log(s) - zt
+    return lse - zt
 
 
 def perplexity(model, tokenizer, text: str, max_seq_len: int = 1024, stride: int | None = None,

@@ -66,6 +66,26 @@ def head_weights(model):
     return project, rows, block, head.weight.shape[0]
 
 
+def streaming_logsumexp(chunks, eval_each: bool = False) -> mx.array:
+    """logsumexp over the vocabulary of logits given as (N, C) chunks along it -> (N,).
+
+    Keeps a running max and sum, so only one chunk of logits is needed at a time; with
+    eval_each the running values are evaluated per chunk (forward-only use, bounded memory).
+    """
+    m = s = None
+    for z in chunks:
+        cm = z.max(-1)
+        if m is None:
+            m, s = cm, fastmath.exp(z - cm[:, None]).sum(-1)
+        else:
+            new = mx.maximum(m, cm)
+            s = s * fastmath.exp(m - new) + fastmath.exp(z - new[:, None]).sum(-1)
+            m = new
+        if eval_each:
+            mx.eval(m, s)
+    return m + mx.log(s)
+
+
 def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int = DEFAULT_CHUNK) -> mx.array:
     """Per-row cross-entropy (N,) of the LM head on `hidden` (N, E) against `targets` (N,).
 
@@ -89,18 +109,7 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
         return (h.astype(mx.float32) * w).sum(-1), w
 
     def forward(h):
-        m = None
-        s = None
-        for a, b in bounds:
-            z = chunk_logits(h, a, b)  # (N, chunk)
-            cm = z.max(-1)
-            if m is None:
-                m, s = cm, fastmath.exp(z - cm[:, None]).sum(-1)
-            else:
-                new = mx.maximum(m, cm)
-                s = s * fastmath.exp(m - new) + fastmath.exp(z - new[:, None]).sum(-1)
-                m = new
-        return m + mx.log(s)  # logsumexp (N,)
+        return streaming_logsumexp(chunk_logits(h, a, b) for a, b in bounds)  # (N,)
 
     @mx.custom_function
     def ce(h, t):
