@@ -183,7 +183,7 @@ def test_8bit_perplexity_within_1_percent(heldout_baseline):
 
 @pytest.mark.xfail(strict=True, reason="round-to-nearest 4-bit costs Gemma 3 270M far more than 10%: measured "
                                        "+137% (g64), +134% (g32), +72% with the embedding kept fp32 "
-                                       "(/work/notes/quantize.md); needs error-minimising scales or mixed 4/8 bits")
+                                       "(README, Known limitations); needs error-minimising scales or mixed 4/8 bits")
 def test_4bit_perplexity_within_10_percent(heldout_baseline):
     text, base = heldout_baseline
     ppl = quantized_perplexity(4, text)
