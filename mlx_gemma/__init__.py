@@ -6,9 +6,11 @@ Public API (imported lazily, so `import mlx_gemma` stays cheap and sets up the B
 """
 
 # First, before anything imports mlx.core: on Linux, put OpenBLAS under MLX's CPU matmuls.
-from .runtime import setup_blas as _setup_blas
+# And keep large freed blocks in glibc's heap (MLX's CPU arrays are malloc'ed).
+from .runtime import setup_blas as _setup_blas, tune_malloc as _tune_malloc
 
 _setup_blas()
+_tune_malloc()
 
 __version__ = "0.1.0"
 

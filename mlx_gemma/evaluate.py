@@ -1,9 +1,8 @@
 """Perplexity of a model on a text: sliding windows, LM head in vocabulary chunks.
 
 A Gemma 3 vocabulary has 262,144 entries, so one 1024-token window's logits would be 1 GiB
-in float32; the head is applied one vocabulary chunk at a time with a streaming logsumexp,
-so at most (positions x chunk) logits exist at once. On the CPU a quantized head is
-dequantized chunk by chunk and multiplied in fp32 (MLX's CPU quantized_matmul is ~20x slower).
+in float32; the head is applied one vocabulary chunk at a time (train/loss.token_losses),
+so at most (positions x chunk) logits exist at once.
 """
 
 from __future__ import annotations
@@ -11,14 +10,9 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from . import fastmath
 from .errors import UserError
-from .quantize import _dequantize_for
-from .train.loss import head_weights, streaming_logsumexp
-
-VOCAB_CHUNK = 32768
+from .train.loss import DEFAULT_CHUNK, token_losses
 
 
 def _window_bounds(n: int, max_seq_len: int, stride: int):
@@ -37,29 +31,8 @@ def _window_bounds(n: int, max_seq_len: int, stride: int):
     return bounds
 
 
-def _token_losses(model, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
-    """Cross-entropy (N,) of the LM head on hidden (N, E) against targets (N,), forward only."""
-    project, rows, block, V = head_weights(model)
-    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
-    dequantize = isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)) and _dequantize_for(hidden.shape[0])
-    cap = model.config.final_logit_softcapping
-    h = hidden.astype(mx.float32)
-
-    def chunks():
-        for a in range(0, V, chunk):
-            b = min(a + chunk, V)
-            z = h @ block(a, b).astype(mx.float32).T if dequantize else project(hidden, a, b).astype(mx.float32)
-            yield fastmath.tanh(z / cap) * cap if cap else z
-
-    lse = streaming_logsumexp(chunks(), eval_each=True)  # one chunk of logits alive at a time
-    zt = (h * rows(targets).astype(mx.float32)).sum(-1)  # target logits without a one-hot over V
-    if cap:
-        zt = fastmath.tanh(zt / cap) * cap
-    return lse - zt
-
-
 def perplexity(model, tokenizer, text: str, max_seq_len: int = 1024, stride: int | None = None,
-               chunk: int = VOCAB_CHUNK) -> dict:
+               chunk: int = DEFAULT_CHUNK) -> dict:
     """Perplexity of `model` on `text` (deterministic: no sampling, fixed windows).
 
     The text is tokenized without <bos>; it is scored in windows of at most max_seq_len tokens,
@@ -82,7 +55,7 @@ def perplexity(model, tokenizer, text: str, max_seq_len: int = 1024, stride: int
         inputs = mx.array([tokenizer.bos_id] + ids[begin:end - 1])[None]  # (1, L): <bos> shifts targets by one
         targets = mx.array(ids[scored_from:end])
         hidden = model.model(inputs)[0, scored_from - begin:]  # (scored, E): positions predicting targets
-        losses = _token_losses(model, hidden, targets, chunk)
+        losses = token_losses(model, hidden, targets, chunk, eval_each=True)
         total += float(losses.astype(mx.float32).sum().item())
     loss = total / len(ids)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": len(ids)}

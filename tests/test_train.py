@@ -59,8 +59,13 @@ def lora_grads(model, fn, *args):
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
-def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, tok, data_dir):
+@pytest.mark.parametrize("host_head", [True, False], ids=["numpy-head", "mlx-head"])
+def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_head, tok, data_dir, monkeypatch):
+    """Both loss paths: numpy on the CPU (the default here) and the MLX one GPUs use."""
     from mlx_gemma.lora import apply_lora
+    from mlx_gemma.train import loss as loss_lib
+
+    monkeypatch.setattr(loss_lib, "use_host_head", lambda model: host_head)
 
     model = tiny_model(model_type)
     apply_lora(model, dropout=0.0)
@@ -75,12 +80,34 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, tok, dat
     assert len(idx) > batch["weights"].sum()  # bucket padding is exercised
     inputs, targets = mx.array(batch["inputs"]), mx.array(batch["targets"])
     ref, g_ref = lora_grads(model, full_batch_loss, inputs, targets, mx.array(batch["weights"]))
-    ours, g_ours = lora_grads(model, lambda m, *a: batch_loss(m, *a, chunk=100), inputs, targets,
-                              mx.array(idx), mx.array(w))
+    if host_head:  # the CPU trainer's path: mx.vjp around the numpy head
+        (ours, n), g_ours = loss_lib.loss_and_grad(model, chunk=100)(inputs, targets, mx.array(idx), mx.array(w))
+        ours, g_ours = ours / n, dict(tree_flatten(g_ours))
+    else:
+        ours, g_ours = lora_grads(model, lambda m, *a: batch_loss(m, *a, chunk=100), inputs, targets,
+                                  mx.array(idx), mx.array(w))
     assert abs(ref.item() - ours.item()) < 1e-5
     assert g_ref.keys() == g_ours.keys() and len(g_ref) > 0
     for k in g_ref:
         assert mx.abs(g_ref[k] - g_ours[k]).max().item() <= 1e-5 + 1e-4 * mx.abs(g_ref[k]).max().item(), k
+
+
+def test_compiled_step_and_numpy_head_step_train_alike(tok, data_dir, tmp_path, monkeypatch):
+    """The CPU trainer (numpy head, uncompiled forward) and the compiled whole step a GPU runs
+    follow the same loss curve from the same seed."""
+    from mlx_gemma.train import loss as loss_lib
+
+    splits = D.load_splits(data_dir, tok, max_seq_len=64)
+    curves = {}
+    for host in (True, False):
+        monkeypatch.setattr(loss_lib, "use_host_head", lambda model, host=host: host)
+        monkeypatch.setattr(T, "use_host_head", lambda model, host=host: host)
+        mx.random.seed(0)
+        res = T.train(tiny_model("gemma2"), tok, small_args(tmp_path / f"run-{host}", iters=5, dropout=0.0),
+                      splits["train"], splits["valid"], None, progress=False)
+        curves[host] = [m["loss"] for m in res.metrics if "loss" in m] + [res.val_loss]
+    assert len(curves[True]) == 6
+    np.testing.assert_allclose(curves[True], curves[False], rtol=2e-4)
 
 
 def test_packed_rows_give_the_same_loss_as_unpacked(tok, data_dir):

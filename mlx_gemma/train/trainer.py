@@ -44,7 +44,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UserError
 from . import data as data_lib
-from .loss import DEFAULT_CHUNK, batch_loss, loss_positions
+from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions, use_host_head
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_OUT = "adapters/gemma-3-270m-zh"
@@ -205,6 +205,12 @@ def _device_batch(batch: dict):
             None if seg is None else mx.array(seg))
 
 
+def eval_loss_fn(model, loss_chunk: int = DEFAULT_CHUNK):
+    """batch_loss without gradients: compiled, except on the CPU where the head runs in numpy."""
+    fn = partial(batch_loss, model, chunk=loss_chunk, differentiable=False)
+    return fn if use_host_head(model) else mx.compile(fn, inputs=[model.state])
+
+
 def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len: Optional[int] = None,
                      max_batches: Optional[int] = None, loss_chunk: int = DEFAULT_CHUNK, _fn=None) -> dict:
     """Mean token loss over a tokenized Dataset (loss positions as in training), in eval mode.
@@ -214,7 +220,7 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
     was_training = model.training
     model.eval()
     max_seq_len = max_seq_len or int(dataset.lengths.max())
-    fn = _fn or mx.compile(partial(batch_loss, model, chunk=loss_chunk), inputs=[model.state])
+    fn = _fn or eval_loss_fn(model, loss_chunk)
     plan = data_lib.plan_batches(dataset, batch_size, 0, 0, max_seq_len, shuffle=False)
     if max_batches:
         plan = plan[:max_batches]
@@ -489,7 +495,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
         log.flush()
 
     # -- compiled functions: model, optimizer and RNG state go in and come out
-    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, chunk=args.loss_chunk))
+    batch_loss_and_grad = loss_and_grad(model, args.loss_chunk)
     state_io = [model.state, optimizer.state, mx.random.state]
 
     def clip_and_update(grads, ntok):
@@ -498,22 +504,30 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
             grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
         optimizer.update(model, grads)
 
-    @partial(mx.compile, inputs=state_io, outputs=state_io)
-    def step_fused(inputs, targets, idx, w, seg):
-        (loss, n), grads = loss_and_grad(model, inputs, targets, idx, w, seg)
-        clip_and_update(grads, n)
-        return loss, n
+    # On the CPU the LM-head loss runs in numpy between the forward and the backward half
+    # (train/loss.py), which mx.compile cannot trace: there only the update is compiled.
+    compiled = partial(mx.compile, inputs=state_io, outputs=state_io)
+    whole_step = compiled if not use_host_head(model) else (lambda fn: fn)
 
-    @partial(mx.compile, inputs=state_io, outputs=state_io)
     def micro_step(inputs, targets, idx, w, seg):
-        (loss, n), grads = loss_and_grad(model, inputs, targets, idx, w, seg)
+        (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
         return loss, n, grads
 
-    @partial(mx.compile, inputs=state_io, outputs=state_io)
+    @compiled
     def apply_update(grads, ntok):
         clip_and_update(grads, ntok)
 
-    eval_fn = mx.compile(partial(batch_loss, model, chunk=args.loss_chunk), inputs=[model.state])
+    @whole_step
+    def step_fused(inputs, targets, idx, w, seg):
+        (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
+        if use_host_head(model):
+            apply_update(grads, n)
+        else:
+            clip_and_update(grads, n)
+        return loss, n
+
+    micro_step = whole_step(micro_step)
+    eval_fn = eval_loss_fn(model, args.loss_chunk)
 
     def validate(step: int) -> Optional[float]:
         if not valid_set:
