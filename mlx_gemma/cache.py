@@ -96,47 +96,64 @@ class FullCache:
 
 
 class SlidingCache:
-    """A ring buffer of the last window - 1 keys: with the new token they make one full window.
+    """A ring buffer of the last `window` keys: memory stays bounded however long the generation.
 
-    Memory stays bounded however long the generation runs. Position p lives in slot
-    p % (window - 1), so writing a token never shifts the others; attention does not care
-    about key order (RoPE was applied before caching), and `mask` knows each slot's position.
-    Each call returns the ring followed by the new keys: (B, K, window - 1 + L, D).
+    Position p lives in slot p % window, so writing a token never shifts the others; attention
+    does not care about key order (RoPE was applied before caching), and `mask` knows each
+    slot's position. The buffer grows in steps of 256 slots up to `window`, so a short
+    generation with a 512-token window attends over the positions it has, not 512.
+    An eager call with L new tokens returns the ring followed by the new keys (the chunk may
+    overwrite slots its own first queries still need); the compiled decode step (one token)
+    writes its slot first and returns the ring alone.
     """
+
+    step = 256
 
     def __init__(self, window: int):
         self.window = window
-        self.size = max(window - 1, 0)  # ring slots
+        self.size = window  # ring slots once the buffer has grown to full size
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
 
-    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
-        """Allocate the ring (its size never depends on `tokens`)."""
-        if self.keys is None and self.size:
-            self.keys = mx.zeros((batch, kv_heads, self.size, head_dim), dtype)
-            self.values = mx.zeros((batch, kv_heads, self.size, head_dim), dtype)
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
 
-    def _slot_positions(self):
-        """Absolute position held by each ring slot before this call (_EMPTY where none): (size,)."""
-        last = self.offset - 1
-        pos = last - (last - mx.arange(self.size)) % self.size  # largest p <= last with p % size == slot
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
+        """Make room for `tokens` positions in total, up to `window` slots (rounded up to `step`)."""
+        want = self._capacity_for(tokens)
+        if want <= self.capacity:
+            return
+        # Until the ring first wraps, position p sits in slot p < capacity: growing appends empty slots.
+        grow = want - self.capacity
+        new_k = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        new_v = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
+
+    def _capacity_for(self, tokens: int) -> int:
+        return max(self.capacity, min(self.size, -(-max(tokens, 1) // self.step) * self.step))
+
+    def _slot_positions(self, last, capacity: int):
+        """Absolute position held by each of `capacity` slots when `last` is the newest position
+        stored (_EMPTY where none): (capacity,)."""
+        pos = last - (last - mx.arange(capacity)) % self.size  # largest p <= last with p % size == slot
         return mx.where(pos >= 0, pos, _EMPTY)
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         B, K, L, D = k.shape
-        if not self.size:
-            if not _traced(self.offset):
-                self.offset += L
-            return k, v
-        self.reserve(B, K, D, k.dtype)
-        out_k = mx.concatenate([self.keys, k], axis=2)
-        out_v = mx.concatenate([self.values, v], axis=2)
-        if _traced(self.offset):  # decode step, L == 1: one slot
+        if _traced(self.offset):  # compiled decode step, L == 1, capacity reserved by the caller
             start = (self.offset % self.size).reshape(1)
             self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
             self.values = mx.slice_update(self.values, v, start, axes=(2,))
-            return out_k, out_v
+            return self.keys, self.values
+        self.reserve(B, K, D, k.dtype, self.offset + L)
+        out_k = mx.concatenate([self.keys, k], axis=2)
+        out_v = mx.concatenate([self.values, v], axis=2)
         # The last min(L, size) new tokens go into their slots: a contiguous run of slots that may
         # wrap around the end of the ring, so at most two slice writes.
         m = min(L, self.size)
@@ -151,13 +168,12 @@ class SlidingCache:
         return out_k, out_v
 
     def mask(self, L: int, pad: Optional[mx.array]):
-        if not self.size:
-            q_pos = self.offset + mx.arange(L)
-            return _mask(q_pos, q_pos, self.window, pad)
-        if not _traced(self.offset) and L == 1 and pad is None and self.offset >= self.size:
-            return None  # a full ring of in-window keys plus the new one: all visible
+        """Mask for the next call with L new tokens (see update_and_fetch for the key layout)."""
         q_pos = self.offset + mx.arange(L)
-        k_pos = mx.concatenate([self._slot_positions(), q_pos])
+        if _traced(self.offset):  # the new key is already in its slot
+            return _mask(q_pos, self._slot_positions(self.offset, self.capacity), self.window, pad)
+        # the keys update_and_fetch will return: the ring (grown first if needed), then the new ones
+        k_pos = mx.concatenate([self._slot_positions(self.offset - 1, self._capacity_for(self.offset + L)), q_pos])
         return _mask(q_pos, k_pos, self.window, pad)
 
     @property

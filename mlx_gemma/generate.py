@@ -23,7 +23,6 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from .errors import UserError
 
@@ -146,42 +145,6 @@ def _kv_spec(model, batch: int):
     return batch, cfg.num_key_value_heads, cfg.head_dim, dtype
 
 
-class _CpuMatvecHead:
-    """The tied LM head for decoding on the CPU, as one BLAS gemv through numpy.
-
-    MLX's CPU backend sends (B, E) @ (E, V) to sgemm even for one row, and OpenBLAS then packs
-    the whole V x E weight on every call: measured here ~140 ms for Gemma 3's 262,144 x 640
-    fp32 head (671 MB) against ~57 ms for a gemv that streams it once. Decoding is bound by
-    that read, so the head runs on a zero-copy numpy view of the embedding. Only for dense
-    float32 heads on the CPU with at most MAX_ROWS rows; Metal/CUDA keep model.logits.
-    Set MLX_GEMMA_CPU_HEAD=0 to disable.
-    """
-
-    MAX_ROWS = 4
-
-    def __init__(self, model):
-        weight = model.model.embed_tokens.weight
-        mx.eval(weight)
-        self._keep = weight  # the numpy view borrows this array's memory
-        self.weight = np.asarray(weight)  # (V, E), no copy
-        self.cap = model.config.final_logit_softcapping
-
-    @classmethod
-    def applies(cls, model, rows: int) -> bool:
-        import os
-
-        embed = model.model.embed_tokens
-        return (rows <= cls.MAX_ROWS and os.environ.get("MLX_GEMMA_CPU_HEAD", "1") != "0"
-                and mx.default_device().type == mx.DeviceType.cpu and "lm_head" not in model
-                and type(embed) is nn.Embedding and embed.weight.dtype == mx.float32)
-
-    def __call__(self, hidden: mx.array) -> mx.array:
-        """hidden (B, E) float32 -> logits (B, V)."""
-        h = np.asarray(hidden)
-        logits = mx.array(np.stack([self.weight @ row for row in h]))  # one gemv per row
-        return mx.tanh(logits / self.cap) * self.cap if self.cap else logits
-
-
 class _DecodeStep:
     """One decode step, tokens (B, 1) -> logits (B, V), advancing the caches by one position.
 
@@ -193,7 +156,6 @@ class _DecodeStep:
     def __init__(self, model, cache: list, pad: Optional[mx.array], compile: bool = True):
         self.model, self.cache, self.pad = model, cache, pad
         self.spec = _kv_spec(model, 1 if pad is None else pad.shape[0])
-        self.head = _CpuMatvecHead(model) if _CpuMatvecHead.applies(model, self.spec[0]) else model.logits
         for c in cache:
             c.reserve(*self.spec, c.offset + 1)
         self.compiled = mx.compile(self._traced) if compile and all(c.keys is not None for c in cache) else None
@@ -206,14 +168,14 @@ class _DecodeStep:
 
     def __call__(self, tokens: mx.array) -> mx.array:
         if self.compiled is None:
-            return self.head(self.model.model(tokens, cache=self.cache, pad=self.pad)[:, -1])
+            return self.model.logits(self.model.model(tokens, cache=self.cache, pad=self.pad)[:, -1])
         offset = self.cache[0].offset
         for c in self.cache:
             c.reserve(*self.spec, offset + 1)
         hidden, state = self.compiled(tokens, mx.array(offset, mx.int32), [c.state for c in self.cache])
         for c, (k, v) in zip(self.cache, state):
             c.keys, c.values, c.offset = k, v, offset + 1
-        return self.head(hidden)
+        return self.model.logits(hidden)
 
 
 def prefill(model, tokens: mx.array, cache: list, pad: Optional[mx.array] = None,

@@ -100,8 +100,8 @@ def test_cached_decode_matches_full_forward_every_step(which, compile, request):
     for i in range(40):
         np.testing.assert_allclose(seen[i], full[12 + i], atol=1e-4, err_msg=f"step {i}")
         assert int(np.argmax(full[12 + i])) == tokens[i]
-    # Sliding layers keep window - 1 = 7 keys however long the sequence; global layers keep all.
-    assert {c.keys.shape[2] for c in cache if c.window} == {7}
+    # Sliding layers keep window = 8 keys however long the sequence; global layers keep all.
+    assert {c.keys.shape[2] for c in cache if c.window} == {8}
     assert cache[0].offset == 52  # prompt + 39 fed tokens (the 40th was never fed)
 
 
