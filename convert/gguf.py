@@ -25,7 +25,6 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlx_gemma.errors import UserError
+from mlx_gemma.files import write_atomic
 
 from .gguf_quants import BLOCK_LAYOUT, GGMLType, dequantize, nbytes_for, quantize_q8_0
 
@@ -643,12 +643,14 @@ def write_gguf(
         raise UserError(f"tokenizer model has {len(vocab['tokens'])} pieces but model.embed_tokens.weight has {gguf_tensors['token_embd.weight'].shape[0]} rows; pass the model's own tokenizer.model")
 
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write there ({e.strerror}); pick an existing, writable folder") from None
-    os.close(fd)
-    try:
+    folder = path.parent
+    # Checked here so that a wrong folder is one line for the user, not a traceback from the writer.
+    if not folder.is_dir():
+        raise UserError(f"{path}: cannot write there ({folder} is not a folder); pick an existing, writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write there ({folder} is not writable); pick an existing, writable folder")
+
+    def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         _add_metadata(w, config, arch, out_type, vocab)
         for name, t in gguf_tensors.items():
@@ -658,11 +660,8 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, float, dict | None]:

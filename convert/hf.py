@@ -9,10 +9,7 @@ are not parameters, and the tied LM head. `from_hf` / `to_hf` are pure functions
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -148,39 +145,3 @@ def save_safetensors(weights: dict, out_dir: Path, max_shard_size="5GB", metadat
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
 
-
-class atomic_output_dir:
-    """`with atomic_output_dir(path, force) as tmp:` write into tmp; on success it replaces path.
-
-    Nothing is left at `path` if the block fails; an existing path is an error unless force.
-    """
-
-    def __init__(self, path, force: bool = False):
-        self.path = Path(path)
-        self.force = force
-
-    def __enter__(self) -> Path:
-        if self.path.exists() and not self.force:
-            raise UserError(f"{self.path} already exists; choose another output path or pass --force to overwrite it")
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} exists and is not a directory")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        # mkdtemp makes 0700 dirs; the result should get the usual permissions (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        return False

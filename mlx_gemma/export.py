@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .convert import hf as hf_convert
 from .errors import UserError
+from .files import atomic_output_dir
 
 HF_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -149,7 +150,7 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
     model.config.torch_dtype = dtype
     from .loading import write_model_files
 
-    with hf_convert.atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force) as tmp:
         write_model_files(tmp, weights, model.config, tokenizer, max_shard_size, manifest=False)
     return out
 
@@ -172,7 +173,7 @@ def _export_adapter(src, out: Path, adapter, dtype: str, force: bool) -> Path:
     model.update(tree_unflatten(list(params.items())))
     config["base_model_name_or_path"] = base_model_name(src, path, config)
     config["inference_mode"] = True
-    with hf_convert.atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force) as tmp:
         save_adapter(model, tmp, config)
     return out
 

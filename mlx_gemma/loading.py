@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from .config import GemmaConfig
 from .convert import hf as hf_convert
 from .errors import UserError
+from .files import atomic_output_dir
 from .model import Gemma
 from .runtime import parse_dtype
 
@@ -247,7 +248,7 @@ def save_model(model: Gemma, tokenizer, out_dir, force: bool = False, dtype=None
     if dtype is not None:
         dtype = parse_dtype(dtype)
         weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    with hf_convert.atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force) as tmp:
         write_model_files(tmp, weights, model.config, tokenizer, max_shard_size)
     return Path(out_dir)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -25,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .convert import peft as peft_format
 from .convert.peft import ALL_LINEAR, CONFIG_FILE, WEIGHTS_FILE, LoraSpec
 from .errors import UserError
+from .files import write_atomic, write_json_atomic
 
 
 def _is_quantized(layer: nn.Module) -> bool:
@@ -238,19 +237,6 @@ def fuse_lora(model, dequantize: bool = False):
 # -- adapter files --------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename onto path: readers never see a half-written file."""
-    # Not mkstemp: its files are mode 0600; this one gets the usual umask permissions.
-    tmp = str(path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(model, out_dir, adapter_config: dict, extra_files: Optional[dict] = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT format) into out_dir.
 
@@ -267,14 +253,14 @@ def save_adapter(model, out_dir, adapter_config: dict, extra_files: Optional[dic
         raise UserError("the model has no LoRA layers to save; call apply_lora (or load_adapter) first")
     tensors = peft_format.to_peft(weights)
     mx.eval(tensors)
-    _write_atomic(out_dir / WEIGHTS_FILE,
-                  lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "pt"}))
+    write_atomic(out_dir / WEIGHTS_FILE,
+                 lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "pt"}))
     files = {CONFIG_FILE: adapter_config, **(extra_files or {})}
     for name, content in files.items():
         if isinstance(content, (dict, list)):
-            content = json.dumps(content, indent=2) + "\n"
-        data = content.encode() if isinstance(content, str) else bytes(content)
-        _write_atomic(out_dir / name, lambda tmp: Path(tmp).write_bytes(data))
+            write_json_atomic(out_dir / name, content)
+        else:
+            write_atomic(out_dir / name, content)
     return out_dir
 
 

@@ -13,12 +13,12 @@ tokenizes to the ids the model was trained on.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 from typing import Iterable
 
 from .errors import UserError
+from .files import write_atomic, write_json_atomic
 
 # The Gemma 3 chat template, written out as the Jinja text Hugging Face tools read from
 # tokenizer_config.json. `GemmaTokenizer.apply_chat_template` renders the same thing in Python.
@@ -324,11 +324,9 @@ class GemmaTokenizer:
             **special_map,
             added_tokens_decoder=self._added_tokens(),
         )
-        _write_atomic(os.path.join(directory, _MODEL_FILE), self._model_bytes)
-        _write_atomic(os.path.join(directory, "tokenizer_config.json"),
-                      (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        _write_atomic(os.path.join(directory, "special_tokens_map.json"),
-                      (json.dumps(special_map, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_atomic(os.path.join(directory, _MODEL_FILE), self._model_bytes)
+        write_json_atomic(os.path.join(directory, "tokenizer_config.json"), config)
+        write_json_atomic(os.path.join(directory, "special_tokens_map.json"), special_map)
 
 
     def _added_tokens(self) -> dict[str, dict]:
@@ -437,17 +435,3 @@ def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
         else:
             turns.append(("model", text))
     return turns
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written file survives.
-    Plain open() rather than mkstemp, so the file gets the usual umask permissions, not 0600."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -13,14 +13,12 @@ answer is the first human answer, so the model learns to answer in Chinese and s
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_output_dir
 
 DEFAULT_SYSTEM_PROMPT = "你是一个知识丰富的人工智能助手，用户将用中文向你提问，你将根据你的知识用中文来如实回答问题"
 
@@ -129,35 +127,6 @@ def _check_sizes(test_size: float, valid_size: float) -> None:
                         "so that records are left for training")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished temp dir to ``out``; with force, an old ``out`` is replaced."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    # Move the old directory aside first so a failure never leaves neither in place.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def hc3_to_chat(src_path, out_dir, system: str | None = DEFAULT_SYSTEM_PROMPT,
                 test_size: float = 0.1, valid_size: float = 0.1, seed: int = 0,
                 force: bool = False) -> dict:
@@ -240,17 +209,11 @@ def hc3_to_chat(src_path, out_dir, system: str | None = DEFAULT_SYSTEM_PROMPT,
               "valid": examples[n_test:n_test + n_valid],
               "train": examples[n_test + n_valid:]}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, force) as tmp:
         for name in SPLITS:
             if splits[name]:
-                _write_jsonl(tmp / f"{name}.jsonl", splits[name])
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it normal permissions
-        _publish(tmp, out, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+                lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in splits[name])
+                (tmp / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
 
     return {
         "source": str(src),

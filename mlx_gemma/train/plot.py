@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ..files import write_atomic
 
 # 5x7 glyphs, one string of 7 rows of 5 bits per character.
 _FONT = {
@@ -157,10 +157,4 @@ def encode_png(img: np.ndarray) -> bytes:
 
 def write_loss_curve(path, train_points, valid_points=()) -> Path:
     """Render and write the PNG atomically (temp file + rename)."""
-    path = Path(path)
-    data = encode_png(render_loss_curve(train_points, valid_points))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, encode_png(render_loss_curve(train_points, valid_points)))

@@ -43,6 +43,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UserError
+from ..files import write_json_atomic
 from . import data as data_lib
 from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions, use_host_head
 
@@ -372,14 +373,6 @@ def _clean_out_dir(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out: Path, model, adapter_config: dict, optimizer, state: dict) -> Path:
     """checkpoints/step-N/ (adapter, optimizer state, trainer state) written into a temp dir and
     renamed; then the top-level adapter is updated. Keeps the last KEEP_CHECKPOINTS."""
@@ -393,7 +386,7 @@ def save_checkpoint(out: Path, model, adapter_config: dict, optimizer, state: di
         save_adapter(model, tmp, adapter_config)
         opt = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
-        _write_json_atomic(tmp / "trainer_state.json", state)
+        write_json_atomic(tmp / "trainer_state.json", state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -472,7 +465,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     config = dict(args.to_dict(), **(extra_config or {}), total_steps=total, batches_per_epoch=per_epoch,
                   train_records=len(train_set), valid_records=len(valid_set) if valid_set else 0)
     if not resume_from:
-        _write_json_atomic(out / "train_config.json", config)
+        write_json_atomic(out / "train_config.json", config)
 
     start = 0
     metrics: list = []
