@@ -422,8 +422,9 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_tokens: i
                    temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                    repetition_penalty: float = 1.0, repetition_window: int = 64, seed: Optional[int] = None,
                    stop: Sequence[str] = (), system: Optional[str] = None,
-                   prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True) -> list:
-    """Generate for several prompts at once (left-padded into one batch); returns one text each.
+                   prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True, details: bool = False) -> list:
+    """Generate for several prompts at once (left-padded into one batch); returns one text each,
+    or with details=True one BatchOutput each (text, token ids, why the row stopped).
 
     Each row stops on its own (stop token, stop string, max_tokens); the batch runs until all
     rows are done. Greedy results equal one-by-one `generate`.
@@ -442,7 +443,7 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_tokens: i
     pad = mx.array([T - len(ids) for ids in rows], mx.int32)
     processors = make_logits_processors(repetition_penalty, repetition_window)
     stop_ids = set(tokenizer.stop_ids)
-    out = [[] for _ in rows]
+    results = [BatchOutput("", [], "length") for _ in rows]
     done = [False] * len(rows)
     steps = generate_step(model, batch, pad=pad, max_tokens=max_tokens, logits_processors=processors,
                           sampler=make_sampler(temp, top_k, top_p, min_p, seed), prefill_step=prefill_step,
@@ -451,21 +452,33 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_tokens: i
         for i, t in enumerate(tokens.tolist()):
             if done[i]:
                 continue
+            row = results[i]
             if t in stop_ids:
                 done[i] = True
+                row.finish_reason, row.stop_token = "stop", t
             else:
-                out[i].append(t)
-                if stop and any(s in tokenizer.decode(out[i][-64:], skip_special=True) for s in stop if s):
+                row.tokens.append(t)
+                if stop and any(s in tokenizer.decode(row.tokens[-64:], skip_special=True) for s in stop if s):
                     done[i] = True
+                    row.finish_reason = "stop"
         if all(done):
             break
     steps.close()
-    texts = []
-    for ids in out:
-        text = tokenizer.decode(ids, skip_special=True)
+    for row in results:
+        text = tokenizer.decode(row.tokens, skip_special=True)
         cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-        texts.append(text[:min(cuts)] if cuts else text)
-    return texts
+        row.text = text[:min(cuts)] if cuts else text
+    return results if details else [row.text for row in results]
+
+
+@dataclass
+class BatchOutput:
+    """One row of `batch_generate(..., details=True)`."""
+
+    text: str  # the decoded answer (special tokens skipped, cut before a stop string)
+    tokens: list  # generated ids, without the stop token
+    finish_reason: str  # "stop" (a stop token or stop string) or "length" (max_tokens)
+    stop_token: Optional[int] = None  # the stop token id that ended the row, if one did
 
 
 class ChatSession:

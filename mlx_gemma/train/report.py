@@ -18,11 +18,9 @@ The test split is only evaluated, never trained or tuned on; the sample question
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -30,11 +28,13 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 from ..errors import UserError
+from ..files import write_atomic, write_json_atomic
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 LOSS_CURVE = "loss.png"  # drawn by the trainer (train/plot.py) next to the adapter
 DEFAULT_MAX_TOKENS = 128
+LOSS_BATCH = 8  # rows per test-loss batch: fewer passes over the 262k-word LM head than the training batch
 SAMPLES = 3
 NGRAM = 4
 
@@ -132,33 +132,6 @@ def question(record: dict) -> str:
     return next(m["content"] for m in reversed(record["messages"]) if m.get("role") == "user")
 
 
-def greedy_batch(model, tokenizer, prompts: list, max_tokens: int) -> list:
-    """Greedy token ids for each prompt (lists of ids), all decoded as one left-padded batch.
-
-    Each row's ids end at (and include) its first stop token, or hold `max_tokens` ids.
-    Rows that stopped keep being decoded until every row has (one batch, one shape).
-    """
-    from ..generate import generate_step
-
-    T = max(len(p) for p in prompts)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    batch = mx.array([[pad_id] * (T - len(p)) + list(p) for p in prompts], mx.int32)  # (B, T)
-    pad = mx.array([T - len(p) for p in prompts], mx.int32)  # (B,)
-    stops = set(tokenizer.stop_ids)
-    out = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    steps = generate_step(model, batch, pad=pad, max_tokens=max_tokens)
-    for tokens in steps:  # (B,) per step
-        for i, t in enumerate(tokens.tolist()):
-            if not done[i]:
-                out[i].append(t)
-                done[i] = t in stops
-        if all(done):
-            break
-    steps.close()
-    return out
-
-
 def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
                         batch_size: int = 64) -> dict:
     """Greedy answers to the prompts of chat `records` (system + user, chat template with the
@@ -171,18 +144,19 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
     """
     prompts = [tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True)
                for r in records]
+    from ..generate import batch_generate
+
     was_training = model.training
     model.eval()
-    ids = []
+    outputs = []
     for a in range(0, len(prompts), batch_size):
-        ids += greedy_batch(model, tokenizer, prompts[a:a + batch_size], max_tokens)
+        outputs += batch_generate(model, tokenizer, prompts[a:a + batch_size], max_tokens=max_tokens, details=True)
     model.train(was_training)
     answers = []
     cjk = chars = reps = grams = tokens = 0
-    for record, row in zip(records, ids):
-        reason = finish_reason(row, tokenizer)
-        body = row[:-1] if reason != "length" else row
-        text = tokenizer.decode(body, skip_special=True)
+    for record, out in zip(records, outputs):
+        reason = finish_reason(out.tokens + ([out.stop_token] if out.stop_token is not None else []), tokenizer)
+        body, text = out.tokens, out.text
         c, t = cjk_counts(text)
         r, g = ngram_counts(body, NGRAM)
         cjk, chars, reps, grams, tokens = cjk + c, chars + t, reps + r, grams + g, tokens + len(body)
@@ -326,24 +300,6 @@ def render_markdown(before: dict, after: dict, samples: list, run_info: dict) ->
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_report(out_dir, before: dict, after: dict, samples: list, run_info: dict) -> Path:
     """Write report.md (before/after table, targets, loss curve, side-by-side samples, run time and
     settings) and report.json (every number, every generated answer) into `out_dir`.
@@ -358,9 +314,9 @@ def write_report(out_dir, before: dict, after: dict, samples: list, run_info: di
     result = {"before": before, "after": after, "samples": samples, "run": run_info,
               "loss_drop": loss_drop(before, after),
               "targets": {k: {"value": v, "bound": b, "met": m} for k, (v, b, m) in checks(before, after).items()}}
-    _write_text_atomic(out / REPORT_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_json_atomic(out / REPORT_JSON, result)
     md = out / REPORT_MD
-    _write_text_atomic(md, render_markdown(before, after, samples, run_info))
+    write_atomic(md, render_markdown(before, after, samples, run_info))
     return md
 
 
@@ -396,9 +352,10 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     """
     from ..loading import load
     from . import data as data_lib
-    from .trainer import check_args, default_data_dir, load_training_data, prepare_out_dir, train
+    from .trainer import check_args, default_data_dir, load_training_data, prepare_out_dir, resolve_defaults, train
 
     t_start = time.perf_counter()
+    args = resolve_defaults(args)
     check_args(args)
     if prepare_out_dir(args) is None and args.force:  # fail before the slow model load
         for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
@@ -418,7 +375,7 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     subset = "all of them" if len(gen_records) == len(records) else f"the first {len(gen_records)} of {len(records)}"
 
     echo(f"evaluating the base model on the test split ({len(records)} records; answering {subset})...")
-    before = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, args.batch_size,
+    before = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, LOSS_BATCH,
                             args.max_seq_len)
     t_before = time.perf_counter()
     extra = {"data_resolved": str(data_path),
@@ -430,7 +387,7 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
         echo(result.summary())
         return result, None
     echo("evaluating the fine-tuned model on the test split...")
-    after = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, args.batch_size,
+    after = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, LOSS_BATCH,
                            args.max_seq_len)
     result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
     t_after = time.perf_counter()
