@@ -160,10 +160,11 @@ def quantize_affine(weight: mx.array, group_size: int, bits: int):
     """Error-minimising affine quantization in MLX's format: (packed uint32 weight, scales, biases).
 
     `mx.quantize` maps each group's [min, max] onto the 2^bits levels (round to nearest). Here,
-    per group of `group_size` inputs, several clipped ranges are tried; for each, the codes q are
-    rounded and (scale, bias) refitted by least squares to min ||scale * q + bias - w||^2, twice;
-    the candidate with the smallest squared error wins. Plain min/max is one candidate, so the
-    error is never worse than round-to-nearest on the same grid. Dequantizes with mx.dequantize.
+    per group of `group_size` inputs, several starting grids are tried (mx.quantize's own and
+    clipped ranges); from each, (scale, bias) is refitted by least squares to
+    min ||scale * q + bias - w||^2 for the current codes q and the codes re-rounded, twice (each
+    move can only lower the error); the candidate with the smallest squared error wins, so no
+    group is worse than with mx.quantize. Dequantizes with mx.dequantize.
     """
     rows, cols = weight.shape
     parts = [_fit_rows(weight[a:a + _ROWS_AT_ONCE], group_size, bits) for a in range(0, rows, _ROWS_AT_ONCE)]
@@ -179,12 +180,17 @@ def _fit_rows(weight: mx.array, group_size: int, bits: int):
     w = weight.astype(mx.float32).reshape(rows, cols // group_size, group_size)  # (R, G, gs)
     lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
     mid, half = (hi + lo) / 2, (hi - lo) / 2
+    # starting grids: mx.quantize's own (so the result is never worse than it), then clipped ranges
+    packed, scales, biases = mx.quantize(weight, group_size, bits)
+    starts = [(_unpack(packed, bits).reshape(w.shape).astype(mx.float32), scales[..., None].astype(mx.float32),
+               biases[..., None].astype(mx.float32))]
+    starts += [(None, 2 * half * shrink / top, mid - half * shrink) for shrink in _RANGE_SHRINK]
     best = None
-    for shrink in _RANGE_SHRINK:
-        scale, bias = 2 * half * shrink / top, mid - half * shrink
+    for q, scale, bias in starts:
         for _ in range(_REFITS):
-            q = _codes(w, scale, bias, top)
+            q = _codes(w, scale, bias, top) if q is None else q
             scale, bias = _least_squares(w, q, scale, bias)
+            q = None
         q = _codes(w, scale, bias, top)
         err = mx.square(scale * q + bias - w).sum(-1, keepdims=True)  # (R, G, 1)
         if best is None:
@@ -213,6 +219,14 @@ def _least_squares(w, q, scale, bias):
     new_scale = (n * sqw - sq * sw) / safe
     new_bias = (sw - new_scale * sq) / n
     return mx.where(ok, new_scale, scale), mx.where(ok, new_bias, bias)
+
+
+def _unpack(packed: mx.array, bits: int) -> mx.array:
+    """(R, W) uint32 -> (R, W * 32 / bits) codes, inverse of _pack."""
+    per = 32 // bits
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)
+    return codes.reshape(packed.shape[0], -1)
 
 
 def _pack(q: mx.array, bits: int) -> mx.array:
