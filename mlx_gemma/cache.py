@@ -31,11 +31,10 @@ def _mask(q_pos, k_pos, window, pad):
     return causal_mask(q_pos, k_pos, window, pad)
 
 
-class FullCache:
-    """Keeps every key; grows its buffers in steps so decoding does not copy the whole cache per token."""
+class _KVBuffer:
+    """Key/value buffers (B, K, S, D) that grow by appending empty slots."""
 
     step = 256
-    window = None
 
     def __init__(self):
         self.keys: Optional[mx.array] = None
@@ -46,18 +45,34 @@ class FullCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int) -> None:
-        """Make room for `tokens` positions in total (rounded up to `step`), keeping what is stored."""
-        if tokens <= self.capacity:
-            return
-        grow = -(-(tokens - self.capacity) // self.step) * self.step
-        new_k = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
-        new_v = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+    def _grow(self, batch: int, kv_heads: int, head_dim: int, dtype, slots: int) -> None:
+        """Append `slots` empty (zero) positions, keeping what is stored."""
+        new_k = mx.zeros((batch, kv_heads, slots, head_dim), dtype)
+        new_v = mx.zeros((batch, kv_heads, slots, head_dim), dtype)
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
             self.keys = mx.concatenate([self.keys, new_k], axis=2)
             self.values = mx.concatenate([self.values, new_v], axis=2)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+
+class FullCache(_KVBuffer):
+    """Keeps every key; grows its buffers in steps so decoding does not copy the whole cache per token."""
+
+    window = None
+
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int) -> None:
+        """Make room for `tokens` positions in total (rounded up to `step`), keeping what is stored."""
+        if tokens > self.capacity:
+            self._grow(batch, kv_heads, head_dim, dtype, -(-(tokens - self.capacity) // self.step) * self.step)
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         B, K, L, D = k.shape
@@ -86,16 +101,9 @@ class FullCache:
         q_pos = mx.arange(self.offset, self.offset + L)
         return _mask(q_pos, mx.arange(self.offset + L), None, pad)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self):
-        return self.keys, self.values
 
 
-class SlidingCache:
+class SlidingCache(_KVBuffer):
     """A ring buffer of the last `window` keys: memory stays bounded however long the generation.
 
     Position p lives in slot p % window, so writing a token never shifts the others; attention
@@ -107,33 +115,17 @@ class SlidingCache:
     writes its slot first and returns the ring alone.
     """
 
-    step = 256
-
     def __init__(self, window: int):
+        super().__init__()
         self.window = window
         self.size = window  # ring slots once the buffer has grown to full size
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.offset = 0
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
 
     def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
         """Make room for `tokens` positions in total, up to `window` slots (rounded up to `step`)."""
         want = self._capacity_for(tokens)
-        if want <= self.capacity:
-            return
-        # Until the ring first wraps, position p sits in slot p < capacity: growing appends empty slots.
-        grow = want - self.capacity
-        new_k = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
-        new_v = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
-        if self.keys is None:
-            self.keys, self.values = new_k, new_v
-        else:
-            self.keys = mx.concatenate([self.keys, new_k], axis=2)
-            self.values = mx.concatenate([self.values, new_v], axis=2)
+        if want > self.capacity:
+            # Until the ring first wraps, position p sits in slot p < capacity: growing appends empty slots.
+            self._grow(batch, kv_heads, head_dim, dtype, want - self.capacity)
 
     def _capacity_for(self, tokens: int) -> int:
         return max(self.capacity, min(self.size, -(-max(tokens, 1) // self.step) * self.step))
@@ -176,10 +168,3 @@ class SlidingCache:
         k_pos = mx.concatenate([self._slot_positions(self.offset - 1, self._capacity_for(self.offset + L)), q_pos])
         return _mask(q_pos, k_pos, self.window, pad)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self):
-        return self.keys, self.values
