@@ -10,6 +10,9 @@ A Gemma 3 vocabulary has 262,144 entries: B x L x V float32 logits for a batch o
 4. a custom VJP recomputes each chunk's logits in the backward pass instead of keeping them
    (d hidden = sum over chunks of (softmax - onehot) * softcap' @ W_chunk).
 
+That is the MLX path, compiled into the training step on a GPU. On the CPU the same loss and
+its gradient run in numpy (see "the CPU path" below and `loss_and_grad`).
+
 The gathered position count N is padded up to a bucket (zero-weight rows), so a compiled step
 sees few distinct shapes.
 """
@@ -112,7 +115,7 @@ class HostHead:
     """numpy access to the LM head's rows (float32), for a float or quantized, tied or untied head."""
 
     def __init__(self, model):
-        self.project, self._rows, self._block, self.V = head_weights(model)
+        _, self._rows, self._block, self.V = head_weights(model)
         head = model.lm_head if "lm_head" in model else model.model.embed_tokens
         self.cap = model.config.final_logit_softcapping
         w = head.weight
