@@ -5,8 +5,10 @@
 
 The loop: AdamW with linear warmup + cosine decay; gradient accumulation (the loss is the mean
 over every loss token of the effective batch, so batch 4 == batch 2 x accumulation 2); an
-`mx.compile`d step with the model / optimizer / RNG state as inputs and outputs; the chunked
-LM-head loss of train/loss.py; optional per-layer gradient checkpointing.
+`mx.compile`d step with the model / optimizer / RNG state as inputs and outputs (on a GPU; on
+the CPU the LM-head loss runs in numpy between the forward and backward halves and only the
+optimizer update is compiled); the chunked LM-head loss of train/loss.py; optional per-layer
+gradient checkpointing.
 
 Reproducibility and resume: the batch order is a function of (seed, epoch) and the dropout RNG is
 reseeded from (seed, micro-batch index) before every micro-batch, so a run resumed from a
