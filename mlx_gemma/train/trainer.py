@@ -28,10 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,7 +43,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import UserError
-from ..files import write_json_atomic
+from ..files import atomic_output_dir, write_json_atomic
 from . import data as data_lib
 from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions, use_host_head
 
@@ -404,18 +402,11 @@ def save_checkpoint(out: Path, model, adapter_config: dict, optimizer, state: di
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_output_dir(final, force=True) as tmp:
         save_adapter(model, tmp, adapter_config)
         opt = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
         write_json_atomic(tmp / "trainer_state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     save_adapter(model, out, adapter_config)
     for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
