@@ -194,13 +194,15 @@ def test_qlora_fuse_requantizes_within_rounding_or_exactly_dense(tiny3_dir):
         fused = layer.fuse()
         assert type(fused) is type(layer.base)
         assert (fused.bits, fused.group_size, fused.mode) == (4, 32, "affine")
-        # Affine rounding: MLX shifts each group's grid so that 0 is exact, so a weight lands
-        # within one quantization step (its group's scale) of W + scale * B @ A, not half a step.
+        # Affine rounding onto each group's fitted grid (whose range may be clipped): on average
+        # a weight lands well within one quantization step (its group's scale) of W + scale * B @ A.
         err = np.abs(np.array(dense_weight(fused)) - target).reshape(target.shape[0], -1, 32)
         step = np.abs(np.array(fused.scales))[..., None]
-        assert (err <= step + 1e-6).all() and err.mean() < 0.35 * step.mean()
-        w, scales, biases = mx.quantize(mx.array(target), group_size=32, bits=4)
-        np.testing.assert_array_equal(np.array(fused.weight), np.array(w))
+        assert err.mean() < 0.35 * step.mean()
+        # requantized with the package's quantizer: per group no worse than mx.quantize's grid
+        rtn = np.array(mx.dequantize(*mx.quantize(mx.array(target), group_size=32, bits=4), group_size=32, bits=4))
+        err_rtn = ((rtn - target) ** 2).reshape(target.shape[0], -1, 32).sum(-1)
+        assert ((err ** 2).sum(-1) <= err_rtn * (1 + 1e-4) + 1e-10).all()
         exact = layer.fuse(dequantize=True)
         assert type(exact) is nn.Linear
         np.testing.assert_allclose(np.array(exact.weight), target, atol=1e-6)
