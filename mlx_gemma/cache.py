@@ -118,7 +118,6 @@ class SlidingCache(_KVBuffer):
     def __init__(self, window: int):
         super().__init__()
         self.window = window
-        self.size = window  # ring slots once the buffer has grown to full size
 
     def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
         """Make room for `tokens` positions in total, up to `window` slots (rounded up to `step`)."""
@@ -128,29 +127,29 @@ class SlidingCache(_KVBuffer):
             self._grow(batch, kv_heads, head_dim, dtype, want - self.capacity)
 
     def _capacity_for(self, tokens: int) -> int:
-        return max(self.capacity, min(self.size, -(-max(tokens, 1) // self.step) * self.step))
+        return max(self.capacity, min(self.window, -(-max(tokens, 1) // self.step) * self.step))
 
     def _slot_positions(self, last, capacity: int):
         """Absolute position held by each of `capacity` slots when `last` is the newest position
         stored (_EMPTY where none): (capacity,)."""
-        pos = last - (last - mx.arange(capacity)) % self.size  # largest p <= last with p % size == slot
+        pos = last - (last - mx.arange(capacity)) % self.window  # largest p <= last with p % window == slot
         return mx.where(pos >= 0, pos, _EMPTY)
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         B, K, L, D = k.shape
         if _traced(self.offset):  # compiled decode step, L == 1, capacity reserved by the caller
-            start = (self.offset % self.size).reshape(1)
+            start = (self.offset % self.window).reshape(1)
             self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
             self.values = mx.slice_update(self.values, v, start, axes=(2,))
             return self.keys, self.values
         self.reserve(B, K, D, k.dtype, self.offset + L)
         out_k = mx.concatenate([self.keys, k], axis=2)
         out_v = mx.concatenate([self.values, v], axis=2)
-        # The last min(L, size) new tokens go into their slots: a contiguous run of slots that may
+        # The last min(L, window) new tokens go into their slots: a contiguous run of slots that may
         # wrap around the end of the ring, so at most two slice writes.
-        m = min(L, self.size)
-        first = (self.offset + L - m) % self.size
-        head = min(m, self.size - first)
+        m = min(L, self.window)
+        first = (self.offset + L - m) % self.window
+        head = min(m, self.window - first)
         self.keys[:, :, first:first + head] = k[:, :, L - m:L - m + head]
         self.values[:, :, first:first + head] = v[:, :, L - m:L - m + head]
         if head < m:

@@ -508,7 +508,8 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     # On the CPU the LM-head loss runs in numpy between the forward and the backward half
     # (train/loss.py), which mx.compile cannot trace: there only the update is compiled.
     compiled = partial(mx.compile, inputs=state_io, outputs=state_io)
-    whole_step = compiled if not use_host_head(model) else (lambda fn: fn)
+    host_head = use_host_head(model)
+    whole_step = (lambda fn: fn) if host_head else compiled
 
     def micro_step(inputs, targets, idx, w, seg):
         (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
@@ -521,7 +522,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     @whole_step
     def step_fused(inputs, targets, idx, w, seg):
         (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
-        if use_host_head(model):
+        if host_head:
             apply_update(grads, n)
         else:
             clip_and_update(grads, n)
