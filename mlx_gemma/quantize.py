@@ -185,6 +185,7 @@ def _fit_rows(weight: mx.array, group_size: int, bits: int):
     starts = [(_unpack(packed, bits).reshape(w.shape).astype(mx.float32), scales[..., None].astype(mx.float32),
                biases[..., None].astype(mx.float32))]
     starts += [(None, 2 * half * shrink / top, mid - half * shrink) for shrink in _RANGE_SHRINK]
+    starts.append((None, _lattice_step(w, hi - lo), lo))
     best = None
     for q, scale, bias in starts:
         for _ in range(_REFITS):
@@ -201,6 +202,21 @@ def _fit_rows(weight: mx.array, group_size: int, bits: int):
         mx.eval(best)
     _, q, scale, bias = best
     return _pack(q.reshape(rows, cols).astype(mx.uint32), bits), scale.reshape(rows, -1), bias.reshape(rows, -1)
+
+
+def _lattice_step(w, span):
+    """Per group, the smallest gap between distinct sorted values (the span where there is none).
+
+    Weights dequantized from a coarser format (a Q4_0 / Q4_1 / Q4_K GGUF, whose 32-wide blocks
+    are each an affine grid) sit on a lattice min + k * step: with this step as the scale, the
+    codes reproduce them exactly, which the min/max grid misses whenever a block does not use
+    its extreme codes. For weights on no lattice it is one more candidate the error check drops.
+    """
+    ordered = mx.sort(w, axis=-1)
+    gaps = ordered[..., 1:] - ordered[..., :-1]
+    tiny = 1e-5 * span  # float rounding of dequantized values: not a gap
+    step = mx.where(gaps > tiny, gaps, mx.inf).min(-1, keepdims=True)
+    return mx.where(mx.isinf(step), span, step)
 
 
 def _codes(w, scale, bias, top):
@@ -326,16 +342,24 @@ def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_emb
     return targets
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True):
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
+                   calibration=None, progress=None):
     """Quantize the model's linear layers (and its embedding / tied LM head unless
     quantize_embedding=False) in place with MLX affine quantization; sets model.config.quantization.
 
-    bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). Every check runs
-    before any layer changes, so a refused model is left untouched. Returns the model.
+    bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). calibration: None for
+    the error-minimising grid per group (`quantize_affine`, no data needed), or (N, L) token ids
+    (`gptq.calibration_windows`) to minimise each layer's output error on them (GPTQ, see
+    mlx_gemma/gptq.py). Every check runs before any layer changes, so a refused model is left
+    untouched. Returns the model.
     """
     targets = check_quantizable(model, bits, group_size, quantize_embedding)
     params = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for path, m in targets:
+    if calibration is not None:
+        from .gptq import quantize_calibrated
+
+        quantize_calibrated(model, calibration, bits, group_size, quantize_embedding, progress=progress)
+    for path, m in targets if calibration is None else []:
         layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
                  else QuantizedLinear.from_linear(m, **params))
         mx.eval(layer.parameters())  # layer by layer: the full-precision weight is freed right away
@@ -427,11 +451,14 @@ def disk_bytes(path) -> int:
 
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
-                        eval_text=None, max_seq_len: int = 1024, force: bool = False, progress=None) -> dict:
+                        eval_text=None, max_seq_len: int = 1024, force: bool = False, progress=None,
+                        calibration="auto", calibration_tokens: int = 4096) -> dict:
     """Load SRC in float32, quantize it, save it to OUT (atomically) and measure both models.
 
     eval_text: a text file for the perplexity comparison, "default" for the project's held-out
     Chinese + English text (mlx_gemma/data/heldout_zh_en.txt), or None to skip it.
+    calibration: "auto" (GPTQ on the bundled calibration text for 4-bit, none for 8-bit),
+    "none", or a list of .txt / .jsonl files; calibration_tokens: how many tokens of them.
     Returns {"original": {...}, "quantized": {...}, "bits", "group_size", "out"}, each side with
     disk_bytes, param_bytes and (when evaluated) loss / perplexity / tokens.
     """
@@ -441,7 +468,10 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     from .evaluate import perplexity
     from .loading import load, resolve, save_model
 
+    from .gptq import calibration_windows, check_calibration, resolve_sources
+
     say = progress or (lambda msg: None)
+    sources = resolve_sources(calibration, bits)
     text = None
     if eval_text is not None:
         text_path = DATA_DIR / "heldout_zh_en.txt" if eval_text == "default" else Path(eval_text)
@@ -457,22 +487,29 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     if text is not None:
         say(f"perplexity of the original model on {text_path.name} ...")
         original.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
-    say(f"quantizing to {bits} bits, group size {group_size} ...")
-    quantize_model(model, bits=bits, group_size=group_size, quantize_embedding=quantize_embedding)
+    windows = None if sources is None else calibration_windows(tokenizer, sources, calibration_tokens)
+    if windows is not None:
+        check_calibration(model, windows)
+    method = ("error-minimising grid, no calibration" if windows is None else
+              f"GPTQ on {windows.size} calibration tokens of {', '.join(p.name for p in sources)}")
+    say(f"quantizing to {bits} bits, group size {group_size} ({method}) ...")
+    quantize_model(model, bits=bits, group_size=group_size, quantize_embedding=quantize_embedding,
+                   calibration=windows, progress=say)
     save_model(model, tokenizer, out, force=force)
     quantized = {"disk_bytes": disk_bytes(out), "param_bytes": parameter_bytes(model)}
     if text is not None:
         say("perplexity of the quantized model ...")
         quantized.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
     return {"original": original, "quantized": quantized, "bits": bits, "group_size": group_size,
-            "out": str(out), "text": text_path.name if text is not None else None}
+            "method": method, "out": str(out), "text": text_path.name if text is not None else None}
 
 
 def format_report(result: dict) -> str:
     """The table `mlx-gemma quantize` prints from quantize_checkpoint's result."""
     o, q = result["original"], result["quantized"]
     label = f"{result['bits']}-bit, group {result['group_size']}"
-    lines = [f"wrote {result['out']}", f"{'':18s}{'original':>14s}{label:>22s}{'change':>10s}"]
+    lines = [f"wrote {result['out']} ({result.get('method', '')})",
+             f"{'':18s}{'original':>14s}{label:>22s}{'change':>10s}"]
     if "perplexity" in o:
         change = q["perplexity"] / o["perplexity"] - 1
         lines.append(f"{'perplexity':18s}{o['perplexity']:14.3f}{q['perplexity']:22.3f}{change:+10.1%}"

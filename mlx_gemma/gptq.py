@@ -1,0 +1,247 @@
+"""Calibrated quantization (GPTQ, Frantar et al. 2022) in MLX's affine format.
+
+Rounding each weight to its nearest grid point minimises the error of the weights; what matters
+is the error of the layer's outputs, `||X W^T - X Q^T||^2` over real inputs X. With
+H = X^T X (inputs x inputs), GPTQ quantizes one input column at a time and spreads that
+column's rounding error over the columns not yet quantized, weighted by H^-1, so the later
+columns absorb what the earlier ones lost. Per group of `group_size` inputs, the scale and bias
+come from `quantize.quantize_affine` (the error-minimising grid) fitted on the group's weights
+as they stand when the group is reached, so the result is an ordinary MLX quantized layer:
+packed codes, scales and biases, loadable by MLX and mlx-lm with no extra parameters.
+
+The model is processed layer by layer (as in the paper): the calibration windows run through
+decoder layer i with the layers before it already quantized, each linear layer's H is
+accumulated from the inputs it actually receives, the layer's seven linears are quantized, and
+the windows move on to layer i + 1. The tied embedding is quantized last as the LM head, with H
+from the final normed hidden states of the quantized stack.
+
+Calibration text: by default the project's bundled Chinese Q&A training split and an English
+text (data/calibration_en.txt), half of the tokens from each; any .txt or .jsonl/.json data
+file can replace them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import UserError
+
+DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
+WINDOW = 512
+DAMP = 0.01  # H += DAMP * mean(diag H) * I: keeps H invertible where some inputs are (nearly) never active
+_ROWS_AT_ONCE = 16384  # output rows solved together (rows are independent given H): bounds memory
+
+
+def default_sources() -> list[Path]:
+    from .data import DATA_DIR
+
+    return [Path(DATA_DIR) / "zh_baike" / "train.jsonl", Path(DATA_DIR) / "calibration_en.txt"]
+
+
+def resolve_sources(spec, bits: int):
+    """The calibration files for a --calibration value, or None for no calibration.
+
+    spec: "auto" (or None) = the bundled sources for 4-bit, none for 8-bit (whose
+    round-to-nearest error is already ~0.1% perplexity); "none"; or a list of file paths
+    (a single "auto"/"none" in the list counts as that word)."""
+    if spec is None or isinstance(spec, (str, Path)):
+        spec = [] if spec is None else [spec]
+    spec = [str(s) for s in spec]
+    if not spec or spec == ["auto"]:
+        return default_sources() if bits < 8 else None
+    if spec == ["none"]:
+        return None
+    if "auto" in spec or "none" in spec:
+        raise UserError("--calibration: 'auto' and 'none' cannot be combined with files; pass one or the other")
+    paths = [Path(s) for s in spec]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"--calibration {path}: no such file; pass a .txt or .jsonl file, or --calibration none")
+    return paths
+
+
+def _source_ids(path: Path, tokenizer) -> list[int]:
+    """Token ids of one calibration file: a .txt as plain text, a .jsonl/.json data file with each
+    record rendered as training renders it (chat template, prompt/completion or text)."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such calibration file; pass a .txt or .jsonl file, or --calibration none")
+    if path.suffix in (".jsonl", ".json"):
+        from .train.data import encode_record, read_records
+
+        ids = []
+        for where, record in read_records(path):
+            ids += encode_record(record, tokenizer, where)[1].tolist()
+        return ids
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(text, add_bos=False)
+
+
+def calibration_windows(tokenizer, sources=None, tokens: int = DEFAULT_TOKENS, window: int = WINDOW) -> mx.array:
+    """(N, window) token ids, N = tokens // window: each source (default `default_sources()`) is
+    cut into consecutive windows, and the sources take turns, so they share the budget evenly
+    unless one runs out (then the others fill in)."""
+    if tokens < window:
+        raise UserError(f"--calibration-tokens must be at least {window} (one window), got {tokens}")
+    per_source = []
+    for path in [Path(s) for s in (sources or default_sources())]:
+        ids = _source_ids(path, tokenizer)
+        cut = [ids[a:a + window] for a in range(0, len(ids) - window + 1, window)]
+        if not cut:
+            raise UserError(f"{path}: {len(ids)} tokens, fewer than one {window}-token calibration window; "
+                            "pass a longer file")
+        per_source.append(cut)
+    windows = []
+    for turn in range(max(map(len, per_source))):
+        windows += [cut[turn] for cut in per_source if turn < len(cut)]
+    return mx.array(np.asarray(windows[:tokens // window], dtype=np.int32))
+
+
+class _Recorder(nn.Module):
+    """Wraps a linear layer; accumulates H = sum x^T x over every input row it sees."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.hessian = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        h = rows.T @ rows
+        self.hessian = h if self.hessian is None else self.hessian + h
+        return self.inner(x)
+
+
+def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAMP):
+    """One (out, in) weight -> (packed uint32, scales, biases) in MLX's affine layout, minimising
+    the output error for inputs whose second moment is `hessian` (in x in)."""
+    from .quantize import _pack
+
+    w = np.array(weight, dtype=np.float32)
+    h = np.array(hessian, dtype=np.float64)
+    rows, cols = w.shape
+    dead = np.diag(h) == 0  # inputs never active: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    try:
+        # upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i holds the error-spreading weights
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+    except np.linalg.LinAlgError:
+        raise UserError("calibration failed: the input statistics are singular even after damping; "
+                        "use more calibration tokens or --calibration none") from None
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((rows, cols // group_size), dtype=np.float32)
+    biases = np.empty_like(scales)
+    for a in range(0, rows, _ROWS_AT_ONCE):
+        b = min(a + _ROWS_AT_ONCE, rows)
+        _solve_rows(w[a:b], upper, group_size, bits, codes[a:b], scales[a:b], biases[a:b])
+    dtype = weight.dtype if weight.dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float32
+    return (_pack(mx.array(codes.astype(np.uint32)), bits), mx.array(scales).astype(dtype),
+            mx.array(biases).astype(dtype))
+
+
+def _solve_rows(w, upper, group_size, bits, codes, scales, biases):
+    """GPTQ on a block of rows, in place: w (R, C) is consumed; codes/scales/biases filled."""
+    from .quantize import quantize_affine
+
+    top = 2 ** bits - 1
+    cols = w.shape[1]
+    for g, c0 in enumerate(range(0, cols, group_size)):
+        c1 = c0 + group_size
+        block = w[:, c0:c1]  # a view: updated in place as the group's columns are quantized
+        _, s, bias = quantize_affine(mx.array(block), group_size, bits)
+        s, bias = np.array(s.astype(mx.float32))[:, 0], np.array(bias.astype(mx.float32))[:, 0]
+        scales[:, g], biases[:, g] = s, bias
+        safe = np.where(s == 0, 1.0, s).astype(np.float32)
+        err = np.empty_like(block)
+        for i in range(group_size):
+            col = block[:, i]
+            q = np.clip(np.rint((col - bias) / safe), 0, top)
+            codes[:, c0 + i] = q
+            e = (col - (s * q + bias)) / upper[c0 + i, c0 + i]
+            block[:, i + 1:] -= np.outer(e, upper[c0 + i, c0 + i + 1:c1])
+            err[:, i] = e
+        if c1 < cols:
+            w[:, c1:] -= err @ upper[c0:c1, c1:]
+
+
+def check_calibration(model, windows: mx.array) -> None:
+    """Raise UserError unless `windows` are (N, L) token ids the model can embed."""
+    vocab = model.model.embed_tokens.weight.shape[0]
+    if windows.ndim != 2 or windows.size == 0:
+        raise UserError(f"calibration windows must be a non-empty (N, L) array of token ids, got shape {windows.shape}")
+    top = int(windows.max().item())
+    if top >= vocab:
+        raise UserError(f"calibration token id {top} is outside the model's vocabulary of {vocab}; "
+                        "the tokenizer does not match the model")
+
+
+_LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def quantize_calibrated(model, windows: mx.array, bits: int, group_size: int, quantize_embedding: bool = True,
+                        progress=None) -> None:
+    """Quantize `model` in place with GPTQ on the calibration `windows` (N, L) (see the module doc).
+    Callers check quantizability first (`quantize.check_quantizable`)."""
+    from .model import embedding_scale
+    from .quantize import QuantizedEmbedding, QuantizedLinear
+
+    say = progress or (lambda msg: None)
+    params = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    body = model.model
+    check_calibration(model, windows)
+    h = body.embed_tokens(windows)
+    h = h * embedding_scale(body.config.hidden_size, h.dtype)
+    masks = body._masks(windows.shape[1], None, None, None)
+    for i, layer in enumerate(body.layers):
+        recorders = {}
+        for part, name in _LINEARS:
+            parent = getattr(layer, part)
+            recorders[(part, name)] = _Recorder(getattr(parent, name))
+            setattr(parent, name, recorders[(part, name)])
+        mx.eval([r.hessian for r in recorders.values()], layer(h, masks[layer.is_sliding]))
+        for (part, name), rec in recorders.items():
+            linear = rec.inner
+            quantized = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], "bias" in linear, **params)
+            quantized.weight, quantized.scales, quantized.biases = gptq_quantize(
+                linear.weight, rec.hessian, group_size, bits)
+            if "bias" in linear:
+                quantized.bias = linear.bias
+            quantized.freeze()
+            setattr(getattr(layer, part), name, quantized)
+        h = layer(h, masks[layer.is_sliding])  # the next layer sees this layer's quantized outputs
+        mx.eval(h)
+        say(f"calibrated layer {i + 1}/{len(body.layers)}")
+    head = "lm_head" if "lm_head" in model else ("embed_tokens" if quantize_embedding else None)
+    if head is None:
+        return
+    hidden = body.norm(h).reshape(-1, body.config.hidden_size).astype(mx.float32)
+    hessian = hidden.T @ hidden
+    if head == "lm_head":
+        linear = model.lm_head
+        layer = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], "bias" in linear, **params)
+        layer.weight, layer.scales, layer.biases = gptq_quantize(linear.weight, hessian, group_size, bits)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        layer.freeze()
+        model.lm_head = layer
+        if not quantize_embedding:
+            return
+        embedding = body.embed_tokens
+        body.embed_tokens = QuantizedEmbedding.from_embedding(embedding, **params)
+        return
+    say("calibrating the embedding / tied LM head")
+    embedding = body.embed_tokens
+    layer = QuantizedEmbedding(*embedding.weight.shape, **params)
+    layer.weight, layer.scales, layer.biases = gptq_quantize(embedding.weight, hessian, group_size, bits)
+    layer.freeze()
+    body.embed_tokens = layer
