@@ -2,7 +2,12 @@
 size on disk, perplexity; and, for the quantized models, MLX's quantized_matmul kernel against
 the dequantize + fp32 matmul path (what `auto` picks on the CPU: dequantize for >= 8 rows).
 
-    python benchmarks/quantize.py [--prompt 256] [--decode 32] [--ppl-chars 0 (=all)] [--bits 8 4]
+    python benchmarks/quantize.py [--prompt 256] [--decode 32] [--ppl-chars 0 (=all)]
+                                  [--configs 8:64 4:64:none 4:64 4:32 4:32:mixed]
+
+Each config is BITS:GROUP[:none|:mixed]: `none` skips calibration (the error-minimising grid
+alone), `mixed` is the mixed recipe (calibrated); 4-bit configs are otherwise calibrated on the
+bundled calibration text, as `mlx-gemma quantize` does by default.
 
 Prints a Markdown table. Timings on a shared 2-core box move by +-30%: compare within one run.
 """
@@ -22,6 +27,7 @@ import numpy as np
 from mlx_gemma import quantize as Q
 from mlx_gemma.data import DATA_DIR
 from mlx_gemma.evaluate import perplexity
+from mlx_gemma.gptq import calibration_windows, resolve_sources
 from mlx_gemma.loading import load, resolve, save_model
 
 
@@ -78,35 +84,47 @@ def main():
     ap.add_argument("--prompt", type=int, default=256, help="Prompt tokens for prefill / before decode.")
     ap.add_argument("--decode", type=int, default=16, help="Decode steps timed.")
     ap.add_argument("--ppl-chars", type=int, default=0, help="Characters of the held-out text (0: all, -1: skip).")
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--configs", nargs="+", default=["8:64", "4:64:none", "4:64", "4:32", "4:32:mixed"])
     args = ap.parse_args()
 
     ids = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(1, args.prompt)))
     rows = []
     model, tokenizer = load("gemma-3-270m", dtype="float32")
     rows.append(measure("fp32", model, tokenizer, ids, args, Q.disk_bytes(resolve("gemma-3-270m"))))
-    for bits in args.bits:
+    for config in args.configs:
+        bits, group, *flags = config.split(":")
+        bits, group = int(bits), int(group)
+        recipe = "mixed" if "mixed" in flags else "uniform"
+        sources = None if "none" in flags else resolve_sources("auto", bits)
         model, _ = load("gemma-3-270m", dtype="float32")
-        Q.quantize_model(model, bits=bits, group_size=args.group_size)
+        t = time.perf_counter()
+        windows = None if sources is None else calibration_windows(tokenizer, sources)
+        Q.quantize_model(model, bits=bits, group_size=group, calibration=windows, recipe=recipe)
+        seconds = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             save_model(model, tokenizer, f"{tmp}/q")
             disk = Q.disk_bytes(f"{tmp}/q")
-        rows.append(measure(f"{bits}-bit g{args.group_size}", model, tokenizer, ids, args, disk))
+        name = (f"{'4/8-bit mixed' if recipe == 'mixed' else f'{bits}-bit'} g{group}, "
+                f"{'GPTQ' if windows is not None else 'no calibration'}")
+        row = measure(name, model, tokenizer, ids, args, disk)
+        row["quantize_s"] = seconds
+        rows.append(row)
 
     print(f"\nGemma 3 270M, MLX {mx.__version__} on {mx.default_device()}, {platform.machine()} "
           f"{platform.system()}, {datetime.date.today()}; prompt {args.prompt} tokens, {args.decode} decode steps")
     print("prefill / decode tok/s: auto path (kernel | dequantize+matmul forced)\n")
-    print("| model | prefill tok/s | decode tok/s | peak mem MB | params MB | disk MB | perplexity |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | prefill tok/s | decode tok/s | peak mem MB | params MB | disk MB | perplexity | quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         def both(kind):
             if f"{kind}_kernel" not in r:
                 return f"{r[f'{kind}_auto']:.1f}"
             return f"{r[f'{kind}_auto']:.1f} ({r[f'{kind}_kernel']:.1f} \\| {r[f'{kind}_dequantize']:.1f})"
         ppl = f"{r['ppl']:.2f} ({r['ppl_tokens']} tok)" if "ppl" in r else "-"
+        ppl += f" {r['ppl'] / rows[0]['ppl'] - 1:+.1%}" if "ppl" in r and r is not rows[0] else ""
+        took = f"{r['quantize_s']:.0f}" if "quantize_s" in r else "-"
         print(f"| {r['model']} | {both('prefill')} | {both('decode')} | {r['peak_mb']:.0f} | {r['param_mb']:.0f} "
-              f"| {r['disk_mb']:.0f} | {ppl} |")
+              f"| {r['disk_mb']:.0f} | {ppl} | {took} |")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ def models():
 @click.option("--group-size", default=64, type=int, help="Quantization group size with -q (32, 64 or 128).")
 @click.option("--calibration", multiple=True, metavar="FILE|auto|none",
               help="Calibration text/data with -q, as `quantize --calibration` [default: auto].")
+@click.option("--recipe", default="uniform", type=click.Choice(["uniform", "mixed"]),
+              help="Which layers get more bits with -q, as `quantize --recipe`.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src, out, dtype, quantize, bits, group_size, calibration, force):
+def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, force):
     """Convert SRC (HF dir, .gguf file, repo id or alias) into an MLX model dir OUT."""
     from .loading import load, save_model
 
@@ -115,7 +117,7 @@ def convert(src, out, dtype, quantize, bits, group_size, calibration, force):
         from .quantize import quantize_model
 
         windows = None if sources is None else calibration_windows(tokenizer, sources)
-        quantize_model(model, bits=bits, group_size=group_size, calibration=windows,
+        quantize_model(model, bits=bits, group_size=group_size, calibration=windows, recipe=recipe,
                        progress=lambda msg: click.echo(msg, err=True))
     save_model(model, tokenizer, out, force=force)
     click.echo(f"wrote {out}")
@@ -243,9 +245,12 @@ def chat(model, system, adapter, dtype, **kw):
                    "on it); repeatable. auto [default]: the bundled Chinese + English calibration text for "
                    "4-bit, none for 8-bit. none: per-group error-minimising grid only (faster, no data).")
 @click.option("--calibration-tokens", default=4096, type=int, help="Calibration tokens used (512 per window).")
+@click.option("--recipe", default="uniform", type=click.Choice(["uniform", "mixed"]),
+              help="uniform: every layer at --bits. mixed: the embedding / LM head and the most sensitive "
+                   "v_proj / down_proj layers at 8 bits (llama.cpp Q4_K_M's choice), the rest at --bits.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_len, no_eval, calibration,
-                 calibration_tokens, force):
+                 calibration_tokens, recipe, force):
     """Quantize SRC (model dir, .gguf, repo id or alias) with MLX affine quantization into OUT.
 
     Prints the perplexity of both models on a held-out text, their size on disk and
@@ -272,7 +277,7 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
     result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, quantize_embedding=not keep_embedding,
                                  eval_text=None if no_eval else (text_file or "default"), max_seq_len=max_seq_len,
                                  force=force, progress=lambda msg: click.echo(msg, err=True),
-                                 calibration=calibration, calibration_tokens=calibration_tokens)
+                                 calibration=calibration, calibration_tokens=calibration_tokens, recipe=recipe)
     click.echo(format_report(result))
 
 

@@ -184,64 +184,62 @@ def check_calibration(model, windows: mx.array) -> None:
                         "the tokenizer does not match the model")
 
 
-_LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-
-
-def quantize_calibrated(model, windows: mx.array, bits: int, group_size: int, quantize_embedding: bool = True,
-                        progress=None) -> None:
-    """Quantize `model` in place with GPTQ on the calibration `windows` (N, L) (see the module doc).
-    Callers check quantizability first (`quantize.check_quantizable`)."""
-    from .model import embedding_scale
+def _quantized_like(module: nn.Module, weight_parts, params: dict) -> nn.Module:
+    """A frozen quantized layer replacing `module` (Linear or Embedding) with the given tensors."""
     from .quantize import QuantizedEmbedding, QuantizedLinear
 
+    rows, cols = module.weight.shape
+    if isinstance(module, nn.Embedding):
+        layer = QuantizedEmbedding(rows, cols, **params)
+    else:
+        layer = QuantizedLinear(cols, rows, "bias" in module, **params)
+        if "bias" in module:
+            layer.bias = module.bias
+    layer.weight, layer.scales, layer.biases = weight_parts
+    layer.freeze()
+    return layer
+
+
+def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> None:
+    """Quantize `model` in place with GPTQ on the calibration `windows` (N, L) (see the module doc).
+
+    plan: {module path: {"group_size", "bits", "mode"}} for every layer to quantize (from
+    `quantize.quantize_model`, which has checked them); layers not in it stay dense."""
+    from .model import embedding_scale
+    from .quantize import _set_module
+
     say = progress or (lambda msg: None)
-    params = {"group_size": group_size, "bits": bits, "mode": "affine"}
     body = model.model
     check_calibration(model, windows)
     h = body.embed_tokens(windows)
     h = h * embedding_scale(body.config.hidden_size, h.dtype)
     masks = body._masks(windows.shape[1], None, None, None)
     for i, layer in enumerate(body.layers):
-        recorders = {}
-        for part, name in _LINEARS:
-            parent = getattr(layer, part)
-            recorders[(part, name)] = _Recorder(getattr(parent, name))
-            setattr(parent, name, recorders[(part, name)])
+        prefix = f"model.layers.{i}."
+        recorders = {prefix + path: _Recorder(m) for path, m in layer.named_modules()
+                     if isinstance(m, nn.Linear) and prefix + path in plan}
+        for path, rec in recorders.items():
+            _set_module(model, path, rec)
         mx.eval([r.hessian for r in recorders.values()], layer(h, masks[layer.is_sliding]))
-        for (part, name), rec in recorders.items():
-            linear = rec.inner
-            quantized = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], "bias" in linear, **params)
-            quantized.weight, quantized.scales, quantized.biases = gptq_quantize(
-                linear.weight, rec.hessian, group_size, bits)
-            if "bias" in linear:
-                quantized.bias = linear.bias
-            quantized.freeze()
-            setattr(getattr(layer, part), name, quantized)
+        for path, rec in recorders.items():
+            params = plan[path]
+            parts = gptq_quantize(rec.inner.weight, rec.hessian, params["group_size"], params["bits"])
+            _set_module(model, path, _quantized_like(rec.inner, parts, params))
         h = layer(h, masks[layer.is_sliding])  # the next layer sees this layer's quantized outputs
         mx.eval(h)
         say(f"calibrated layer {i + 1}/{len(body.layers)}")
-    head = "lm_head" if "lm_head" in model else ("embed_tokens" if quantize_embedding else None)
-    if head is None:
-        return
-    hidden = body.norm(h).reshape(-1, body.config.hidden_size).astype(mx.float32)
-    hessian = hidden.T @ hidden
-    if head == "lm_head":
-        linear = model.lm_head
-        layer = QuantizedLinear(linear.weight.shape[1], linear.weight.shape[0], "bias" in linear, **params)
-        layer.weight, layer.scales, layer.biases = gptq_quantize(linear.weight, hessian, group_size, bits)
-        if "bias" in linear:
-            layer.bias = linear.bias
-        layer.freeze()
-        model.lm_head = layer
-        if not quantize_embedding:
-            return
-        embedding = body.embed_tokens
-        body.embed_tokens = QuantizedEmbedding.from_embedding(embedding, **params)
-        return
-    say("calibrating the embedding / tied LM head")
-    embedding = body.embed_tokens
-    layer = QuantizedEmbedding(*embedding.weight.shape, **params)
-    layer.weight, layer.scales, layer.biases = gptq_quantize(embedding.weight, hessian, group_size, bits)
-    layer.freeze()
-    body.embed_tokens = layer
+    # the LM head: its inputs are the final normed hidden states; a tied embedding is quantized as
+    # the head (its lookup side has no better-suited statistics)
+    head = "lm_head" if "lm_head" in model else "model.embed_tokens"
+    if head in plan:
+        say(f"calibrating the LM head ({head})")
+        hidden = body.norm(h).reshape(-1, body.config.hidden_size).astype(mx.float32)
+        module = model.lm_head if head == "lm_head" else body.embed_tokens
+        params = plan[head]
+        parts = gptq_quantize(module.weight, hidden.T @ hidden, params["group_size"], params["bits"])
+        _set_module(model, head, _quantized_like(module, parts, params))
+    if head == "lm_head" and "model.embed_tokens" in plan:  # untied: the lookup table has no H
+        from .quantize import QuantizedEmbedding
+
+        _set_module(model, "model.embed_tokens", QuantizedEmbedding.from_embedding(body.embed_tokens,
+                                                                                   **plan["model.embed_tokens"]))

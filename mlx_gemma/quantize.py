@@ -342,29 +342,62 @@ def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_emb
     return targets
 
 
+RECIPES = ("uniform", "mixed")
+
+
+def mixed_recipe_upgrades(path: str, num_layers: int) -> bool:
+    """True for the layers the "mixed" recipe keeps at 8 bits: the embedding / LM head, and
+    v_proj and down_proj in the first and last eighth of the layers and every third layer
+    between (the layers llama.cpp's Q4_K_M gives more bits, the most quantization-sensitive)."""
+    if path in ("model.embed_tokens", "lm_head"):
+        return True
+    parts = path.split(".")
+    if len(parts) < 5 or parts[1] != "layers" or parts[-1] not in ("v_proj", "down_proj"):
+        return False
+    i, eighth = int(parts[2]), num_layers // 8
+    return i < eighth or i >= 7 * num_layers // 8 or (i - eighth) % 3 == 2
+
+
+def quantization_plan(model: nn.Module, targets: list, bits: int, group_size: int, recipe: str = "uniform") -> dict:
+    """{module path: {"group_size", "bits", "mode"}} for each target layer under `recipe`:
+    "uniform" (every layer at `bits`) or "mixed" (see `mixed_recipe_upgrades`)."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown quantization recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+    num_layers = len(model.model.layers)
+    plan = {}
+    for path, _ in targets:
+        layer_bits = 8 if recipe == "mixed" and mixed_recipe_upgrades(path, num_layers) else bits
+        plan[path] = {"group_size": group_size, "bits": layer_bits, "mode": "affine"}
+    return plan
+
+
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
-                   calibration=None, progress=None):
+                   calibration=None, progress=None, recipe: str = "uniform"):
     """Quantize the model's linear layers (and its embedding / tied LM head unless
     quantize_embedding=False) in place with MLX affine quantization; sets model.config.quantization.
 
     bits: 4 or 8; group_size: 32, 64 or 128 (inputs per scale/bias pair). calibration: None for
     the error-minimising grid per group (`quantize_affine`, no data needed), or (N, L) token ids
     (`gptq.calibration_windows`) to minimise each layer's output error on them (GPTQ, see
-    mlx_gemma/gptq.py). Every check runs before any layer changes, so a refused model is left
-    untouched. Returns the model.
+    mlx_gemma/gptq.py). recipe: "uniform" (every layer at `bits`) or "mixed" (the embedding and
+    the most sensitive v_proj / down_proj layers at 8 bits, as llama.cpp's Q4_K_M; config.json
+    records them per layer). Every check runs before any layer changes, so a refused model is
+    left untouched. Returns the model.
     """
     targets = check_quantizable(model, bits, group_size, quantize_embedding)
-    params = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    plan = quantization_plan(model, targets, bits, group_size, recipe)
     if calibration is not None:
         from .gptq import quantize_calibrated
 
-        quantize_calibrated(model, calibration, bits, group_size, quantize_embedding, progress=progress)
+        quantize_calibrated(model, calibration, plan, progress=progress)
     for path, m in targets if calibration is None else []:
+        params = plan[path]
         layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
                  else QuantizedLinear.from_linear(m, **params))
         mx.eval(layer.parameters())  # layer by layer: the full-precision weight is freed right away
         _set_module(model, path, layer)
-    quantization = dict(params)
+    quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    quantization.update({path: params for path, params in plan.items() if params["bits"] != bits})
     if not quantize_embedding:
         quantization.update({path: False for path, m in model.named_modules() if isinstance(m, nn.Embedding)})
     config = getattr(model, "config", None)
@@ -452,13 +485,14 @@ def disk_bytes(path) -> int:
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
                         eval_text=None, max_seq_len: int = 1024, force: bool = False, progress=None,
-                        calibration="auto", calibration_tokens: int = 4096) -> dict:
+                        calibration="auto", calibration_tokens: int = 4096, recipe: str = "uniform") -> dict:
     """Load SRC in float32, quantize it, save it to OUT (atomically) and measure both models.
 
     eval_text: a text file for the perplexity comparison, "default" for the project's held-out
     Chinese + English text (mlx_gemma/data/heldout_zh_en.txt), or None to skip it.
     calibration: "auto" (GPTQ on the bundled calibration text for 4-bit, none for 8-bit),
     "none", or a list of .txt / .jsonl files; calibration_tokens: how many tokens of them.
+    recipe: "uniform" or "mixed" (see `quantize_model`).
     Returns {"original": {...}, "quantized": {...}, "bits", "group_size", "out"}, each side with
     disk_bytes, param_bytes and (when evaluated) loss / perplexity / tokens.
     """
@@ -482,7 +516,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     model, tokenizer = load(src, dtype="float32")
     if model.config.quantization or quantized_layers(model):
         raise UserError(f"{src} is already quantized; quantize the original full-precision model instead")
-    check_quantizable(model, bits, group_size, quantize_embedding)
+    quantization_plan(model, check_quantizable(model, bits, group_size, quantize_embedding), bits, group_size,
+                      recipe)  # refuses a bad recipe before any slow work
     original = {"disk_bytes": disk_bytes(src_path), "param_bytes": parameter_bytes(model)}
     if text is not None:
         say(f"perplexity of the original model on {text_path.name} ...")
@@ -494,20 +529,21 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
               f"GPTQ on {windows.size} calibration tokens of {', '.join(p.name for p in sources)}")
     say(f"quantizing to {bits} bits, group size {group_size} ({method}) ...")
     quantize_model(model, bits=bits, group_size=group_size, quantize_embedding=quantize_embedding,
-                   calibration=windows, progress=say)
+                   calibration=windows, progress=say, recipe=recipe)
     save_model(model, tokenizer, out, force=force)
     quantized = {"disk_bytes": disk_bytes(out), "param_bytes": parameter_bytes(model)}
     if text is not None:
         say("perplexity of the quantized model ...")
         quantized.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
     return {"original": original, "quantized": quantized, "bits": bits, "group_size": group_size,
-            "method": method, "out": str(out), "text": text_path.name if text is not None else None}
+            "method": method, "recipe": recipe, "out": str(out), "text": text_path.name if text is not None else None}
 
 
 def format_report(result: dict) -> str:
     """The table `mlx-gemma quantize` prints from quantize_checkpoint's result."""
     o, q = result["original"], result["quantized"]
-    label = f"{result['bits']}-bit, group {result['group_size']}"
+    bits = "4/8-bit mixed" if result.get("recipe") == "mixed" and result["bits"] == 4 else f"{result['bits']}-bit"
+    label = f"{bits}, group {result['group_size']}"
     lines = [f"wrote {result['out']} ({result.get('method', '')})",
              f"{'':18s}{'original':>14s}{label:>22s}{'change':>10s}"]
     if "perplexity" in o:
