@@ -205,7 +205,24 @@ def test_qlora_trains_on_a_4bit_base(tok, data_dir, tmp_path):
     res = T.train(model, tok, small_args(tmp_path / "q", iters=8, quantize_bits=4, quantize_group_size=32),
                   splits["train"], splits["valid"], progress=False)
     assert isinstance(model.model.layers[0].self_attn.q_proj.base if hasattr(model.model.layers[0].self_attn.q_proj,
-                      "base") else model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+                      "base") else model.model.layers[0].self_attn.q_proj.base, nn.QuantizedLinear)
+    losses = [m["loss"] for m in res.metrics if "loss" in m]
+    assert np.mean(losses[-2:]) < losses[0] - 0.3
+
+
+def test_lora_trains_on_a_calibrated_mixed_precision_base(tok, data_dir, tmp_path):
+    """A base quantized beforehand (as `mlx-gemma quantize` writes it: calibrated, mixed 4/8 bits)
+    trains like a QLoRA base; the 8-bit layers keep their own bits under the LoRA wrapper."""
+    from mlx_gemma.quantize import quantize_model
+
+    splits = D.load_splits(data_dir, tok, max_seq_len=64)
+    model = tiny_model()
+    windows = mx.array(np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 64)).astype(np.int32))
+    quantize_model(model, bits=4, group_size=32, recipe="mixed", calibration=windows)
+    res = T.train(model, tok, small_args(tmp_path / "m", iters=8), splits["train"], splits["valid"], progress=False)
+    attn = model.model.layers[5].self_attn  # the last layer: adapted, and its v_proj is 8-bit
+    assert isinstance(attn.v_proj.base, nn.QuantizedLinear) and attn.v_proj.base.bits == 8
+    assert isinstance(attn.q_proj.base, nn.QuantizedLinear) and attn.q_proj.base.bits == 4
     losses = [m["loss"] for m in res.metrics if "loss" in m]
     assert np.mean(losses[-2:]) < losses[0] - 0.3
 
