@@ -168,7 +168,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
     ({"human_answers": ["答"]}, r"a\.jsonl:2: record has no 'question' field"),
     ({"question": "", "human_answers": ["答"]}, r"a\.jsonl:2: 'question' must be a non-empty"),
     ({"question": "问？", "human_answers": "答"}, r"a\.jsonl:2: 'human_answers' must be a list"),
-    (["问？", "答"], r"a\.jsonl:2: expected a JSON object"),
+    (["问？", "答"], r"a\.jsonl:2: a record must be a JSON object, got list"),
 ])
 def test_bad_records(tmp_path, bad, message):
     src = write_jsonl(tmp_path / "a.jsonl", [record("好问题？", ["答"]), bad])

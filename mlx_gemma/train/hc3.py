@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_output_dir
+from .data import read_records
 
 DEFAULT_SYSTEM_PROMPT = "你是一个知识丰富的人工智能助手，用户将用中文向你提问，你将根据你的知识用中文来如实回答问题"
 
@@ -51,45 +52,18 @@ def normalize_text(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def _read_records(src: Path) -> list[tuple[str, object]]:
-    """Return ``[(where, record), ...]`` from a JSONL file or a JSON array file.
-
-    ``where`` is ``"file:line"`` for JSONL and ``"file: record N"`` for an array, so
-    every later error can point at the exact record.
-    """
+def _read_records(src: Path) -> list[tuple[str, dict]]:
+    """``[(where, record), ...]`` from a JSONL file or a JSON array file (see
+    ``data.read_records``: ``where`` names the file and line or record number)."""
     if not src.exists():
         raise UserError(f"{src}: no such file")
     if not src.is_file():
         raise UserError(f"{src}: not a file (expected HC3-style .jsonl or .json)")
-    try:
-        text = src.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
-    except UnicodeDecodeError as e:
-        raise UserError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{src}:{e.lineno}: malformed JSON ({e.msg})") from None
-        return [(f"{src}: record {i}", item) for i, item in enumerate(items, 1)]
-
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{src}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{src}:{lineno}: malformed JSON line ({e.msg}); "
-                            "expected one JSON object per line") from None
-    return records
+    return read_records(src)
 
 
-def _question_and_answer(where: str, record: object) -> tuple[str, str]:
+def _question_and_answer(where: str, record: dict) -> tuple[str, str]:
     """The normalised question and first non-empty human answer ('' if there is none)."""
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object with 'question' and 'human_answers', "
-                        f"got {type(record).__name__}")
     if "question" not in record:
         raise UserError(f"{where}: record has no 'question' field")
     question = record["question"]
