@@ -124,8 +124,8 @@ def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAM
     the output error for inputs whose second moment is `hessian` (in x in)."""
     from .quantize import _pack
 
-    w = np.array(weight, dtype=np.float32)
-    h = np.array(hessian, dtype=np.float64)
+    w = np.array(weight.astype(mx.float32))  # numpy has no bfloat16
+    h = np.array(hessian.astype(mx.float32)).astype(np.float64)
     rows, cols = w.shape
     dead = np.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0

@@ -91,6 +91,17 @@ def test_gptq_with_uncorrelated_inputs_is_the_error_minimising_grid():
         assert np.array_equal(np.array(a), np.array(b))
 
 
+def test_gptq_on_bfloat16_weights_keeps_their_dtype_for_scales():
+    rng = np.random.default_rng(9)
+    w = mx.array((rng.standard_normal((16, 64)) * 0.05).astype(np.float32))
+    h = mx.array(correlated_inputs(200, 64, 9).T @ correlated_inputs(200, 64, 9))
+    packed, scales, biases = gptq.gptq_quantize(w.astype(mx.bfloat16), h, 32, 4)
+    assert scales.dtype == biases.dtype == mx.bfloat16
+    ref = dequant(*gptq.gptq_quantize(w.astype(mx.bfloat16).astype(mx.float32), h, 32, 4), 32, 4)
+    ours = np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=4).astype(mx.float32))
+    assert np.max(np.abs(ours - ref)) < 0.02 * np.abs(ref).max()  # bf16 rounding of scale and bias only
+
+
 def test_gptq_zeroes_inputs_that_are_never_active():
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((8, 64)) * 0.05).astype(np.float32)
