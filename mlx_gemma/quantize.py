@@ -500,9 +500,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
 
     from .data import DATA_DIR
     from .evaluate import perplexity
-    from .loading import load, resolve, save_model
-
     from .gptq import calibration_windows, check_calibration, resolve_sources
+    from .loading import load, resolve, save_model
 
     say = progress or (lambda msg: None)
     sources = resolve_sources(calibration, bits)
@@ -518,13 +517,13 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
         raise UserError(f"{src} is already quantized; quantize the original full-precision model instead")
     quantization_plan(model, check_quantizable(model, bits, group_size, quantize_embedding), bits, group_size,
                       recipe)  # refuses a bad recipe before any slow work
+    windows = None if sources is None else calibration_windows(tokenizer, sources, calibration_tokens)
+    if windows is not None:
+        check_calibration(model, windows)
     original = {"disk_bytes": disk_bytes(src_path), "param_bytes": parameter_bytes(model)}
     if text is not None:
         say(f"perplexity of the original model on {text_path.name} ...")
         original.update(perplexity(model, tokenizer, text, max_seq_len=max_seq_len))
-    windows = None if sources is None else calibration_windows(tokenizer, sources, calibration_tokens)
-    if windows is not None:
-        check_calibration(model, windows)
     method = ("error-minimising grid, no calibration" if windows is None else
               f"GPTQ on {windows.size} calibration tokens of {', '.join(p.name for p in sources)}")
     say(f"quantizing to {bits} bits, group size {group_size} ({method}) ...")
