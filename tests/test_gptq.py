@@ -2,6 +2,7 @@
 error-minimising grid, the calibrated model path, the calibration inputs and their user errors."""
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -220,3 +221,33 @@ def test_cli_calibration_errors_one_line_exit_1_nothing_written(tiny_model_dir, 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not out.exists()
+
+
+def test_cli_calibrated_mixed_quantize_end_to_end(tiny_model_dir, tmp_path):  # noqa: F811
+    """`quantize --recipe mixed --calibration FILE` on a tiny model whose tokenizer fits its
+    vocabulary: the report names the method, the dir reloads with the per-layer bits, and its
+    logits equal those of the same quantization done in Python."""
+    import shutil
+
+    from mlx_gemma.loading import load
+    from test_export import tiny_tokenizer_bytes
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "tokenizer.model").write_bytes(tiny_tokenizer_bytes(512))
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat, then the hat sat there. " * 120, encoding="utf-8")
+    out = tmp_path / "q"
+    result = CliRunner().invoke(main, ["quantize", str(src), str(out), "--bits", "4", "--group-size", "32",
+                                       "--recipe", "mixed", "--calibration", str(text), "--text", str(text)])
+    assert result.exit_code == 0, result.output
+    assert "4/8-bit mixed, group 32" in result.output
+    assert re.search(r"GPTQ on \d+ calibration tokens of calib\.txt", result.output)
+    model, tok = load(str(out))
+    assert dict(Q.quantized_layers(model))["model.embed_tokens"].bits == 8
+    expected = load_dir(src)
+    windows = gptq.calibration_windows(load(str(src))[1], [text])
+    Q.quantize_model(expected, bits=4, group_size=32, recipe="mixed", calibration=windows)
+    ids = random_ids(512, (1, 11))
+    np.testing.assert_array_equal(logits(model, ids), logits(expected, ids))
+
