@@ -11,13 +11,14 @@ packed codes, scales and biases, loadable by MLX and mlx-lm with no extra parame
 
 The model is processed layer by layer (as in the paper): the calibration windows run through
 decoder layer i with the layers before it already quantized, each linear layer's H is
-accumulated from the inputs it actually receives, the layer's seven linears are quantized, and
-the windows move on to layer i + 1. The tied embedding is quantized last as the LM head, with H
+accumulated from the inputs it actually receives, the layer's linears are quantized, and the
+windows move on to layer i + 1. The tied embedding is quantized last as the LM head, with H
 from the final normed hidden states of the quantized stack.
 
-Calibration text: by default the project's bundled Chinese Q&A training split and an English
-text (data/calibration_en.txt), half of the tokens from each; any .txt or .jsonl/.json data
-file can replace them.
+Calibration text: by default the project's bundled Chinese Q&A training split (rendered in
+the chat format) and an English text (data/calibration_en.txt), taking turns window by window:
+of the default 4,096 tokens, the English text is short enough to give 1,024 and the Chinese
+split the rest. Any .txt or .jsonl/.json data files can replace them.
 """
 
 from __future__ import annotations
