@@ -81,6 +81,8 @@ def _source_ids(path: Path, tokenizer) -> list[int]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     return bos + tokenizer.encode(text, add_bos=False)
 
