@@ -28,6 +28,18 @@ from .errors import UserError
 Content = Union[bytes, bytearray, memoryview, str, Callable[[str], object]]
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents (a leading BOM dropped); unreadable or non-UTF-8 files raise a
+    one-line UserError naming the file."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def _temp_name(path: Path, kind: str) -> Path:
     """A fresh hidden name beside `path`: `.{stem}.{kind}-{pid}-{hex}{suffix}`.
 

@@ -30,6 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import UserError
+from .files import read_text
 
 DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
 WINDOW = 512
@@ -77,12 +78,7 @@ def _source_ids(path: Path, tokenizer) -> list[int]:
         for where, record in read_records(path):
             ids += encode_record(record, tokenizer, where)[1].tolist()
         return ids
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    text = read_text(path)
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     return bos + tokenizer.encode(text, add_bos=False)
 

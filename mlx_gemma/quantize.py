@@ -390,12 +390,13 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quanti
         from .gptq import quantize_calibrated
 
         quantize_calibrated(model, calibration, plan, progress=progress)
-    for path, m in targets if calibration is None else []:
-        params = plan[path]
-        layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
-                 else QuantizedLinear.from_linear(m, **params))
-        mx.eval(layer.parameters())  # layer by layer: the full-precision weight is freed right away
-        _set_module(model, path, layer)
+    else:
+        for path, m in targets:
+            params = plan[path]
+            layer = (QuantizedEmbedding.from_embedding(m, **params) if isinstance(m, nn.Embedding)
+                     else QuantizedLinear.from_linear(m, **params))
+            mx.eval(layer.parameters())  # layer by layer: the full-precision weight is freed right away
+            _set_module(model, path, layer)
     quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
     quantization.update({path: params for path, params in plan.items() if params["bits"] != bits})
     if not quantize_embedding:

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import UserError
+from ..files import read_text
 
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".json")
@@ -102,12 +103,7 @@ def resolve_split(data, split: str, required: bool = True) -> Optional[Path]:
 def read_records(path) -> list[tuple[str, dict]]:
     """[(where, record)] from a JSONL file or a JSON list; `where` is "file:line" for errors."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    text = read_text(path)
     records = []
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
