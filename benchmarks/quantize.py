@@ -24,6 +24,7 @@ import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
+from mlx_gemma import backend
 from mlx_gemma import quantize as Q
 from mlx_gemma.data import DATA_DIR
 from mlx_gemma.evaluate import perplexity
@@ -64,10 +65,10 @@ def measure(name, model, tokenizer, ids, args, disk) -> dict:
     quantized = bool(Q.quantized_layers(model))
     paths = ["auto", "kernel", "dequantize"] if quantized else ["auto"]
     for path in paths:
-        Q.set_quantized_path(path)
+        backend.configure(quantized_path=path)
         row[f"prefill_{path}"] = prefill_tps(model, ids)
         row[f"decode_{path}"] = decode_tps(model, ids, args.decode)
-    Q.set_quantized_path("auto")
+    backend.configure(quantized_path="auto")
     row["peak_mb"] = mx.get_peak_memory() / 1e6
     if args.ppl_chars >= 0:
         text = (DATA_DIR / "heldout_zh_en.txt").read_text(encoding="utf-8")

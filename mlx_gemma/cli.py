@@ -62,13 +62,15 @@ def info():
 
     import mlx.core as mx
 
-    from .runtime import BLAS_STATUS, default_compute_dtype
+    from .backend import policy
+    from .runtime import BLAS_STATUS
 
     click.echo(f"mlx-gemma     {mlx_gemma.__version__}")
     click.echo(f"mlx           {mx.__version__}")
     click.echo(f"platform      {platform.system()} {platform.machine()}, Python {platform.python_version()}")
     click.echo(f"device        {mx.default_device()}")
-    click.echo(f"compute dtype {str(default_compute_dtype()).replace('mlx.core.', '')}")
+    click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
+    click.echo(f"backend       {policy().describe()}")
     click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
 
 

@@ -15,7 +15,7 @@ multiply-add, floor and an exponent-bit shift, fused into one kernel by mx.compi
 
 t is clamped to [-126, 127]: exp underflows to ~1e-38 below and saturates at ~3.4e38 above
 (inputs above ~88 give a large finite number instead of inf). On a GPU, or for other dtypes,
-MLX's own exact ops run instead.
+MLX's own exact ops run instead (mlx_gemma.backend decides).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .backend import policy
+
 _LOG2E = 1.0 / math.log(2.0)
 # 2^f ~ sum_k c_k f^k on [0, 1]: Chebyshev-weighted least squares on the relative error.
 _EXP2_POLY = (1.0000000044241029, 0.6931469138750275, 0.2402303088734932, 0.05548214868420111,
@@ -33,7 +35,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _use_fast(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and mx.default_device().type == mx.DeviceType.cpu
+    return x.dtype == mx.float32 and policy().fast_math
 
 
 def _exp2_parts(x: mx.array) -> mx.array:

@@ -212,7 +212,7 @@ def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> 
     check_calibration(model, windows)
     h = body.embed_tokens(windows)
     h = h * embedding_scale(body.config.hidden_size, h.dtype)
-    masks = body._masks(windows.shape[1], None, None, None)
+    masks = body.masks(windows.shape[1])
     for i, layer in enumerate(body.layers):
         prefix = f"model.layers.{i}."
         recorders = {prefix + path: _Recorder(m) for path, m in layer.named_modules()

@@ -27,7 +27,7 @@ from .convert import hf as hf_convert
 from .errors import UserError
 from .files import atomic_output_dir
 from .model import Gemma
-from .runtime import parse_dtype
+from .backend import parse_dtype
 
 DEFAULT_MODEL = "gemma-3-270m"
 

@@ -185,12 +185,12 @@ class GemmaModel(nn.Module):
     def __call__(self, inputs: mx.array, cache=None, pad=None, segment_ids=None) -> mx.array:
         h = self.embed_tokens(inputs)
         h = h * embedding_scale(self.config.hidden_size, h.dtype)
-        masks = self._masks(h.shape[1], cache, pad, segment_ids)
+        masks = self.masks(h.shape[1], cache, pad, segment_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None)
         return self.norm(h)
 
-    def _masks(self, L: int, cache, pad, segment_ids) -> dict:
+    def masks(self, L: int, cache=None, pad=None, segment_ids=None) -> dict:
         """One mask per attention kind (key False: global, True: sliding window)."""
         window = self.config.sliding_window
         masks = {}

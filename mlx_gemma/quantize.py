@@ -9,7 +9,7 @@ differs. So mlx-lm loads our dirs and we load its dirs.
 Speed: MLX's `quantized_matmul` is fast on Metal/CUDA, but its CPU kernel is a naive loop
 (≈ 20x slower than an OpenBLAS fp32 matmul once there are more than a few rows). On the CPU our
 layers therefore dequantize their weight on the fly and run an fp32 matmul when the input has
-`DEQUANTIZE_MIN_ROWS` rows or more (prefill, training batches, perplexity), and use the kernel
+`backend.DEQUANTIZE_MIN_ROWS` rows or more (prefill, training batches, perplexity), and use the kernel
 for fewer rows (decode), where it is faster (benchmarks/quantize.py measures both).
 `quantized_path(model)` reports which path ran.
 """
@@ -20,36 +20,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .backend import policy
 from .errors import UserError
 
 SUPPORTED_BITS = (4, 8)  # what `quantize_model` writes; loading accepts whatever MLX supports
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
-# CPU only: inputs with at least this many rows (tokens) take the dequantize + fp32 matmul path.
-# Measured on a 2-core x86 box (benchmarks/quantize.py): for a 2048x640 4-bit layer the kernel
-# costs ~2 ms per row, dequantizing + matmul ~30 ms flat, so they cross near 8-16 rows.
-DEQUANTIZE_MIN_ROWS = 8
 # Rows of the (V, E) embedding dequantized at once by the tied LM head: 16384 x 640 fp32 = 42 MB,
 # instead of the 671 MB of a full 262,144-row Gemma 3 vocabulary.
 VOCAB_CHUNK = 16384
 
 KERNEL, DEQUANTIZE = "quantized_matmul", "dequantize+matmul"
-_POLICY = {"path": "auto"}  # "auto" | "kernel" | "dequantize" (tests and benchmarks force one)
-
-
-def set_quantized_path(path: str) -> None:
-    """Force the matmul path of quantized layers: "auto" (default), "kernel" or "dequantize"."""
-    if path not in ("auto", "kernel", "dequantize"):
-        raise UserError(f"unknown quantized path {path!r}; use auto, kernel or dequantize")
-    _POLICY["path"] = path
-
-
-def _dequantize_for(rows: int) -> bool:
-    """True when this call should dequantize + matmul instead of calling quantized_matmul."""
-    path = _POLICY["path"]
-    if path != "auto":
-        return path == "dequantize"
-    return mx.default_device().type == mx.DeviceType.cpu and rows >= DEQUANTIZE_MIN_ROWS
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -85,7 +66,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if _dequantize_for(rows):
+        if policy().dequantize_rows(rows):
             self.paths_used.add(DEQUANTIZE)
             y = x @ self.dequantized_weight().astype(x.dtype).T  # (..., in) @ (in, out)
             return y + self["bias"] if "bias" in self else y
@@ -123,7 +104,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         """x (..., E) -> (..., V) against the embedding table (Gemma's tied LM head)."""
         rows = x.size // x.shape[-1]
-        if not _dequantize_for(rows):
+        if not policy().dequantize_rows(rows):
             self.paths_used.add(KERNEL)
             return super().as_linear(x)
         self.paths_used.add(DEQUANTIZE)
@@ -462,7 +443,7 @@ def quantized_path(model: nn.Module, reset: bool = False) -> str:
             if hasattr(m, "paths_used"):
                 m.paths_used.clear()
     if not used:
-        used = {DEQUANTIZE if _dequantize_for(1) else KERNEL}
+        used = {DEQUANTIZE if policy().dequantize_rows(1) else KERNEL}
     return " + ".join(sorted(used, key=[DEQUANTIZE, KERNEL].index))
 
 

@@ -1,4 +1,4 @@
-"""Process-wide runtime setup: the Linux BLAS and the compute dtype per device.
+"""Process-wide setup done before mlx.core is imported: the Linux BLAS and glibc's malloc.
 
 `setup_blas()` must run before `mlx.core` is first imported: MLX's Linux CPU
 wheel resolves `cblas_sgemm` and friends from a reference BLAS (~6 GFLOPS),
@@ -148,31 +148,3 @@ def tune_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def is_gpu() -> bool:
-    import mlx.core as mx
-
-    return mx.default_device().type == mx.DeviceType.gpu
-
-
-def default_compute_dtype():
-    """float32 on the CPU (bf16 matmuls are ~20x slower there), bfloat16 on a GPU."""
-    import mlx.core as mx
-
-    return mx.bfloat16 if is_gpu() else mx.float32
-
-
-def parse_dtype(name: str | None):
-    """'float32' / 'fp32' / 'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'auto' / None -> mx.Dtype."""
-    import mlx.core as mx
-
-    if name is None or name == "auto":
-        return default_compute_dtype()
-    table = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
-             "float16": mx.float16, "fp16": mx.float16}
-    if name not in table:
-        from .errors import UserError
-
-        raise UserError(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16")
-    return table[name]

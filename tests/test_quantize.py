@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from mlx_gemma import backend
 from mlx_gemma import quantize as Q
 from mlx_gemma.cli import main
 from mlx_gemma.convert import hf as hf_convert
@@ -51,7 +52,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def auto_path():
     yield
-    Q.set_quantized_path("auto")
+    backend.configure(quantized_path="auto")
 
 
 def logits(model, ids):
@@ -91,7 +92,7 @@ def test_dequantize_path_matches_quantized_matmul(bits, rows):
     x, h = mx.random.normal((2, rows, 256)), mx.random.normal((rows, 128))
     out = {}
     for path in ("kernel", "dequantize"):
-        Q.set_quantized_path(path)
+        backend.configure(quantized_path=path)
         out[path] = (np.array(layer(x)), np.array(emb.as_linear(h)))
     for kernel, deq in zip(out["kernel"], out["dequantize"]):
         assert kernel.shape == deq.shape
@@ -104,7 +105,7 @@ def test_auto_path_on_cpu_picks_by_rows(tiny_dir):
     assert Q.quantized_path(model) == "quantized_matmul"  # nothing ran yet: a decode step's path
     logits(model, random_ids(512, (1, 1)))
     assert Q.quantized_path(model, reset=True) == "quantized_matmul"
-    logits(model, random_ids(512, (1, Q.DEQUANTIZE_MIN_ROWS)))
+    logits(model, random_ids(512, (1, backend.DEQUANTIZE_MIN_ROWS)))
     assert Q.quantized_path(model) == "dequantize+matmul"
     assert Q.quantized_path(load_dir(tiny_dir)) == "not quantized"
 
@@ -112,7 +113,7 @@ def test_auto_path_on_cpu_picks_by_rows(tiny_dir):
 def test_dequantize_model_restores_dense_layers(tiny_dir):
     model = Q.quantize_model(load_dir(tiny_dir), bits=8, group_size=64)
     ids = random_ids(512, (1, 12))
-    Q.set_quantized_path("dequantize")
+    backend.configure(quantized_path="dequantize")
     expected = logits(model, ids)
     Q.dequantize_model(model)
     assert not Q.quantized_layers(model) and model.config.quantization is None
@@ -251,7 +252,7 @@ def test_mixed_recipe_round_trips_and_loads_in_mlx_lm(tmp_path):
     assert np.array_equal(logits(load_dir(tmp_path / "m"), ids), logits(model, ids))
     theirs, _ = load_model(tmp_path / "m")
     assert theirs.model.layers[2].self_attn.v_proj.bits == 8 and theirs.model.layers[3].mlp.down_proj.bits == 4
-    Q.set_quantized_path("kernel")
+    backend.configure(quantized_path="kernel")
     np.testing.assert_allclose(np.array(theirs(mx.array(ids))), logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
@@ -281,7 +282,7 @@ def test_our_quantized_dir_loads_in_mlx_lm_with_same_greedy_text(real_model, tmp
     prompt = "The capital of France is"
     ids = tok.encode(prompt)
     assert their_tok.encode(prompt) == ids
-    Q.set_quantized_path("kernel")  # the same kernel as mlx-lm's layers: identical numerics expected
+    backend.configure(quantized_path="kernel")  # the same kernel as mlx-lm's layers: identical numerics expected
     ours = greedy_ids(model, ids, 16)
     text = mlx_lm.generate(theirs, their_tok, prompt, max_tokens=16)
     assert text == tok.decode(ours)
@@ -302,7 +303,7 @@ def test_mlx_lm_quantized_dir_loads_in_mlx_gemma(tiny_dir, tmp_path):
     assert isinstance(ours.model.embed_tokens, nn.QuantizedEmbedding)
     assert ours.config.quantization["bits"] == 4
     ids = random_ids(512, (2, 20))
-    Q.set_quantized_path("kernel")
+    backend.configure(quantized_path="kernel")
     np.testing.assert_allclose(logits(ours, ids), np.array(theirs(mx.array(ids))), atol=1e-4)
 
 
@@ -321,7 +322,7 @@ def test_per_layer_quantization_entries_are_honoured(tiny_dir, tmp_path):
     assert rebuilt.model.layers[2].mlp.down_proj.bits == 8 and rebuilt.model.layers[2].mlp.up_proj.bits == 4
     assert type(rebuilt.model.embed_tokens) is nn.Embedding
     ids = random_ids(512, (1, 9))
-    Q.set_quantized_path("kernel")
+    backend.configure(quantized_path="kernel")
     assert np.array_equal(logits(rebuilt, ids), logits(model, ids))
 
 

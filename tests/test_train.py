@@ -1,6 +1,7 @@
 """The trainer on tiny random models: chunked loss == full cross-entropy, packing, learning,
 resume equivalence, QLoRA, NaN stop, config files and the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from mlx_gemma import backend
 from mlx_gemma.config import GemmaConfig
 from mlx_gemma.errors import UserError
 from mlx_gemma.model import Gemma
@@ -65,7 +67,7 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_hea
     from mlx_gemma.lora import apply_lora
     from mlx_gemma.train import loss as loss_lib
 
-    monkeypatch.setattr(loss_lib, "use_host_head", lambda model: host_head)
+    monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host_head))
 
     model = tiny_model(model_type)
     apply_lora(model, dropout=0.0)
@@ -100,8 +102,7 @@ def test_compiled_step_and_numpy_head_step_train_alike(tok, data_dir, tmp_path, 
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     curves = {}
     for host in (True, False):
-        monkeypatch.setattr(loss_lib, "use_host_head", lambda model, host=host: host)
-        monkeypatch.setattr(T, "use_host_head", lambda model, host=host: host)
+        monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host))
         mx.random.seed(0)
         res = T.train(tiny_model("gemma2"), tok, small_args(tmp_path / f"run-{host}", iters=5, dropout=0.0),
                       splits["train"], splits["valid"], None, progress=False)

@@ -28,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import fastmath
+from ..backend import policy
 
 DEFAULT_CHUNK = 8192  # smaller chunks stay in cache: 8192 runs the 270M loss ~1.7x faster than 32768 on the CPU
 
@@ -106,11 +107,6 @@ def streaming_logsumexp(chunks, eval_each: bool = False) -> mx.array:
 # cannot be mx.compile'd as a whole.
 
 
-def use_host_head(model) -> bool:
-    """True where the LM-head loss runs in numpy: MLX on the CPU (see above)."""
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
 class HostHead:
     """numpy access to the LM head's rows (float32), for a float or quantized, tied or untied head."""
 
@@ -176,7 +172,7 @@ def token_losses(model, hidden: mx.array, targets: mx.array, chunk: int = DEFAUL
     """Cross-entropy (N,) of the LM head on `hidden` (N, E) against `targets` (N,), forward only
     (evaluation): numpy on the CPU, vocabulary chunks elsewhere (with eval_each, evaluated one
     at a time: bounded memory, but not usable inside mx.compile)."""
-    if use_host_head(model):
+    if policy().host_loss:
         mx.eval(hidden, targets)
         h = np.array(hidden.astype(mx.float32))
         loss, _ = host_cross_entropy(h, np.array(targets), HostHead(model), chunk, grad=False)
@@ -299,7 +295,7 @@ def loss_and_grad(model, chunk: int = DEFAULT_CHUNK):
     hidden states at the loss positions) is evaluated, numpy computes the loss and d loss / d h
     into that buffer in place, and then the backward half is evaluated.
     """
-    if not use_host_head(model):
+    if not policy().host_loss:
         return partial(nn.value_and_grad(model, partial(batch_loss, chunk=chunk)), model)
 
     def fn(inputs, targets, idx, w, segment_ids=None):

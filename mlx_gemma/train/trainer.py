@@ -45,7 +45,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..errors import UserError
 from ..files import atomic_output_dir, write_json_atomic
 from . import data as data_lib
-from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions, use_host_head
+from ..backend import policy
+from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_OUT = "adapters/gemma-3-270m-zh"
@@ -230,7 +231,7 @@ def _device_batch(batch: dict):
 def eval_loss_fn(model, loss_chunk: int = DEFAULT_CHUNK):
     """batch_loss without gradients: compiled, except on the CPU where the head runs in numpy."""
     fn = partial(batch_loss, model, chunk=loss_chunk, differentiable=False)
-    return fn if use_host_head(model) else mx.compile(fn, inputs=[model.state])
+    return fn if policy().host_loss else mx.compile(fn, inputs=[model.state])
 
 
 def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len: Optional[int] = None,
@@ -508,7 +509,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     # On the CPU the LM-head loss runs in numpy between the forward and the backward half
     # (train/loss.py), which mx.compile cannot trace: there only the update is compiled.
     compiled = partial(mx.compile, inputs=state_io, outputs=state_io)
-    host_head = use_host_head(model)
+    host_head = policy().host_loss
     whole_step = (lambda fn: fn) if host_head else compiled
 
     def micro_step(inputs, targets, idx, w, seg):
