@@ -37,7 +37,7 @@ def run_mlx_gemma(ids, new, dtype):
     import mlx_gemma  # noqa: F401  (OpenBLAS first)
     import mlx.core as mx
 
-    from mlx_gemma.generate import generate_step
+    from mlx_gemma.generation import generate_step
     from mlx_gemma.loading import load
 
     model, _ = load("gemma-3-270m", dtype=dtype)

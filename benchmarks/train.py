@@ -7,7 +7,7 @@ first `warmup + steps` batches of mlx-gemma's length-grouped order (seed 0), wit
 answer tokens only. The first `warmup` steps (compilation, allocator warm-up) are not timed.
 
 Each trainer runs in its own subprocess, so peak memory is its own:
-- mlx-gemma: `mlx_gemma.train.trainer.train` (the real trainer: chunked LM-head loss, compiled step);
+- mlx-gemma: `mlx_gemma.training.trainer.train` (the real trainer: chunked LM-head loss, compiled step);
 - mlx-lm: `mlx_lm.tuner.trainer.train` with its `default_loss` (full logits) and LoRA layers,
   fed our batches; run after `import mlx_gemma`, so both MLX trainers use the same OpenBLAS;
 - transformers + PEFT on torch CPU, fp32, eager attention, the same loss positions.
@@ -51,8 +51,8 @@ def make_batches(path: Path, n: int, batch: int, max_seq_len: int) -> dict:
     """The first n batches mlx-gemma's trainer will see (seed 0), saved to `path` (.npz)."""
     import mlx_gemma  # noqa: F401
     from mlx_gemma.loading import load_tokenizer, resolve
-    from mlx_gemma.train import data as data_lib
-    from mlx_gemma.train.trainer import default_data_dir
+    from mlx_gemma.training import data as data_lib
+    from mlx_gemma.training.trainer import default_data_dir
 
     tok = load_tokenizer(resolve("gemma-3-270m"))
     train_set = data_lib.load_dataset(default_data_dir() / "train.jsonl", tok, "train", max_seq_len)
@@ -87,8 +87,8 @@ def model_dir() -> str:
 def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
     import mlx_gemma  # noqa: F401
     from mlx_gemma import load
-    from mlx_gemma.train import data as data_lib
-    from mlx_gemma.train.trainer import TrainArgs, default_data_dir, train
+    from mlx_gemma.training import data as data_lib
+    from mlx_gemma.training.trainer import TrainArgs, default_data_dir, train
 
     model, tok = load("gemma-3-270m", dtype="float32")
     train_set = data_lib.load_dataset(default_data_dir() / "train.jsonl", tok, "train", args.max_seq_len)

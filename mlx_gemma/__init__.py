@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "loading", "save_model": "loading", "convert_gguf": "loading",
     "GemmaConfig": "config", "Gemma": "model", "GemmaTokenizer": "tokenizer",
-    "generate": "generate", "stream_generate": "generate", "batch_generate": "generate",
+    "generate": "generation", "stream_generate": "generation", "batch_generate": "generation",
     "quantize_model": "quantize", "perplexity": "evaluate",
     "apply_lora": "lora", "fuse_lora": "lora", "load_adapter": "lora", "save_adapter": "lora",
-    "train": "train.trainer", "TrainArgs": "train.trainer",
+    "train": "training.trainer", "TrainArgs": "training.trainer",
     "UserError": "errors",
 }
 

@@ -5,7 +5,7 @@ attention mask (`mask(L, pad)`); the model asks one cache per attention kind.
 Arrays are (B, K, S, D): batch, KV heads, cached positions, head_dim.
 
 `offset` (tokens stored so far = absolute position of the next token) is a Python int in
-ordinary (eager) use. Inside the compiled decode step (mlx_gemma.generate) it is a scalar
+ordinary (eager) use. Inside the compiled decode step (mlx_gemma.generation) it is a scalar
 mx.array instead, so that one trace serves every position: then shapes must not depend on
 the position, so `FullCache` returns its whole pre-reserved buffer (unwritten slots masked)
 and writes with `mx.slice_update`; the caller advances `offset` after the step.

@@ -150,7 +150,7 @@ def sampling_options(f):
 
 
 def _sampling(kw) -> dict:
-    from .generate import check_sampling
+    from .generation import check_sampling
 
     opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
                                "repetition_window", "seed")}
@@ -167,7 +167,7 @@ def _sampling(kw) -> dict:
 @sampling_options
 def generate(model, prompt, system, raw, adapter, dtype, **kw):
     """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
-    from .generate import stream_generate
+    from .generation import stream_generate
     from .loading import load
 
     opts = _sampling(kw)
@@ -198,7 +198,7 @@ def chat(model, system, adapter, dtype, **kw):
     One message per line on stdin (piped input works too); /reset starts a new
     conversation, /exit (or end of input) quits. Stats for each answer go to stderr.
     """
-    from .generate import ChatSession
+    from .generation import ChatSession
     from .loading import load
 
     opts = _sampling(kw)
@@ -290,7 +290,7 @@ def _train_options(fn):
     """One click option per TrainArgs field, help and default taken from the dataclass."""
     import dataclasses
 
-    from .train.trainer import TrainArgs
+    from .training.trainer import TrainArgs
 
     for f in reversed(dataclasses.fields(TrainArgs)):
         name = "--" + f.name.replace("_", "-")
@@ -329,7 +329,7 @@ def train(ctx, config_file, report, report_max_tokens, **options):
 
     from click.core import ParameterSource
 
-    from .train.trainer import TrainArgs, load_config_file, run_training
+    from .training.trainer import TrainArgs, load_config_file, run_training
 
     values = load_config_file(config_file) if config_file else {}
     for name, value in options.items():
@@ -340,7 +340,7 @@ def train(ctx, config_file, report, report_max_tokens, **options):
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in values.items() if k in known})
     if report and not args.resume:
-        from .train.report import run_main_job
+        from .training.report import run_main_job
 
         result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
     else:
@@ -379,8 +379,8 @@ def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, tr
         res = perplexity(m, tokenizer, Path(text_file).read_text(encoding="utf-8"), max_seq_len=max_seq_len)
         source = text_file
     else:
-        from .train import data as data_lib
-        from .train.trainer import evaluate_dataset
+        from .training import data as data_lib
+        from .training.trainer import evaluate_dataset
 
         path = data_lib.resolve_split(data, split)
         dataset = data_lib.load_dataset(path, tokenizer, split, max_seq_len, train_on_prompt=train_on_prompt)
@@ -404,7 +404,7 @@ def data():
 @click.option("--force", is_flag=True, help="Overwrite OUT_DIR if it exists.")
 def data_hc3(src, out_dir, system, test_size, valid_size, seed, force):
     """Turn HC3-style Q&A records (SRC, .jsonl/.json) into chat train/valid/test.jsonl in OUT_DIR."""
-    from .train.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat
+    from .training.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat
 
     report = hc3_to_chat(src, out_dir, system if system is not None else DEFAULT_SYSTEM_PROMPT,
                          test_size, valid_size, seed, force)

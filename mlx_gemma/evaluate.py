@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 
 from .errors import UserError
-from .train.loss import DEFAULT_CHUNK, token_losses
+from .training.loss import DEFAULT_CHUNK, token_losses
 
 
 def _window_bounds(n: int, max_seq_len: int, stride: int):

@@ -72,7 +72,7 @@ def _source_ids(path: Path, tokenizer) -> list[int]:
     if not path.is_file():
         raise UserError(f"{path}: no such calibration file; pass a .txt or .jsonl file, or --calibration none")
     if path.suffix in (".jsonl", ".json"):
-        from .train.data import encode_record, read_records
+        from .training.data import encode_record, read_records
 
         ids = []
         for where, record in read_records(path):

@@ -219,8 +219,8 @@ def test_output_that_appears_meanwhile_is_not_overwritten_without_force(tmp_path
 
 
 def test_module_outputs_get_the_umask_permissions(tmp_path, umask):
-    from mlx_gemma.train.hc3 import hc3_to_chat
-    from mlx_gemma.train.plot import write_loss_curve
+    from mlx_gemma.training.hc3 import hc3_to_chat
+    from mlx_gemma.training.plot import write_loss_curve
 
     src = tmp_path / "hc3.jsonl"
     src.write_text("".join(json.dumps({"question": f"问{i}？", "human_answers": [f"答{i}"]},

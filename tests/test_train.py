@@ -16,9 +16,9 @@ from mlx_gemma import backend
 from mlx_gemma.config import GemmaConfig
 from mlx_gemma.errors import UserError
 from mlx_gemma.model import Gemma
-from mlx_gemma.train import data as D
-from mlx_gemma.train import trainer as T
-from mlx_gemma.train.loss import batch_loss, full_batch_loss, loss_positions
+from mlx_gemma.training import data as D
+from mlx_gemma.training import trainer as T
+from mlx_gemma.training.loss import batch_loss, full_batch_loss, loss_positions
 from test_train_data import random_chat, tiny_tokenizer, write_jsonl
 from tiny import TINY
 
@@ -65,7 +65,7 @@ def lora_grads(model, fn, *args):
 def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_head, tok, data_dir, monkeypatch):
     """Both loss paths: numpy on the CPU (the default here) and the MLX one GPUs use."""
     from mlx_gemma.lora import apply_lora
-    from mlx_gemma.train import loss as loss_lib
+    from mlx_gemma.training import loss as loss_lib
 
     monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host_head))
 
@@ -97,7 +97,7 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_hea
 def test_compiled_step_and_numpy_head_step_train_alike(tok, data_dir, tmp_path, monkeypatch):
     """The CPU trainer (numpy head, uncompiled forward) and the compiled whole step a GPU runs
     follow the same loss curve from the same seed."""
-    from mlx_gemma.train import loss as loss_lib
+    from mlx_gemma.training import loss as loss_lib
 
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     curves = {}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma.errors import UserError
-from mlx_gemma.train import data as D
+from mlx_gemma.training import data as D
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a"]
 

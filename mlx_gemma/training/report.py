@@ -144,7 +144,7 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
     """
     prompts = [tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True)
                for r in records]
-    from ..generate import batch_generate
+    from ..generation import batch_generate
 
     was_training = model.training
     model.eval()
