@@ -1,12 +1,17 @@
 """The `mlx-gemma` command line: a thin layer that parses options and calls the library.
 
-A user mistake (mlx_gemma.errors.UserError) prints one `error: ...` line and exits 1;
-`mlx-gemma --debug ...` shows the traceback instead.
+A user mistake (mlx_gemma.errors.UserError) or a file operation the system refused (OSError: full
+disk, read-only folder, ...) prints one `error: ...` line and exits 1; `mlx-gemma --debug ...`
+shows the traceback instead. Ctrl-C and SIGTERM stop the command the same way (temporary outputs
+removed, a training run checkpointed) and exit 130 / 143.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import click
 
@@ -18,20 +23,56 @@ from .loading import DEFAULT_MODEL
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same cleanup
+    runs: atomic writers remove their temporaries, the trainer saves a checkpoint."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While the command runs, SIGTERM raises Terminated (once; a second SIGTERM kills at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class Group(click.Group):
-    """Turns UserError (and bad files found by click) into one line and exit status 1."""
+    """Turns UserError and OSError into one `error:` line and exit status 1; Ctrl-C / SIGTERM into
+    exit status 130 / 143 after the cleanup they trigger."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        with _sigterm_as_interrupt():
+            try:
+                return super().invoke(ctx)
+            except UserError as exc:
+                self._fail(ctx, str(exc))
+            except OSError as exc:  # the system refused a read or write that no library code words itself
+                from .files import describe_os_error
+
+                self._fail(ctx, describe_os_error(exc))
+            except Terminated:
+                click.echo("terminated", err=True)
+                sys.exit(143)
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+                sys.exit(130)
+
+    @staticmethod
+    def _fail(ctx, message: str):
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -155,8 +196,36 @@ def _sampling(kw) -> dict:
     opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
                                "repetition_window", "seed")}
     check_sampling(**{k: v for k, v in opts.items() if k != "seed"})  # before the (slow) model load
+    if opts["seed"] is not None and not 0 <= opts["seed"] < 2 ** 64:  # MLX's PRNG key is a uint64
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {opts['seed']}")
+    for text in kw["stop"]:
+        _check_utf8(text, "--stop")
     opts["stop"] = list(kw["stop"])
     return opts
+
+
+def _check_utf8(text, flag: str) -> None:
+    """Refuse text from the command line that was not UTF-8: Python hands undecodable argv bytes
+    over as lone surrogates (PEP 383), which the tokenizer cannot encode."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UserError(f"{flag}: not UTF-8 text ({what} at character {exc.start + 1}); set the terminal "
+                        "to UTF-8 or fix the text") from None
+
+
+def _read_stdin_text(flag: str) -> str:
+    """All of stdin as UTF-8 text (UserError naming `flag` if it is not UTF-8)."""
+    from .files import decode_utf8
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # stdin replaced by a text-only object
+        return sys.stdin.read()
+    return decode_utf8(stream.read(), f"{flag} - (stdin)")
 
 
 @main.command(context_settings=CONTEXT)
@@ -171,8 +240,10 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     from .loading import load
 
     opts = _sampling(kw)
+    _check_utf8(system, "--system")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin_text("--prompt")
+    _check_utf8(prompt, "--prompt")
     if not prompt.strip():
         raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - with text on stdin)")
     if raw and system is not None:
@@ -202,18 +273,14 @@ def chat(model, system, adapter, dtype, **kw):
     from .loading import load
 
     opts = _sampling(kw)
+    _check_utf8(system, "--system")
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     session = ChatSession(net, tokenizer, system=system, **opts)
     interactive = sys.stdin.isatty()
+    debug = bool(click.get_current_context().find_root().obj.get("debug"))
     if interactive:
         click.echo("chat with the model; /reset starts over, /exit quits", err=True)
-    while True:
-        if interactive:
-            click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
+    for text in _input_lines(interactive, debug):
         if text == "/exit":
             break
         if text == "/reset":
@@ -222,11 +289,51 @@ def chat(model, system, adapter, dtype, **kw):
             continue
         if not text:
             continue
+        try:
+            _chat_turn(session, text)
+        except UserError as exc:  # a turn that cannot run (the context is full): say so, keep the session
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+
+
+def _input_lines(interactive: bool, debug: bool):
+    """The chat's input lines, stripped. A line that is not UTF-8 gets an `error:` line and is
+    skipped, so one bad paste does not end the conversation."""
+    from .files import decode_utf8
+
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    number = 0
+    while True:
+        if interactive:
+            click.echo(">> ", nl=False, err=True)
+        line = stream.readline()
+        if not line:
+            return
+        number += 1
+        try:
+            yield (decode_utf8(line, f"input line {number}") if isinstance(line, bytes) else line).strip()
+        except UserError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+
+
+def _chat_turn(session, text: str) -> None:
+    """Stream one answer and its stats line. A turn refused before the model ran (the message does
+    not fit in the context) leaves the conversation as it was, so the next message or /reset
+    works: ChatSession.send records the turn's ids before it checks that they fit."""
+    ids, cached = list(session.ids), session.cache[0].offset
+    try:
         for chunk in session.send(text):
             click.echo(chunk.text, nl=False)
             sys.stdout.flush()
-        click.echo("")
-        click.echo(session.last_stats.line(), err=True)
+    except UserError:
+        if session.cache[0].offset == cached:
+            session.ids = ids
+        raise
+    click.echo("")
+    click.echo(session.last_stats.line(), err=True)
 
 
 # --- quantize / evaluate --------------------------------------------------------------------
@@ -269,8 +376,8 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
                         f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
-    if text_file is not None and not Path(text_file).is_file():
-        raise UserError(f"--text {text_file}: no such file")
+    if not no_eval:
+        _check_eval_options(text_file, max_seq_len)
     from .gptq import WINDOW, resolve_sources
 
     resolve_sources(calibration, bits)  # bad files fail before the (slow) load
@@ -281,6 +388,24 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
                                  force=force, progress=lambda msg: click.echo(msg, err=True),
                                  calibration=calibration, calibration_tokens=calibration_tokens, recipe=recipe)
     click.echo(format_report(result))
+
+
+def _check_eval_options(text_file, max_seq_len: int, batch_size: int = 1):
+    """The perplexity options of `evaluate` / `quantize`, checked before the (slow) model load:
+    returns the --text file's text (UTF-8, not empty), or None without --text."""
+    from .evaluate import read_eval_text
+
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2 (a token and the one it predicts), got {max_seq_len}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if text_file is None:
+        return None
+    from pathlib import Path
+
+    if not Path(text_file).is_file():
+        raise UserError(f"--text {text_file}: no such file")
+    return read_eval_text(text_file)
 
 
 # --- train / fuse / data --------------------------------------------------------------------
@@ -364,25 +489,23 @@ def train(ctx, config_file, report, report_max_tokens, **options):
 @dtype_option
 def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, train_on_prompt, dtype):
     """Loss and perplexity of MODEL (+ adapter) on a dataset split or a text file."""
-    from pathlib import Path
+    from .training import data as data_lib
 
     if (data is None) == (text_file is None):
         raise UserError("give exactly one of --data DIR_OR_FILE or --text FILE")
-    if text_file is not None and not Path(text_file).is_file():
-        raise UserError(f"--text {text_file}: no such file")
+    text = _check_eval_options(text_file, max_seq_len, batch_size)  # before the (slow) model load
+    path = data_lib.resolve_split(data, split) if data is not None else None
     from .loading import load
 
     m, tokenizer = load(model, dtype=dtype, adapter=adapter)
-    if text_file is not None:
+    if text is not None:
         from .evaluate import perplexity
 
-        res = perplexity(m, tokenizer, Path(text_file).read_text(encoding="utf-8"), max_seq_len=max_seq_len)
+        res = perplexity(m, tokenizer, text, max_seq_len=max_seq_len)
         source = text_file
     else:
-        from .training import data as data_lib
         from .training.trainer import evaluate_dataset
 
-        path = data_lib.resolve_split(data, split)
         dataset = data_lib.load_dataset(path, tokenizer, split, max_seq_len, train_on_prompt=train_on_prompt)
         res = evaluate_dataset(m, tokenizer, dataset, batch_size, max_seq_len)
         source = str(path)

