@@ -433,6 +433,22 @@ def _train_options(fn):
     return fn
 
 
+@contextmanager
+def _removed_if_left_empty(out):
+    """A run that fails before writing anything (full disk, bad data) leaves no empty --out dir
+    behind; a dir that existed before, or holds anything, is left as it is."""
+    from pathlib import Path
+
+    out = Path(out).expanduser()
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML/JSON file of train options (keys as below, e.g. lr: 1e-4); the command line overrides it.")
@@ -464,13 +480,14 @@ def train(ctx, config_file, report, report_max_tokens, **options):
         values["quantize_bits"] = int(values["quantize_bits"])
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in values.items() if k in known})
-    if report and not args.resume:
-        from .training.report import run_main_job
+    with _removed_if_left_empty(args.out):
+        if report and not args.resume:
+            from .training.report import run_main_job
 
-        result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
-    else:
-        result = run_training(args, echo=lambda s: click.echo(s, err=True))
-        click.echo(result.summary())
+            result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
+        else:
+            result = run_training(args, echo=lambda s: click.echo(s, err=True))
+            click.echo(result.summary())
     if result.interrupted:
         sys.exit(130)
 

@@ -67,6 +67,9 @@ def describe_os_error(exc: OSError) -> str:
     the cause in words ("no space left on device") and what to do, when that is clear."""
     cause = _cause(exc.errno, exc.strerror or str(exc))
     names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n)
+    blocker = _file_in_the_way(Path(exc.filename)) if exc.filename and exc.errno == errno.ENOTDIR else None
+    if blocker is not None:
+        return f"{names}: {blocker} is a file, not a folder; choose another path"
     advice = _ADVICE.get(exc.errno)
     return (f"{names}: {cause}" if names else cause) + (f"; {advice}" if advice else "")
 
@@ -135,6 +138,19 @@ def _about_output(name: Path, path: Path, tmp: Path | None) -> bool:
     return tmp is not None and (name == Path(tmp) or Path(tmp) in name.parents)
 
 
+def write_cause(exc: OSError, path: Path) -> str:
+    """Why writing `path` failed, in words: "F is a file, not a folder", "the folder F does not
+    exist", or the system's own wording ("no space left on device")."""
+    path = Path(path)
+    code = exc.errno
+    blocker = _file_in_the_way(path) if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT) else None
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder"
+    if code == errno.ENOENT and not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist"
+    return _cause(code, exc.strerror or str(exc))
+
+
 def write_error(exc: BaseException, path: Path, tmp: Path | None = None) -> WriteError | None:
     """The WriteError for `exc` raised while writing `path` (through the temporary `tmp`), or None
     when `exc` is not a failed write (a bug or a user error keeps its own exception).
@@ -150,27 +166,19 @@ def write_error(exc: BaseException, path: Path, tmp: Path | None = None) -> Writ
             error = WriteError(f"{exc.filename}: {_cause(code, exc.strerror or str(exc))}")
             error.errno = code
             return error
-        blocker = _file_in_the_way(path) if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT) else None
-        if blocker is not None:
-            error = WriteError(f"cannot write {path}: {blocker} is a file, not a folder; choose another output path")
-        elif code == errno.ENOENT and not path.parent.is_dir():
-            error = WriteError(f"cannot write {path}: the folder {path.parent} does not exist")
-        else:
-            advice = _ADVICE.get(code)
-            error = WriteError(f"cannot write {path}: {_cause(code, exc.strerror or str(exc))}"
-                               + (f"; {advice}" if advice else ""))
-        error.errno = code
-        return error
-    if isinstance(exc, RuntimeError) and _MLX_WRITE_FAILURE.match(str(exc)):
+        cause = write_cause(exc, path)
+        advice = _ADVICE.get(code, "choose another output path" if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT)
+                             else None)
+    elif isinstance(exc, RuntimeError) and _MLX_WRITE_FAILURE.match(str(exc)):
         needed = _MLX_BYTES.search(str(exc))
         folder = Path(tmp) if tmp is not None and Path(tmp).is_dir() else path.parent
         code = _probe_errno(folder, int(needed.group(1)) if needed else 0)
-        advice = _ADVICE.get(code)
-        error = WriteError(f"cannot write {path}: {_cause(code, 'the write failed (' + str(exc) + ')')}"
-                           + (f"; {advice}" if advice else ""))
-        error.errno = code
-        return error
-    return None
+        cause, advice = _cause(code, f"the write failed ({exc})"), _ADVICE.get(code)
+    else:
+        return None
+    error = WriteError(f"cannot write {path}: {cause}" + (f"; {advice}" if advice else ""))
+    error.errno = code
+    return error
 
 
 # `.{stem}.{kind}-{pid}-{8 hex}{suffix}`, as _temp_name makes them; nothing else matches.
@@ -323,15 +331,15 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     """
     path = Path(path)
     _refuse_existing(path, force)
+    tmp = _temp_name(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path.parent)
-        tmp = _temp_name(path, "tmp")
         # os.mkdir applies the umask itself; mkdtemp's 0700 would need a chmod, and finding the
         # umask means setting it for a moment, which races with other threads creating files.
         os.mkdir(tmp)
     except OSError as exc:
-        raise write_error(exc, path) from exc
+        raise write_error(exc, path, tmp) from exc
     try:
         yield tmp
         _refuse_existing(path, force)

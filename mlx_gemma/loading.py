@@ -121,13 +121,13 @@ def alias_dir(alias: str, progress=None) -> Path:
 
 def _check_cache_writable(target: Path) -> None:
     """The cache's models folder exists or can be made, and can be written (UserError if not)."""
-    from .files import write_error
+    from .files import write_cause
 
     folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{write_error(exc, target)}; the model cache is {home_dir()}: set MLX_GEMMA_HOME "
+        raise UserError(f"cannot create the model cache {folder}: {write_cause(exc, folder)}; set MLX_GEMMA_HOME "
                         "to a writable folder") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the model cache {folder}: permission denied; set MLX_GEMMA_HOME to a "
@@ -261,8 +261,8 @@ def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None):
         if str(spec) not in ALIASES:
             raise
         # Damage the manifest check cannot see (inside the weights): the fix is not "re-download".
-        raise UserError(f"{exc}. This is the cached copy of {spec}: delete {path} (rm -r '{path}') and run "
-                        "again to convert it anew") from None
+        raise UserError(f"the cached {spec} at {path} is damaged: delete it (rm -r '{path}') and run again to "
+                        f"convert it anew ({exc})") from None
     if adapter is not None:
         from .lora import load_adapter
 
