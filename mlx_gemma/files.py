@@ -187,7 +187,7 @@ _TEMP = re.compile(r"^\.(?P<stem>.*)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}
 
 def _pid_alive(pid: int) -> bool:
     """Whether a process with this id runs. Errs on "alive": a temp is kept when unsure."""
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # Windows' os.kill(pid, 0) would terminate it
         return True
     try:
         os.kill(pid, 0)
@@ -224,9 +224,9 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
             if match["kind"] == "old" and not (target.exists() or target.is_symlink()):
                 os.replace(entry, target)
                 continue
-        except OSError:
+            _remove(entry)
+        except OSError:  # a read-only folder, another cleaner first: leave it
             continue
-        _remove(entry)
         removed.append(entry)
     return removed
 
