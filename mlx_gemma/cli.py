@@ -225,7 +225,7 @@ def _read_stdin_text(flag: str) -> str:
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # stdin replaced by a text-only object
         return sys.stdin.read()
-    return decode_utf8(stream.read(), f"{flag} - (stdin)")
+    return decode_utf8(stream.read(), f"{flag} - (stdin)", "pipe UTF-8 text in")
 
 
 @main.command(context_settings=CONTEXT)
@@ -312,11 +312,14 @@ def _input_lines(interactive: bool, debug: bool):
             return
         number += 1
         try:
-            yield (decode_utf8(line, f"input line {number}") if isinstance(line, bytes) else line).strip()
+            text = decode_utf8(line, f"input line {number}", "set the terminal to UTF-8 and type it again") \
+                if isinstance(line, bytes) else line
         except UserError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
+            continue
+        yield text.strip()
 
 
 def _chat_turn(session, text: str) -> None:

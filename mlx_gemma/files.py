@@ -41,14 +41,14 @@ from .errors import UserError
 Content = Union[bytes, bytearray, memoryview, str, Callable[[str], object]]
 
 
-def decode_utf8(data: bytes, where: str) -> str:
+def decode_utf8(data: bytes, where: str, fix: str = "save it as UTF-8") -> str:
     """UTF-8 bytes as text (a leading BOM dropped); anything else raises a one-line UserError
-    naming `where` (a file, "stdin", "input line 3") and the offending byte."""
+    naming `where` (a file, "stdin", "input line 3"), the offending byte and the `fix`."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
-                        f"{exc.reason}); save it as UTF-8") from None
+                        f"{exc.reason}); {fix}") from None
 
 
 def read_text(path: str | os.PathLike) -> str:
