@@ -149,14 +149,12 @@ def sampling_options(f):
     return f
 
 
-def _sampling(kw) -> dict:
-    from .generation import check_sampling
+def _sampling(kw):
+    """The SamplingParams of the shared options, checked before the (slow) model load."""
+    from .sampling import SamplingParams
 
-    opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
-                               "repetition_window", "seed")}
-    check_sampling(**{k: v for k, v in opts.items() if k != "seed"})  # before the (slow) model load
-    opts["stop"] = list(kw["stop"])
-    return opts
+    names = ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
+    return SamplingParams.of(stop=tuple(kw["stop"]), **{k: kw[k] for k in names})
 
 
 @main.command(context_settings=CONTEXT)
@@ -180,7 +178,7 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
-    for chunk in stream_generate(net, tokenizer, source, system=system, **opts):
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats
@@ -203,7 +201,7 @@ def chat(model, system, adapter, dtype, **kw):
 
     opts = _sampling(kw)
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
-    session = ChatSession(net, tokenizer, system=system, **opts)
+    session = ChatSession(net, tokenizer, system=system, params=opts)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo("chat with the model; /reset starts over, /exit quits", err=True)
