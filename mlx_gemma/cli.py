@@ -485,3 +485,52 @@ def convert_to_gguf_cmd(src, out, adapter, out_type, force):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def _adapter_pairs(values) -> dict:
+    """--adapter NAME=DIR (or just DIR, named after its folder) -> {name: dir}."""
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = value.rstrip("/").rsplit("/", 1)[-1], value
+        if not name or not path:
+            raise UserError(f"--adapter {value!r}: expected NAME=DIR")
+        if name in out:
+            raise UserError(f"--adapter: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="A LoRA adapter to serve as model NAME (repeatable); clients pick it with `model`.")
+@click.option("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8080, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health and /.")
+@click.option("--model-name", default=None, help="The id clients send as `model` for the base (default: from --model).")
+@click.option("--prefill-step", default=256, type=click.IntRange(min=1),
+              help="Prompt tokens prefilled per engine step while other requests decode.")
+@click.option("--max-body", default=4 << 20, type=click.IntRange(min=1024), help="Largest request body, in bytes.")
+@click.option("--default-max-tokens", default=2048, type=click.IntRange(min=1),
+              help="Most new tokens per answer when a request gives no max_tokens.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Server log level (one line per request at info).")
+@dtype_option
+def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_body, default_max_tokens, log_level,
+          dtype):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
+
+    Concurrent requests share one continuously batched decode; each may pick the base model or
+    one of the --adapter names as its `model`. A chat page is at http://HOST:PORT/.
+    """
+    from .serve import serve as run_server
+
+    run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
+               dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
+               log_level=log_level)

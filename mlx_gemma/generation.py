@@ -398,12 +398,13 @@ class BatchGenerator:
             sub = logits[mx.array(wanted)].astype(mx.float32)
             logp = sub - mx.logsumexp(sub, axis=-1, keepdims=True)
             k = max(rows[i].params.top_logprobs for i in wanted)
-            top = mx.argsort(-logp, axis=-1)[:, :k] if k else None
+            top = mx.argpartition(-logp, k - 1, axis=-1)[:, :k] if k else None  # the k best, unordered
+            top_lp = mx.take_along_axis(logp, top, axis=-1) if k else None
             chosen = mx.take_along_axis(logp, picked[mx.array(wanted)][:, None], axis=-1)[:, 0]
-            mx.eval(picked, chosen, *([top] if k else []))
+            mx.eval(picked, chosen, *([top, top_lp] if k else []))
             for j, i in enumerate(wanted):
                 n = rows[i].params.top_logprobs
-                alts = [(int(t), float(logp[j, t].item())) for t in top[j, :n].tolist()] if n else []
+                alts = sorted(zip(top[j].tolist(), top_lp[j].tolist()), key=lambda a: -a[1])[:n] if n else []
                 scores[i] = (float(chosen[j].item()), alts)
         return picked.tolist(), scores
 
