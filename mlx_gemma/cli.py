@@ -190,18 +190,14 @@ def sampling_options(f):
     return f
 
 
-def _sampling(kw) -> dict:
-    from .generation import check_sampling
+def _sampling(kw):
+    """The SamplingParams of the shared options, checked before the (slow) model load."""
+    from .sampling import SamplingParams
 
-    opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
-                               "repetition_window", "seed")}
-    check_sampling(**{k: v for k, v in opts.items() if k != "seed"})  # before the (slow) model load
-    if opts["seed"] is not None and not 0 <= opts["seed"] < 2 ** 64:  # MLX's PRNG key is a uint64
-        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {opts['seed']}")
     for text in kw["stop"]:
         _check_utf8(text, "--stop")
-    opts["stop"] = list(kw["stop"])
-    return opts
+    names = ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
+    return SamplingParams.of(stop=tuple(kw["stop"]), **{k: kw[k] for k in names})
 
 
 def _check_utf8(text, flag: str) -> None:
@@ -251,7 +247,7 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
-    for chunk in stream_generate(net, tokenizer, source, system=system, **opts):
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats
@@ -275,7 +271,7 @@ def chat(model, system, adapter, dtype, **kw):
     opts = _sampling(kw)
     _check_utf8(system, "--system")
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
-    session = ChatSession(net, tokenizer, system=system, **opts)
+    session = ChatSession(net, tokenizer, system=system, params=opts)
     interactive = sys.stdin.isatty()
     debug = bool(click.get_current_context().find_root().obj.get("debug"))
     if interactive:
@@ -294,7 +290,8 @@ def chat(model, system, adapter, dtype, **kw):
         except UserError as exc:  # a turn that cannot run (the context is full): say so, keep the session
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            hint = " (type /reset to start a new conversation)" if session.ids else ""
+            click.echo(f"error: {exc}{hint}", err=True)
 
 
 def _input_lines(interactive: bool, debug: bool):
@@ -323,18 +320,11 @@ def _input_lines(interactive: bool, debug: bool):
 
 
 def _chat_turn(session, text: str) -> None:
-    """Stream one answer and its stats line. A turn refused before the model ran (the message does
-    not fit in the context) leaves the conversation as it was, so the next message or /reset
-    works: ChatSession.send records the turn's ids before it checks that they fit."""
-    ids, cached = list(session.ids), session.cache[0].offset
-    try:
-        for chunk in session.send(text):
-            click.echo(chunk.text, nl=False)
-            sys.stdout.flush()
-    except UserError:
-        if session.cache[0].offset == cached:
-            session.ids = ids
-        raise
+    """Stream one answer and its stats line. (ChatSession.send checks that the turn fits before it
+    records it, so a refused turn leaves the conversation as it was.)"""
+    for chunk in session.send(text):
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
     click.echo("")
     click.echo(session.last_stats.line(), err=True)
 
@@ -630,3 +620,52 @@ def convert_to_gguf_cmd(src, out, adapter, out_type, force):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def _adapter_pairs(values) -> dict:
+    """--adapter NAME=DIR (or just DIR, named after its folder) -> {name: dir}."""
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = value.rstrip("/").rsplit("/", 1)[-1], value
+        if not name or not path:
+            raise UserError(f"--adapter {value!r}: expected NAME=DIR")
+        if name in out:
+            raise UserError(f"--adapter: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="A LoRA adapter to serve as model NAME (repeatable); clients pick it with `model`.")
+@click.option("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8080, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health and /.")
+@click.option("--model-name", default=None, help="The id clients send as `model` for the base (default: from --model).")
+@click.option("--prefill-step", default=256, type=click.IntRange(min=1),
+              help="Prompt tokens prefilled per engine step while other requests decode.")
+@click.option("--max-body", default=4 << 20, type=click.IntRange(min=1024), help="Largest request body, in bytes.")
+@click.option("--default-max-tokens", default=2048, type=click.IntRange(min=1),
+              help="Most new tokens per answer when a request gives no max_tokens.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Server log level (one line per request at info).")
+@dtype_option
+def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_body, default_max_tokens, log_level,
+          dtype):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
+
+    Concurrent requests share one continuously batched decode; each may pick the base model or
+    one of the --adapter names as its `model`. A chat page is at http://HOST:PORT/.
+    """
+    from .serve import serve as run_server
+
+    run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
+               dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
+               log_level=log_level)
