@@ -618,8 +618,6 @@ def convert_to_gguf_cmd(src, out, adapter, out_type, force):
     click.echo(f"wrote {path}: {what}, {out_type}, {output_summary(path)}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -669,3 +667,7 @@ def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_bo
     run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
                dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
                log_level=log_level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
