@@ -67,7 +67,11 @@ def describe_os_error(exc: OSError) -> str:
     the cause in words ("no space left on device") and what to do, when that is clear."""
     cause = _cause(exc.errno, exc.strerror or str(exc))
     names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n)
-    blocker = _file_in_the_way(Path(exc.filename)) if exc.filename and exc.errno == errno.ENOTDIR else None
+    blocker = None
+    if exc.filename and exc.errno == errno.ENOTDIR:
+        blocker = _file_in_the_way(Path(exc.filename))
+    elif exc.filename and exc.errno == errno.EEXIST and os.path.isfile(exc.filename):  # mkdir over a file
+        blocker = exc.filename
     if blocker is not None:
         return f"{names}: {blocker} is a file, not a folder; choose another path"
     advice = _ADVICE.get(exc.errno)
@@ -243,13 +247,15 @@ def _temp_name(path: Path, kind: str) -> Path:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a symlink or a whole directory tree, whichever `path` is; quiet if gone."""
+    """Delete a file, a symlink or a whole directory tree, whichever `path` is; quiet if gone.
+    Best effort: it runs while another error propagates (a read-only disk refuses even the
+    unlink of a file that was never created), and that error is the one to report."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         try:
             path.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
 
 

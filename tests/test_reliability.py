@@ -102,6 +102,7 @@ def command(name, model_dir, adapter_dir, data_dir, out):
     return {
         "convert": ["convert", model_dir, out],
         "convert-to-hf": ["convert-to-hf", model_dir, out, "--dtype", "float32"],
+        "convert-to-gguf": ["convert-to-gguf", model_dir, out, "--type", "f32"],
         "fuse": ["fuse", "--model", model_dir, "--adapter", adapter_dir, out],
         "quantize": ["quantize", model_dir, out, "--bits", "8", "--group-size", "32", "--no-eval",
                      "--calibration", "none", "--keep-embedding"],
@@ -112,7 +113,7 @@ def command(name, model_dir, adapter_dir, data_dir, out):
     }[name]
 
 
-COMMANDS = ["convert", "convert-to-hf", "fuse", "quantize", "train", "data hc3"]
+COMMANDS = ["convert", "convert-to-hf", "convert-to-gguf", "fuse", "quantize", "train", "data hc3"]
 
 
 @pytest.fixture
