@@ -56,6 +56,8 @@ class Group(click.Group):
                 return super().invoke(ctx)
             except UserError as exc:
                 self._fail(ctx, str(exc))
+            except BrokenPipeError:  # `mlx-gemma ... | head`: click exits quietly
+                raise
             except OSError as exc:  # the system refused a read or write that no library code words itself
                 from .files import describe_os_error
 
