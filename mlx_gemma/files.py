@@ -164,6 +164,12 @@ def write_error(exc: BaseException, path: Path, tmp: Path | None = None) -> Writ
     during the write) names that file instead of `path`.
     """
     path = Path(path)
+    if isinstance(exc, WriteError) and tmp is not None and str(tmp) in str(exc):
+        # A file inside this temporary dir (written atomically itself) failed: name it as it
+        # would have been in the output, not by the hidden temporary name.
+        error = WriteError(str(exc).replace(str(tmp), str(path)))
+        error.errno = exc.errno
+        return error
     if isinstance(exc, OSError) and not isinstance(exc, UserError):
         code = exc.errno
         if exc.filename and not _about_output(Path(exc.filename), path, tmp):

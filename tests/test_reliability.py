@@ -246,6 +246,25 @@ def test_full_disk_patched_python_write(data_dir, tmp_path, monkeypatch):
     assert everything(tmp_path) == []
 
 
+def test_full_disk_inside_the_output_dir_names_the_output(model_dir, tmp_path, monkeypatch):
+    """A file the output dir's writer itself writes atomically (the tokenizer) meets a full disk:
+    the line names the file as it would be in the output, not the hidden temporary dir."""
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    def full(self, directory):
+        def write(tmp):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+
+        files.write_atomic(Path(directory) / "tokenizer.model", write)
+
+    monkeypatch.setattr(GemmaTokenizer, "save", full)
+    out = tmp_path / "out"
+    line = error_line(run("convert", model_dir, out))
+    assert line == (f"error: cannot write {out / 'tokenizer.model'}: no space left on device; free some space or "
+                    "choose another folder")
+    assert everything(tmp_path) == []
+
+
 def test_read_only_folder_patched(model_dir, tmp_path, monkeypatch):
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
