@@ -1,8 +1,9 @@
 """Model specs -> files -> (model, tokenizer), and model dirs written back.
 
 A spec is one of:
-- a local model dir: HF layout (config.json, model.safetensors[.index.json], tokenizer.model),
-  whether downloaded from the Hub or written by mlx-gemma (which may add a `quantization` entry);
+- a local model dir: HF layout (config.json, model.safetensors[.index.json], tokenizer.model
+  and/or tokenizer.json), whether downloaded from the Hub or written by mlx-gemma (which may add a
+  `quantization` entry);
 - a `.gguf` file (llama.cpp / Ollama), converted in memory;
 - an alias (`gemma-3-270m`: the embedded default, converted once into a cache dir);
 - a Hugging Face repo id (`google/gemma-2b`), fetched with huggingface_hub.
@@ -41,7 +42,7 @@ ALIASES = {
 }
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+_WEIGHT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]  # *.json: tokenizer.json too
 
 
 def home_dir() -> Path:
@@ -135,7 +136,7 @@ def cached_models() -> list:
 def read_config(model_dir: Path) -> GemmaConfig:
     path = model_dir / "config.json"
     if not path.exists():
-        raise UserError(f"{path} not found; a model dir needs config.json, *.safetensors and tokenizer.model")
+        raise UserError(f"{path} not found; a model dir needs config.json, *.safetensors and tokenizer.model or tokenizer.json")
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
@@ -168,13 +169,14 @@ def load_model(spec, dtype=None, progress=None) -> Gemma:
 
 
 def load_tokenizer(model_dir: Path):
+    """The dir's tokenizer.model, or else its tokenizer.json (transformers 5 saves only that)."""
     from .tokenizer import GemmaTokenizer
 
-    path = model_dir / "tokenizer.model"
-    if not path.exists():
-        raise UserError(f"{path} not found; the model dir needs the SentencePiece tokenizer.model "
-                        "(copy it from the original checkpoint)")
-    return GemmaTokenizer(path)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (model_dir / name).exists():
+            return GemmaTokenizer(model_dir / name)
+    raise UserError(f"{model_dir} has no tokenizer.model or tokenizer.json; copy the tokenizer files "
+                    "from the original checkpoint (or save the tokenizer there with save_pretrained)")
 
 
 def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None):
