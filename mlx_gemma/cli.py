@@ -103,17 +103,27 @@ def models():
               help="Calibration text/data with -q, as `quantize --calibration` [default: auto].")
 @click.option("--recipe", default="uniform", type=click.Choice(["uniform", "mixed"]),
               help="Which layers get more bits with -q, as `quantize --recipe`.")
+@click.option("--vocab", default=None, type=click.Path(dir_okay=False),
+              help="Keras .weights.h5 SRC: its SentencePiece vocabulary (vocabulary.spm).")
+@click.option("--size", default=None, metavar="NAME",
+              help="Keras .weights.h5 SRC: its architecture: 2b or 7b (Gemma 1), gemma2_2b, gemma2_9b, gemma2_27b, "
+                   "gemma3_270m, gemma3_1b, gemma3_4b, gemma3_12b, gemma3_27b.")
+@click.option("--config", "keras_config", default=None, type=click.Path(),
+              help="Keras .weights.h5 SRC: its architecture as a Keras preset's config.json (instead of --size).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, force):
-    """Convert SRC (HF dir, .gguf file, repo id or alias) into an MLX model dir OUT."""
-    from .loading import load, save_model
+def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, vocab, size, keras_config, force):
+    """Convert SRC (HF dir, .gguf file, Keras preset dir or .weights.h5 file, repo id or alias)
+    into an MLX model dir OUT."""
+    from .loading import is_keras_checkpoint, load, save_model
 
     sources = None
     if quantize:
         from .gptq import resolve_sources
 
         sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    model, tokenizer = load(src, dtype=dtype)
+    if (vocab or size or keras_config) and not is_keras_checkpoint(src):
+        raise UserError(f"--vocab / --size / --config describe a Keras checkpoint, and {src} is not one")
+    model, tokenizer = load(src, dtype=dtype, vocab=vocab, size=size, keras_config=keras_config)
     if quantize:
         from .gptq import calibration_windows
         from .quantize import quantize_model
