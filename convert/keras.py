@@ -98,6 +98,8 @@ _LAYER_TABLE = {
     "gating_ffw_2/0": ("mlp.up_proj.weight", "transpose"),
     "ffw_linear/0": ("mlp.down_proj.weight", "transpose"),
 }
+# Multimodal Gemma 3 presets carry an image encoder beside the text backbone; it is not read.
+_VISION_PREFIX = "gemma3_vision_encoder/"
 # Gemma 1 has one norm before the MLP, which HF calls post_attention_layernorm.
 _GEMMA1_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
 _TOP_TABLE = {
@@ -310,6 +312,8 @@ def read_checkpoint(path, vocab=None, size: str | None = None, config=None) -> K
                             "or as the preset's config.json (--config), one of them")
         class_name, keras = _size_config(size) if size is not None else _backbone_config(config)
     variables = read_variables(weights_file)
+    if keras.get("vision_encoder"):  # a multimodal Gemma 3: we run its language model only
+        variables = {k: v for k, v in variables.items() if not k.startswith(_VISION_PREFIX)}
     if "vocabulary_size" not in keras:  # a size: the file's embedding says
         keras["vocabulary_size"] = int(variables.get("reversible_embedding/0", np.zeros((0,))).shape[0])
     source = str(config or (path / "config.json" if path.is_dir() else size))

@@ -218,3 +218,58 @@ def test_size_matches_the_embedded_270m(gguf_path):
 def _with_vocab(size_entry, vocab):
     class_name, cfg = size_entry
     return class_name, dict(cfg, vocabulary_size=vocab)
+
+
+def test_bfloat16_sharded_preset_is_read_bit_exactly(vocab_spm, tmp_path):
+    """bf16 variables (stored by Keras as 2-byte opaque data) come back with the same bits, from a
+    preset whose weights Keras split into shards (model.weights.json + model_NNNNN.weights.h5)."""
+    class_name, kwargs = BACKBONES["gemma3_text"]
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Gemma3Backbone(vocabulary_size=VOCAB, dtype="bfloat16", **kwargs)
+    backbone.save_to_preset(str(tmp_path / "p"), max_shard_size=0.0001)  # GB: ~100 kB shards
+    keras_hub.models.Gemma3Tokenizer(proto=vocab_spm, has_vision_tokens=False).save_to_preset(str(tmp_path / "p"))
+    assert (tmp_path / "p" / "model.weights.json").exists()
+    assert len(list((tmp_path / "p").glob("model_*.weights.h5"))) > 1
+    ckpt = keras_convert.read_checkpoint(tmp_path / "p")
+    embed = ckpt.weights["model.embed_tokens.weight"]
+    assert embed.dtype == mx.bfloat16
+    ref = backbone.get_layer("token_embedding").embeddings
+    ref_bits = keras.ops.convert_to_numpy(keras.ops.cast(ref, "float32")).view(np.uint32) >> 16
+    assert np.array_equal(np.array(embed.view(mx.uint16)), ref_bits.astype(np.uint16))
+    q = keras.ops.convert_to_numpy(keras.ops.cast(backbone.get_layer("decoder_block_3").attention.query_dense.kernel,
+                                                  "float32"))
+    ours = np.array(ckpt.weights["model.layers.3.self_attn.q_proj.weight"].astype(mx.float32))
+    assert np.array_equal(ours, q.transpose(0, 2, 1).reshape(-1, q.shape[1]))
+
+
+def test_weights_file_with_a_size(vocab_spm, tmp_path, monkeypatch):
+    """The guide's `--size` form, with a tiny size added to the table."""
+    backbone = make_backbone("gemma", VOCAB)
+    ids = np.random.default_rng(3).integers(3, VOCAB, size=(1, SEQ))
+    ref, lm = keras_logits(backbone, ids)
+    lm.save_weights(str(tmp_path / "w.weights.h5"))
+    (tmp_path / "vocabulary.spm").write_bytes(vocab_spm)
+    monkeypatch.setitem(keras_convert.SIZES, "tiny", BACKBONES["gemma"])
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "w.weights.h5"), str(tmp_path / "out"),
+                                       "--vocab", str(tmp_path / "vocabulary.spm"), "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    model, tok = load(str(tmp_path / "out"), dtype="float32")
+    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
+    assert tok.encode(TEXTS[0]) == GemmaTokenizer.from_bytes(vocab_spm).encode(TEXTS[0])
+
+
+def test_multimodal_gemma3_preset_reads_its_language_model(vocab_spm, tmp_path):
+    from keras_hub.src.models.gemma3.gemma3_vision_encoder import Gemma3VisionEncoder
+
+    encoder = Gemma3VisionEncoder(image_size=16, patch_size=4, num_heads=2, hidden_dim=8, num_layers=1,
+                                  intermediate_dim=16, output_dim=32, pool_size=2)
+    _, kwargs = BACKBONES["gemma3_text"]
+    backbone = keras_hub.models.Gemma3Backbone(vocabulary_size=VOCAB, vision_encoder=encoder,
+                                               **dict(kwargs, image_size=16))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    (tmp_path / "p" / "assets" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "p" / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(vocab_spm)
+    ckpt = keras_convert.read_checkpoint(tmp_path / "p")
+    assert not any("vision" in name for name in ckpt.weights)
+    norm = keras.ops.convert_to_numpy(backbone.get_layer("decoder_block_6").pre_ffw_norm.scale)
+    assert np.array_equal(np.array(ckpt.weights["model.layers.6.pre_feedforward_layernorm.weight"]), norm)
