@@ -146,6 +146,17 @@ def test_cli_convert_preset_and_weights_file(vocab_spm, tmp_path):
     model, _ = load(str(tmp_path / "out"), dtype="float32")
     assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
 
+    # Keras -> HF in one step, the export script's job: transformers' logits = Keras'.
+    result = runner.invoke(main, ["convert-to-hf", str(preset), str(tmp_path / "hf"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager")
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(hf_logits - ref).max() <= 1e-4
+
     lm.save_weights(str(tmp_path / "w.weights.h5"))
     (tmp_path / "vocabulary.spm").write_bytes(vocab_spm)
     result = runner.invoke(main, ["convert", str(tmp_path / "w.weights.h5"), str(tmp_path / "out2"),
@@ -243,8 +254,15 @@ def test_bfloat16_sharded_preset_is_read_bit_exactly(vocab_spm, tmp_path):
 
 
 def test_weights_file_with_a_size(vocab_spm, tmp_path, monkeypatch):
-    """The guide's `--size` form, with a tiny size added to the table."""
+    """The guide's flow: `backbone.enable_lora(rank=4)`, train, `save_weights`, then the `--size`
+    form (a tiny size added to the table). Keras merges the LoRA matrices into the kernels on save."""
     backbone = make_backbone("gemma", VOCAB)
+    backbone.enable_lora(rank=4)
+    rng = np.random.default_rng(4)
+    lora_b = [w for w in backbone.weights if "lora_kernel_b" in w.path]
+    assert lora_b
+    for w in lora_b:  # zero-initialised: give the adapter an effect
+        w.assign(rng.standard_normal(w.shape).astype("float32") * 0.1)
     ids = np.random.default_rng(3).integers(3, VOCAB, size=(1, SEQ))
     ref, lm = keras_logits(backbone, ids)
     lm.save_weights(str(tmp_path / "w.weights.h5"))
