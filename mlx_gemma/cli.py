@@ -12,8 +12,11 @@ import click
 
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 
+from .convert.keras import SIZE_ALIASES, SIZES
 from .errors import UserError
 from .loading import DEFAULT_MODEL
+
+KERAS_SIZES = list(SIZE_ALIASES) + list(SIZES)
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -106,8 +109,7 @@ def models():
 @click.option("--vocab", default=None, type=click.Path(dir_okay=False),
               help="Keras .weights.h5 SRC: its SentencePiece vocabulary (vocabulary.spm).")
 @click.option("--size", default=None, metavar="NAME",
-              help="Keras .weights.h5 SRC: its architecture: 2b or 7b (Gemma 1), gemma2_2b, gemma2_9b, gemma2_27b, "
-                   "gemma3_270m, gemma3_1b, gemma3_4b, gemma3_12b, gemma3_27b.")
+              help="Keras .weights.h5 SRC: its architecture, one of " + ", ".join(KERAS_SIZES) + " (2b / 7b: Gemma 1).")
 @click.option("--config", "keras_config", default=None, type=click.Path(),
               help="Keras .weights.h5 SRC: its architecture as a Keras preset's config.json (instead of --size).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
