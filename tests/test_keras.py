@@ -143,13 +143,18 @@ def test_cli_convert_preset_and_weights_file(vocab_spm, tmp_path):
     result = runner.invoke(main, ["convert", str(preset), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "tokenizer.model").exists() and (tmp_path / "out" / "tokenizer.json").exists()
-    model, _ = load(str(tmp_path / "out"), dtype="float32")
+    model, tok = load(str(tmp_path / "out"), dtype="float32")
     assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
+    # The tokenizer.json written for a SentencePiece-trained vocabulary: transformers reads the same ids.
+    transformers = pytest.importorskip("transformers")
+    os.remove(tmp_path / "out" / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    for text in TEXTS:
+        assert hf_tok.encode(text) == tok.encode(text), text
 
     # Keras -> HF in one step, the export script's job: transformers' logits = Keras'.
     result = runner.invoke(main, ["convert-to-hf", str(preset), str(tmp_path / "hf"), "--dtype", "float32"])
     assert result.exit_code == 0, result.output
-    transformers = pytest.importorskip("transformers")
     import torch
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager")
