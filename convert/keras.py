@@ -79,6 +79,8 @@ SIZES = {
 }
 SIZE_ALIASES = {"2b": "gemma_2b", "7b": "gemma_7b"}
 
+_REQUIRED = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
+             "intermediate_dim", "head_dim")
 # The Keras backbones of text Gemmas our model runs -> the h5 name of their decoder blocks.
 _BACKBONES = {"GemmaBackbone": "gemma_decoder_block", "Gemma3Backbone": "gemma3_decoder_block"}
 
@@ -120,6 +122,10 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
         raise UserError(f"{source}: Keras backbone {class_name!r} is not supported; mlx-gemma reads "
                         f"{' and '.join(_BACKBONES)} (Gemma 1, 2 and 3 text)")
     k = dict(keras)
+    missing = [f for f in _REQUIRED if k.get(f) is None]
+    if missing:
+        raise UserError(f"{source}: the Keras backbone config has no {', '.join(missing)}; give the config.json "
+                        "of the preset the weights belong to")
     n = k["num_layers"]
     out = dict(
         vocab_size=k["vocabulary_size"], hidden_size=k["hidden_dim"], num_hidden_layers=n,

@@ -198,6 +198,8 @@ def test_unsupported_backbone_options_are_named(tmp_path):
         keras_convert.hf_config("Gemma3Backbone", dict(g3, local_rope_scaling_factor=2.0))
     with pytest.raises(UserError, match="use_post_ffw_norm=False"):
         keras_convert.hf_config("GemmaBackbone", dict(base, use_post_attention_norm=True))
+    with pytest.raises(UserError, match="has no head_dim"):
+        keras_convert.hf_config("GemmaBackbone", {k: v for k, v in base.items() if k != "head_dim"})
     # Gemma 2 / 3 27B scale scores by hidden / heads, as keras-hub's HF exporter writes it.
     cfg = keras_convert.hf_config("Gemma3Backbone", dict(g3, query_head_dim_normalize=False))
     assert cfg["query_pre_attn_scalar"] == 32 // 4
