@@ -17,8 +17,11 @@ import click
 
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 
+from .convert.keras import SIZE_ALIASES, SIZES
 from .errors import UserError
 from .loading import DEFAULT_MODEL
+
+KERAS_SIZES = list(SIZE_ALIASES) + list(SIZES)
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -146,17 +149,26 @@ def models():
               help="Calibration text/data with -q, as `quantize --calibration` [default: auto].")
 @click.option("--recipe", default="uniform", type=click.Choice(["uniform", "mixed"]),
               help="Which layers get more bits with -q, as `quantize --recipe`.")
+@click.option("--vocab", default=None, type=click.Path(dir_okay=False),
+              help="Keras .weights.h5 SRC: its SentencePiece vocabulary (vocabulary.spm).")
+@click.option("--size", default=None, metavar="NAME",
+              help="Keras .weights.h5 SRC: its architecture, one of " + ", ".join(KERAS_SIZES) + " (2b / 7b: Gemma 1).")
+@click.option("--config", "keras_config", default=None, type=click.Path(),
+              help="Keras .weights.h5 SRC: its architecture as a Keras preset's config.json (instead of --size).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, force):
-    """Convert SRC (HF dir, .gguf file, repo id or alias) into an MLX model dir OUT."""
-    from .loading import load, save_model
+def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, vocab, size, keras_config, force):
+    """Convert SRC (HF dir, .gguf file, Keras preset dir or .weights.h5 file, repo id or alias)
+    into an MLX model dir OUT."""
+    from .loading import is_keras_checkpoint, load, save_model
 
     sources = None
     if quantize:
         from .gptq import resolve_sources
 
         sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    model, tokenizer = load(src, dtype=dtype)
+    if (vocab or size or keras_config) and not is_keras_checkpoint(src):
+        raise UserError(f"--vocab / --size / --config describe a Keras checkpoint, and {src} is not one")
+    model, tokenizer = load(src, dtype=dtype, vocab=vocab, size=size, keras_config=keras_config)
     if quantize:
         from .gptq import calibration_windows
         from .quantize import quantize_model

@@ -1,9 +1,12 @@
 """Model specs -> files -> (model, tokenizer), and model dirs written back.
 
 A spec is one of:
-- a local model dir: HF layout (config.json, model.safetensors[.index.json], tokenizer.model),
-  whether downloaded from the Hub or written by mlx-gemma (which may add a `quantization` entry);
+- a local model dir: HF layout (config.json, model.safetensors[.index.json], tokenizer.model
+  and/or tokenizer.json), whether downloaded from the Hub or written by mlx-gemma (which may add a
+  `quantization` entry);
 - a `.gguf` file (llama.cpp / Ollama), converted in memory;
+- a Keras preset dir (KerasHub `save_to_preset`, Kaggle), or a Keras `.weights.h5` file given
+  with its vocabulary and size / config (`load(..., vocab=, size=)`), converted in memory;
 - an alias (`gemma-3-270m`: the embedded default, converted once into a cache dir);
 - a Hugging Face repo id (`google/gemma-2b`), fetched with huggingface_hub.
 """
@@ -40,7 +43,7 @@ ALIASES = {
 }
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+_WEIGHT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]  # *.json: tokenizer.json too
 
 
 def home_dir() -> Path:
@@ -58,9 +61,10 @@ def resolve(spec: str, progress=None) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix.lower() == ".gguf":
+        if path.suffix.lower() in (".gguf", ".h5"):
             return path
-        raise UserError(f"{path} is a file, not a model dir or .gguf file; pass the directory that holds config.json")
+        raise UserError(f"{path} is a file, not a model dir, .gguf or Keras .weights.h5 file; "
+                        "pass the directory that holds config.json")
     if spec in ALIASES:
         return alias_dir(spec, progress)
     if _REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
@@ -195,9 +199,16 @@ def cached_models() -> list:
 
 
 def read_config(model_dir: Path) -> GemmaConfig:
+    """The GemmaConfig of a model dir: HF's config.json, or a Keras preset's backbone config."""
+    from .convert import keras as keras_convert
+
+    if _is_keras_file(model_dir):
+        raise UserError(_KERAS_FILE_NEEDS)
+    if keras_convert.is_preset_dir(model_dir):
+        return GemmaConfig.from_dict(keras_convert.preset_hf_config(model_dir))
     path = model_dir / "config.json"
     if not path.exists():
-        raise UserError(f"{path} not found; a model dir needs config.json, *.safetensors and tokenizer.model")
+        raise UserError(f"{path} not found; a model dir needs config.json, *.safetensors and tokenizer.model or tokenizer.json")
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
@@ -230,27 +241,35 @@ def load_model(spec, dtype=None, progress=None) -> Gemma:
 
 
 def load_tokenizer(model_dir: Path):
+    """The dir's tokenizer.model, or else its tokenizer.json (transformers 5 saves only that)."""
     from .tokenizer import GemmaTokenizer
 
-    path = model_dir / "tokenizer.model"
-    if not path.exists():
-        raise UserError(f"{path} not found; the model dir needs the SentencePiece tokenizer.model "
-                        "(copy it from the original checkpoint)")
-    return GemmaTokenizer(path)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (model_dir / name).exists():
+            return GemmaTokenizer(model_dir / name)
+    raise UserError(f"{model_dir} has no tokenizer.model or tokenizer.json; copy the tokenizer files "
+                    "from the original checkpoint (or save the tokenizer there with save_pretrained)")
 
 
-def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None):
+def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None, vocab=None, size=None, keras_config=None):
     """Load a Gemma model and its tokenizer.
 
-    spec: model dir, .gguf file, alias or HF repo id (see module doc). dtype: "float32",
-    "bfloat16", "float16" or None/"auto" (float32 on CPU, bfloat16 on GPU). adapter: an
-    adapter dir to apply (LoRA, PEFT format). Weights are read lazily: nothing is
-    materialised until the first forward pass, and no second full copy is made.
+    spec: model dir, .gguf file, Keras preset dir or .weights.h5 file, alias or HF repo id (see
+    module doc). dtype: "float32", "bfloat16", "float16" or None/"auto" (float32 on CPU, bfloat16
+    on GPU). adapter: an adapter dir to apply (LoRA, PEFT format). Weights are read lazily: nothing
+    is materialised until the first forward pass, and no second full copy is made.
+    vocab, size, keras_config: for a Keras .weights.h5 file, its vocabulary.spm and its
+    architecture (a size of convert.keras.SIZES, or a preset's config.json); Keras only.
     Returns (model, tokenizer).
     """
     path = resolve(spec, progress)
+    keras = is_keras_checkpoint(path)
+    if not keras and (vocab or size or keras_config):
+        raise UserError(f"vocab / size / keras_config describe a Keras checkpoint, and {spec} is not one")
     try:
-        if path.suffix.lower() == ".gguf" and path.is_file():
+        if keras:
+            model, tokenizer = _load_keras(path, dtype, vocab, size, keras_config)
+        elif path.suffix.lower() == ".gguf" and path.is_file():
             model, tokenizer = _load_gguf(path, dtype)
         else:
             config = read_config(path)
@@ -268,6 +287,38 @@ def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None):
 
         load_adapter(model, adapter)
     return model, tokenizer
+
+
+_KERAS_FILE_NEEDS = ("a Keras .weights.h5 file has no tokenizer or architecture of its own; convert it with "
+                     "its vocabulary and size first: mlx-gemma convert FILE OUT --vocab vocabulary.spm --size SIZE "
+                     "(or --config preset/config.json), then use OUT")
+
+
+def _is_keras_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".h5"
+
+
+def is_keras_checkpoint(path) -> bool:
+    """True for a Keras .weights.h5 file or a Keras preset dir (checked on disk, no download)."""
+    from .convert import keras as keras_convert
+
+    path = Path(path).expanduser()
+    return _is_keras_file(path) or (path.is_dir() and keras_convert.is_preset_dir(path))
+
+
+def _load_keras(path: Path, dtype, vocab, size, keras_config):
+    from .convert import keras as keras_convert
+    from .tokenizer import GemmaTokenizer
+
+    if _is_keras_file(path) and vocab is None and size is None and keras_config is None:
+        raise UserError(f"{path}: {_KERAS_FILE_NEEDS}")
+    ckpt = keras_convert.read_checkpoint(path, vocab=vocab, size=size, config=keras_config)
+    config = GemmaConfig.from_dict(ckpt.config)
+    tokenizer = GemmaTokenizer.from_bytes(ckpt.tokenizer_model, source=str(vocab or path))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{vocab or path}: the vocabulary has {tokenizer.vocab_size} pieces but the model's "
+                        f"embedding only {config.vocab_size} rows; give the vocabulary.spm of the model's own preset")
+    return build_model(config, ckpt.weights, str(path), dtype), tokenizer
 
 
 def _load_gguf(path: Path, dtype):
