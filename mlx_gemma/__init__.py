@@ -1,7 +1,8 @@
 """mlx-gemma: Gemma 1 / 2 / 3-text on MLX — generation, LoRA/QLoRA training, quantization, conversion.
 
 Public API (imported lazily, so `import mlx_gemma` stays cheap and sets up the BLAS first):
-    load, save_model, generate, stream_generate, GemmaConfig, Gemma, GemmaTokenizer,
+    load, save_model, generate, stream_generate, batch_generate, SamplingParams, ChatSession,
+    GemmaConfig, Gemma, GemmaTokenizer,
     quantize_model, apply_lora, fuse_lora, load_adapter, train, TrainArgs
 """
 
@@ -21,7 +22,7 @@ _EXPORTS = {
     "quantize_model": "quantize", "perplexity": "evaluate",
     "apply_lora": "lora", "fuse_lora": "lora", "load_adapter": "lora", "save_adapter": "lora",
     "train": "training.trainer", "TrainArgs": "training.trainer",
-    "UserError": "errors",
+    "UserError": "errors", "SamplingParams": "sampling", "ChatSession": "generation",
 }
 
 
