@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .adapters import set_row_adapters
+from .backend import policy
 from .errors import UserError
+from .model import softcap
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -89,6 +92,7 @@ class DecodeStep:
         self.model = model
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
+        self.head = _host_head_weight(model) if policy().host_gemv else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):
@@ -104,12 +108,31 @@ class DecodeStep:
             c.reserve(*_kv_spec(self.model, tokens.shape[0]), end)
         if self.compiled is None:
             set_row_adapters(self.model, adapter_rows)
-            return self.model.logits(self.model.model(tokens, cache=cache, pos=pos)[:, -1])
-        rows = [] if adapter_rows is None else [adapter_rows]
-        hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
-        for c, kv in zip(cache, state):
-            c.state = kv
+            hidden = self.model.model(tokens, cache=cache, pos=pos)[:, -1]
+        else:
+            rows = [] if adapter_rows is None else [adapter_rows]
+            hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
+            for c, kv in zip(cache, state):
+                c.state = kv
+        if self.head is not None and hidden.shape[0] == 1:
+            return self._host_logits(hidden)
         return self.model.logits(hidden)
+
+    def _host_logits(self, hidden: mx.array) -> mx.array:
+        """The one-row LM head as a numpy gemv over a zero-copy view of the weight (see backend)."""
+        logits = mx.array(self.head @ np.array(hidden[0].astype(mx.float32)))[None]  # (1, V)
+        cap = self.model.config.final_logit_softcapping
+        return softcap(logits, cap) if cap else logits
+
+
+def _host_head_weight(model) -> Optional[np.ndarray]:
+    """A zero-copy float32 numpy view of a dense LM-head weight (V, E); None for other heads."""
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    w = head.weight
+    if w.dtype != mx.float32 or "scales" in head:
+        return None
+    mx.eval(w)
+    return np.array(w, copy=False)
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,
