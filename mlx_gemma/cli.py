@@ -110,13 +110,13 @@ def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, fo
 
     sources = None
     if quantize:
-        from .gptq import resolve_sources
+        from .quant.calibration import resolve_sources
 
         sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
     model, tokenizer = load(src, dtype=dtype)
     if quantize:
-        from .gptq import calibration_windows
-        from .quantize import quantize_model
+        from .quant import quantize_model
+        from .quant.calibration import calibration_windows
 
         windows = None if sources is None else calibration_windows(tokenizer, sources)
         quantize_model(model, bits=bits, group_size=group_size, calibration=windows, recipe=recipe,
@@ -260,7 +260,8 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
     """
     from pathlib import Path
 
-    from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, format_report, quantize_checkpoint
+    from .quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+    from .quant.checkpoint import format_report, quantize_checkpoint
 
     if bits not in SUPPORTED_BITS:  # before the (slow) load
         raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
@@ -271,7 +272,7 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
         raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
     if text_file is not None and not Path(text_file).is_file():
         raise UserError(f"--text {text_file}: no such file")
-    from .gptq import WINDOW, resolve_sources
+    from .quant.calibration import WINDOW, resolve_sources
 
     resolve_sources(calibration, bits)  # bad files fail before the (slow) load
     if calibration_tokens < WINDOW:

@@ -28,6 +28,7 @@ from .errors import UserError
 from .files import atomic_output_dir
 from .model import Gemma
 from .backend import parse_dtype
+from .quant.quantize import quantize_structure
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -151,8 +152,6 @@ def build_model(config: GemmaConfig, weights: dict, source: str, dtype=None) -> 
     model = Gemma(config)
     weights = hf_convert.from_hf(weights, config.tie_word_embeddings)
     if config.quantization:
-        from .quantize import quantize_structure
-
         quantize_structure(model, config.quantization, weights)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     hf_convert.check_weights(expected, weights, source)

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_gemma import backend
-from mlx_gemma import quantize as Q
+from mlx_gemma import quant as Q
 from mlx_gemma.cli import main
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.errors import UserError
@@ -210,7 +210,7 @@ def test_4bit_perplexity_within_10_percent(heldout_baseline):
     group size 32, the embedding and the sensitive v_proj / down_proj layers at 8 bits ("mixed").
     Measured (README): +5.0% on this text, +6.0% on the full held-out text. Uniform 4-bit g32,
     calibrated, costs +13.6% / +15.8% (README, Known limitations)."""
-    from mlx_gemma.gptq import calibration_windows
+    from mlx_gemma.quant.calibration import calibration_windows
     from mlx_gemma.loading import load
 
     text, base = heldout_baseline

@@ -188,7 +188,7 @@ def prepare_model(model, args: TrainArgs) -> dict:
     from ..lora import apply_lora
 
     if args.quantize_bits:
-        from ..quantize import quantize_model
+        from ..quant import quantize_model
 
         quantize_model(model, bits=int(args.quantize_bits), group_size=int(args.quantize_group_size))
     mx.random.seed(args.seed)
