@@ -106,22 +106,17 @@ def models():
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, force):
     """Convert SRC (HF dir, .gguf file, repo id or alias) into an MLX model dir OUT."""
-    from .loading import load, save_model
+    if quantize:  # the `quantize` pipeline (its checks included), without the perplexity report
+        from .quant.checkpoint import quantize_checkpoint
 
-    sources = None
-    if quantize:
-        from .quant.calibration import resolve_sources
+        quantize_checkpoint(src, out, bits=bits, group_size=group_size, eval_text=None, force=force,
+                            progress=lambda msg: click.echo(msg, err=True), calibration=calibration,
+                            recipe=recipe, dtype=dtype)
+    else:
+        from .loading import load, save_model
 
-        sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    model, tokenizer = load(src, dtype=dtype)
-    if quantize:
-        from .quant import quantize_model
-        from .quant.calibration import calibration_windows
-
-        windows = None if sources is None else calibration_windows(tokenizer, sources)
-        quantize_model(model, bits=bits, group_size=group_size, calibration=windows, recipe=recipe,
-                       progress=lambda msg: click.echo(msg, err=True))
-    save_model(model, tokenizer, out, force=force)
+        model, tokenizer = load(src, dtype=dtype)
+        save_model(model, tokenizer, out, force=force)
     click.echo(f"wrote {out}")
 
 
@@ -260,23 +255,11 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
     """
     from pathlib import Path
 
-    from .quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
     from .quant.checkpoint import format_report, quantize_checkpoint
 
-    if bits not in SUPPORTED_BITS:  # before the (slow) load
-        raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise UserError(f"unsupported --group-size {group_size}; use one of "
-                        f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
-    if Path(out).exists() and not force:
-        raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
+    # quantize_checkpoint checks every setting and file before the (slow) load
     if text_file is not None and not Path(text_file).is_file():
         raise UserError(f"--text {text_file}: no such file")
-    from .quant.calibration import WINDOW, resolve_sources
-
-    resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    if calibration_tokens < WINDOW:
-        raise UserError(f"--calibration-tokens must be at least {WINDOW} (one window), got {calibration_tokens}")
     result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, quantize_embedding=not keep_embedding,
                                  eval_text=None if no_eval else (text_file or "default"), max_seq_len=max_seq_len,
                                  force=force, progress=lambda msg: click.echo(msg, err=True),

@@ -101,7 +101,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_atomic(path, text)
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
+def check_new_output_dir(path: Path, force: bool) -> None:
+    """Raise UserError if `path` exists (unless force) or is not a directory; checks an output
+    dir before slow work, as `atomic_output_dir` does again when writing."""
     if not (path.exists() or path.is_symlink()):
         return
     if not force:
@@ -131,7 +133,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             directory.
     """
     path = Path(path)
-    _refuse_existing(path, force)
+    check_new_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, "tmp")
     # os.mkdir applies the umask itself; mkdtemp's 0700 would need a chmod, and finding the
@@ -139,7 +141,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     os.mkdir(tmp)
     try:
         yield tmp
-        _refuse_existing(path, force)
+        check_new_output_dir(path, force)
         if not (path.exists() or path.is_symlink()):
             os.replace(tmp, path)
             return

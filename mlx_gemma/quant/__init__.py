@@ -17,13 +17,13 @@ from .affine import pack, quantize_affine, quantize_weight, unpack
 from .layers import (DEQUANTIZE, KERNEL, QuantizedEmbedding, QuantizedLinear, dense_like, dequantize_weight,
                      is_quantized_layer, quantize_layer, quantized_layers, quantized_like, quantized_path,
                      replace_layers)
-from .quantize import (RECIPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_quantizable, dequantize_model,
+from .quantize import (RECIPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_quantizable, check_settings, dequantize_model,
                        mixed_recipe_upgrades, parameter_bytes, quantization_plan, quantize_model, quantize_structure)
 
 __all__ = [
     "pack", "quantize_affine", "quantize_weight", "unpack",
     "DEQUANTIZE", "KERNEL", "QuantizedEmbedding", "QuantizedLinear", "dense_like", "dequantize_weight",
     "is_quantized_layer", "quantize_layer", "quantized_layers", "quantized_like", "quantized_path", "replace_layers",
-    "RECIPES", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES", "check_quantizable", "dequantize_model",
+    "RECIPES", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES", "check_quantizable", "check_settings", "dequantize_model",
     "mixed_recipe_upgrades", "parameter_bytes", "quantization_plan", "quantize_model", "quantize_structure",
 ]

@@ -48,6 +48,12 @@ def resolve_sources(spec, bits: int):
     return paths
 
 
+def check_calibration_tokens(tokens: int, window: int = WINDOW) -> None:
+    """Raise UserError unless `tokens` fills at least one calibration window."""
+    if tokens < window:
+        raise UserError(f"--calibration-tokens must be at least {window} (one window), got {tokens}")
+
+
 def _source_ids(path: Path, tokenizer) -> list[int]:
     """Token ids of one calibration file: a .txt as plain text, a .jsonl/.json data file with each
     record rendered as training renders it (chat template, prompt/completion or text)."""
@@ -67,8 +73,7 @@ def calibration_windows(tokenizer, sources=None, tokens: int = DEFAULT_TOKENS, w
     """(N, window) token ids, N = tokens // window: each source (default `default_sources()`) is
     cut into consecutive windows, and the sources take turns, so they share the budget evenly
     unless one runs out (then the others fill in)."""
-    if tokens < window:
-        raise UserError(f"--calibration-tokens must be at least {window} (one window), got {tokens}")
+    check_calibration_tokens(tokens, window)
     per_source = []
     for path in [Path(s) for s in (sources or default_sources())]:
         ids = _source_ids(path, tokenizer)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from ..data import DATA_DIR
 from ..errors import UserError
+from ..files import check_new_output_dir
 from ..evaluate import perplexity
 from ..loading import load, resolve, save_model
-from .calibration import calibration_windows, resolve_sources
+from .calibration import DEFAULT_TOKENS, calibration_windows, check_calibration_tokens, resolve_sources
 from .gptq import check_calibration
 from .layers import quantized_layers
-from .quantize import check_quantizable, parameter_bytes, quantization_plan, quantize_model
+from .quantize import check_quantizable, check_settings, parameter_bytes, quantization_plan, quantize_model
 
 
 def disk_bytes(path) -> int:
@@ -30,18 +31,27 @@ def disk_bytes(path) -> int:
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_embedding: bool = True,
                         eval_text=None, max_seq_len: int = 1024, force: bool = False, progress=None,
-                        calibration="auto", calibration_tokens: int = 4096, recipe: str = "uniform") -> dict:
-    """Load SRC in float32, quantize it, save it to OUT (atomically) and measure both models.
+                        calibration="auto", calibration_tokens: int = DEFAULT_TOKENS, recipe: str = "uniform",
+                        dtype: str = "float32") -> dict:
+    """Load SRC, quantize it, save it to OUT (atomically) and measure both models: the one
+    quantize pipeline (`mlx-gemma quantize` and `mlx-gemma convert -q` both run it).
+
+    Every setting, the output path and the calibration / evaluation files are checked before
+    the model is loaded, so a mistake costs no slow work and writes nothing.
 
     eval_text: a text file for the perplexity comparison, "default" for the project's held-out
     Chinese + English text (mlx_gemma/data/heldout_zh_en.txt), or None to skip it.
     calibration: "auto" (GPTQ on the bundled calibration text for 4-bit, none for 8-bit),
     "none", or a list of .txt / .jsonl files; calibration_tokens: how many tokens of them.
-    recipe: "uniform" or "mixed" (see `quantize_model`).
+    recipe: "uniform" or "mixed" (see `quantize_model`). dtype: the dtype SRC is loaded in
+    (float32 by default), which the scales and any unquantized weights keep.
     Returns {"original": {...}, "quantized": {...}, "bits", "group_size", "out"}, each side with
     disk_bytes, param_bytes and (when evaluated) loss / perplexity / tokens.
     """
     say = progress or (lambda msg: None)
+    check_settings(bits, group_size, recipe)
+    check_calibration_tokens(calibration_tokens)
+    check_new_output_dir(Path(out), force)
     sources = resolve_sources(calibration, bits)
     text = None
     if eval_text is not None:
@@ -50,7 +60,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
             raise UserError(f"{text_path}: no such text file for the perplexity check; pass --text FILE or --no-eval")
         text = text_path.read_text(encoding="utf-8")
     src_path = resolve(src)
-    model, tokenizer = load(src, dtype="float32")
+    model, tokenizer = load(src, dtype=dtype)
     if model.config.quantization or quantized_layers(model):
         raise UserError(f"{src} is already quantized; quantize the original full-precision model instead")
     quantization_plan(model, check_quantizable(model, bits, group_size, quantize_embedding), bits, group_size,

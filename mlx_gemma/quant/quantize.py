@@ -73,14 +73,22 @@ def quantize_structure(model: nn.Module, quantization: dict, weights: dict) -> N
 # -- quantize / dequantize a loaded model -------------------------------------------------------
 
 
-def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_embedding: bool = True) -> list:
-    """Raise UserError unless quantize_model(model, bits, group_size, ...) can run; returns the
-    [(path, layer)] it would quantize. Lets the CLI refuse before any slow work."""
+def check_settings(bits: int, group_size: int, recipe: str = "uniform") -> None:
+    """Raise UserError unless bits, group_size and recipe are values quantize_model takes (no
+    model needed, so a command can refuse them before loading anything)."""
     if bits not in SUPPORTED_BITS:
         raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise UserError(f"unsupported --group-size {group_size}; use one of "
                         f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+    if recipe not in RECIPES:
+        raise UserError(f"unknown quantization recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+
+
+def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_embedding: bool = True) -> list:
+    """Raise UserError unless quantize_model(model, bits, group_size, ...) can run; returns the
+    [(path, layer)] it would quantize. Lets a command refuse before any slow work."""
+    check_settings(bits, group_size)
     config = getattr(model, "config", None)
     if quantized_layers(model) or getattr(config, "quantization", None):
         raise UserError("the model is already quantized; quantize the original full-precision model instead "
@@ -115,8 +123,7 @@ def mixed_recipe_upgrades(path: str, num_layers: int) -> bool:
 def quantization_plan(model: nn.Module, targets: list, bits: int, group_size: int, recipe: str = "uniform") -> dict:
     """{module path: {"group_size", "bits", "mode"}} for each target layer under `recipe`:
     "uniform" (every layer at `bits`) or "mixed" (see `mixed_recipe_upgrades`)."""
-    if recipe not in RECIPES:
-        raise UserError(f"unknown quantization recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+    check_settings(bits, group_size, recipe)
     num_layers = len(model.model.layers)
     plan = {}
     for path, _ in targets:
