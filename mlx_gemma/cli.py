@@ -12,7 +12,7 @@ import click
 
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 
-from .errors import UserError
+from .errors import NAME_ONLY, UserError, python_spelling
 from .loading import DEFAULT_MODEL
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
@@ -27,11 +27,30 @@ class Group(click.Group):
         except UserError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc.render(flag_spelling(self.get_command(ctx, ctx.invoked_subcommand)))}",
+                       err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def flag_spelling(command):
+    """spell(name, value) for UserError.render: a library parameter as the command's flag
+    (`bits=3` -> `--bits 3`, `force=True` -> `--force`); a parameter the command has no option
+    for keeps its Python spelling."""
+    options = {p.name: p for p in getattr(command, "params", ()) if isinstance(p, click.Option)}
+
+    def spell(name, value):
+        option = options.get(name)
+        if option is None:
+            return python_spelling(name, value)
+        flag = next((o for o in option.opts if o.startswith("--")), option.opts[0])
+        if option.is_flag:
+            return option.secondary_opts[0] if value is False and option.secondary_opts else flag
+        return flag if value is NAME_ONLY else f"{flag} {value}"
+
+    return spell
 
 
 @click.group(cls=Group, context_settings=CONTEXT)

@@ -107,9 +107,10 @@ def check_new_output_dir(path: Path, force: bool) -> None:
     if not (path.exists() or path.is_symlink()):
         return
     if not force:
-        raise UserError(f"{path} already exists; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path} already exists; choose another output path or pass " "{force} to overwrite it",
+                        force=True)
     if not path.is_dir():
-        # --force replaces an output dir; a file there is more likely a wrong path than an old output.
+        # force replaces an output dir; a file there is more likely a wrong path than an old output.
         raise UserError(f"{path} exists and is not a directory; choose another output path")
 
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data import DATA_DIR
-from ..errors import UserError
+from ..errors import NAME_ONLY, UserError
 from ..files import read_text
 from ..training.data import encode_record, read_records
 
@@ -27,7 +27,7 @@ def default_sources() -> list[Path]:
 
 
 def resolve_sources(spec, bits: int):
-    """The calibration files for a --calibration value, or None for no calibration.
+    """The calibration files for a `calibration` value, or None for no calibration.
 
     spec: "auto" (or None) = the bundled sources for 4-bit, none for 8-bit (whose
     round-to-nearest error is already ~0.1% perplexity); "none"; or a list of file paths
@@ -40,25 +40,29 @@ def resolve_sources(spec, bits: int):
     if spec == ["none"]:
         return None
     if "auto" in spec or "none" in spec:
-        raise UserError("--calibration: 'auto' and 'none' cannot be combined with files; pass one or the other")
+        raise UserError("{calibration}: 'auto' and 'none' cannot be combined with files; pass one or the other",
+                        calibration=NAME_ONLY)
     paths = [Path(s) for s in spec]
     for path in paths:
         if not path.is_file():
-            raise UserError(f"--calibration {path}: no such file; pass a .txt or .jsonl file, or --calibration none")
+            raise UserError("{calibration}: no such file; pass a .txt or .jsonl file, or none (no calibration)",
+                            calibration=path)
     return paths
 
 
 def check_calibration_tokens(tokens: int, window: int = WINDOW) -> None:
     """Raise UserError unless `tokens` fills at least one calibration window."""
     if tokens < window:
-        raise UserError(f"--calibration-tokens must be at least {window} (one window), got {tokens}")
+        raise UserError(f"{{calibration_tokens}} must be at least {window} (one window), got {tokens}",
+                        calibration_tokens=NAME_ONLY)
 
 
 def _source_ids(path: Path, tokenizer) -> list[int]:
     """Token ids of one calibration file: a .txt as plain text, a .jsonl/.json data file with each
     record rendered as training renders it (chat template, prompt/completion or text)."""
     if not path.is_file():
-        raise UserError(f"{path}: no such calibration file; pass a .txt or .jsonl file, or --calibration none")
+        raise UserError(f"{path}: no such calibration file; pass a .txt or .jsonl file, or " "{calibration}",
+                        calibration="none")
     if path.suffix in (".jsonl", ".json"):
         ids = []
         for where, record in read_records(path):

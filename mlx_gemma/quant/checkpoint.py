@@ -57,7 +57,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     if eval_text is not None:
         text_path = DATA_DIR / "heldout_zh_en.txt" if eval_text == "default" else Path(eval_text)
         if not text_path.is_file():
-            raise UserError(f"{text_path}: no such text file for the perplexity check; pass --text FILE or --no-eval")
+            raise UserError(f"{text_path}: no such text file for the perplexity check; pass another eval_text, "
+                            "or eval_text=None to skip the check")
         text = text_path.read_text(encoding="utf-8")
     src_path = resolve(src)
     model, tokenizer = load(src, dtype=dtype)

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import UserError
+from ..errors import NAME_ONLY, UserError
 from ..model import embedding_scale
 from .affine import pack, quantize_affine
 from .layers import quantize_layer, quantized_like, replace_layers
@@ -63,7 +63,8 @@ def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAM
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
     except np.linalg.LinAlgError:
         raise UserError("calibration failed: the input statistics are singular even after damping; "
-                        "use more calibration tokens or --calibration none") from None
+                        "raise {calibration_tokens} or pass {calibration}", calibration_tokens=NAME_ONLY,
+                        calibration="none") from None
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // group_size), dtype=np.float32)
     biases = np.empty_like(scales)

@@ -77,12 +77,12 @@ def check_settings(bits: int, group_size: int, recipe: str = "uniform") -> None:
     """Raise UserError unless bits, group_size and recipe are values quantize_model takes (no
     model needed, so a command can refuse them before loading anything)."""
     if bits not in SUPPORTED_BITS:
-        raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        raise UserError(f"unsupported {{bits}}; use one of {', '.join(map(str, SUPPORTED_BITS))}", bits=bits)
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise UserError(f"unsupported --group-size {group_size}; use one of "
-                        f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+        raise UserError(f"unsupported {{group_size}}; use one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}",
+                        group_size=group_size)
     if recipe not in RECIPES:
-        raise UserError(f"unknown quantization recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+        raise UserError(f"unknown quantization {{recipe}}; use one of {', '.join(RECIPES)}", recipe=recipe)
 
 
 def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_embedding: bool = True) -> list:
@@ -99,8 +99,9 @@ def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_emb
         dims = m.weight.shape[-1]
         if dims % group_size:
             fits = [g for g in SUPPORTED_GROUP_SIZES if dims % g == 0]
-            hint = f"use --group-size {fits[-1]}" if fits else "this model cannot be quantized"
-            raise UserError(f"{path}: input size {dims} is not divisible by group size {group_size}; {hint}")
+            hint = "use {group_size}" if fits else "this model cannot be quantized"
+            raise UserError(f"{path}: input size {dims} is not divisible by group size {group_size}; " + hint,
+                            **({"group_size": fits[-1]} if fits else {}))
     return targets
 
 
