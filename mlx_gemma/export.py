@@ -20,7 +20,6 @@ GGUF is fine for Gemma 3: llama.cpp keeps activations in float32.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path

@@ -59,6 +59,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        """nn.QuantizedLinear's constructor from a dense layer, on our grid (`quantize_layer`)."""
         return quantize_layer(linear, group_size, bits, mode)
 
     def dequantized_weight(self) -> mx.array:
@@ -89,6 +90,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        """nn.QuantizedEmbedding's constructor from a dense table, on our grid (`quantize_layer`)."""
         return quantize_layer(embedding, group_size, bits, mode)
 
     def dequantized_rows(self, start: int = 0, stop: Optional[int] = None) -> mx.array:
