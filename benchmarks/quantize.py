@@ -25,11 +25,12 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma import backend
-from mlx_gemma import quantize as Q
+from mlx_gemma import quant as Q
 from mlx_gemma.data import DATA_DIR
 from mlx_gemma.evaluate import perplexity
 from mlx_gemma.generation import generate_step, prefill
-from mlx_gemma.gptq import calibration_windows, resolve_sources
+from mlx_gemma.quant.calibration import calibration_windows, resolve_sources
+from mlx_gemma.quant.checkpoint import disk_bytes
 from mlx_gemma.loading import load, resolve, save_model
 
 
@@ -86,7 +87,7 @@ def main():
     ids = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(1, args.prompt)))
     rows = []
     model, tokenizer = load("gemma-3-270m", dtype="float32")
-    rows.append(measure("fp32", model, tokenizer, ids, args, Q.disk_bytes(resolve("gemma-3-270m"))))
+    rows.append(measure("fp32", model, tokenizer, ids, args, disk_bytes(resolve("gemma-3-270m"))))
     for config in args.configs:
         bits, group, *flags = config.split(":")
         bits, group = int(bits), int(group)
@@ -99,7 +100,7 @@ def main():
         seconds = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             save_model(model, tokenizer, f"{tmp}/q")
-            disk = Q.disk_bytes(f"{tmp}/q")
+            disk = disk_bytes(f"{tmp}/q")
         name = (f"{'4/8-bit mixed' if recipe == 'mixed' else f'{bits}-bit'} g{group}, "
                 f"{'GPTQ' if windows is not None else 'no calibration'}")
         row = measure(name, model, tokenizer, ids, args, disk)

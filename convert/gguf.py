@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_gemma.config import ARCHITECTURES
 from mlx_gemma.errors import UserError
 from mlx_gemma.files import write_atomic
 
@@ -79,9 +80,8 @@ LAYER_TENSORS: dict[str, dict[str, tuple[str, str, bool]]] = {
     "gemma3": {**_ATTN_MLP, **_SANDWICH_NORMS, **_QK_NORMS},
 }
 
-# GGUF architecture <-> HF model_type / architectures.
+# GGUF architecture <-> HF model_type (whose HF class is config.ARCHITECTURES[model_type]).
 MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
-HF_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 GGUF_ARCHS = {v: k for k, v in MODEL_TYPES.items()} | {"gemma3": "gemma3"}
 
 # llama.cpp hard-codes these (llama-model.cpp, load_hparams), so GGUF files do not carry them.
@@ -291,7 +291,7 @@ def config_from_metadata(kv: dict[str, Any], vocab_size: int, tied: bool, path: 
     head_dim = int(get("attention.key_length", hidden // heads))
     config: dict[str, Any] = {
         "model_type": MODEL_TYPES[arch],
-        "architectures": [HF_ARCHITECTURES[arch]],
+        "architectures": [ARCHITECTURES[MODEL_TYPES[arch]]],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length", required=True)),

@@ -19,7 +19,7 @@ _EXPORTS = {
     "load": "loading", "save_model": "loading", "convert_gguf": "loading",
     "GemmaConfig": "config", "Gemma": "model", "GemmaTokenizer": "tokenizer",
     "generate": "generation", "stream_generate": "generation", "batch_generate": "generation",
-    "quantize_model": "quantize", "perplexity": "evaluate",
+    "quantize_model": "quant", "perplexity": "evaluate",
     "apply_lora": "lora", "fuse_lora": "lora", "load_adapter": "lora", "save_adapter": "lora",
     "train": "training.trainer", "TrainArgs": "training.trainer",
     "UserError": "errors", "SamplingParams": "sampling", "ChatSession": "generation",

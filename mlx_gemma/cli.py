@@ -18,7 +18,7 @@ import click
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 
 from .convert.keras import SIZE_ALIASES, SIZES
-from .errors import UserError
+from .errors import NAME_ONLY, UserError, python_spelling
 from .loading import DEFAULT_MODEL
 
 KERAS_SIZES = list(SIZE_ALIASES) + list(SIZES)
@@ -58,7 +58,7 @@ class Group(click.Group):
             try:
                 return super().invoke(ctx)
             except UserError as exc:
-                self._fail(ctx, str(exc))
+                self._fail(ctx, exc.render(flag_spelling(self.get_command(ctx, ctx.invoked_subcommand))))
             except BrokenPipeError:  # `mlx-gemma ... | head`: click exits quietly
                 raise
             except OSError as exc:  # the system refused a read or write that no library code words itself
@@ -72,12 +72,29 @@ class Group(click.Group):
                 click.echo("interrupted", err=True)
                 sys.exit(130)
 
-    @staticmethod
-    def _fail(ctx, message: str):
+    def _fail(self, ctx, message: str):
         if ctx.obj and ctx.obj.get("debug"):
             raise
         click.echo(f"error: {message}", err=True)
         sys.exit(1)
+
+
+def flag_spelling(command):
+    """spell(name, value) for UserError.render: a library parameter as the command's flag
+    (`bits=3` -> `--bits 3`, `force=True` -> `--force`); a parameter the command has no option
+    for keeps its Python spelling."""
+    options = {p.name: p for p in getattr(command, "params", ()) if isinstance(p, click.Option)}
+
+    def spell(name, value):
+        option = options.get(name)
+        if option is None:
+            return python_spelling(name, value)
+        flag = next((o for o in option.opts if o.startswith("--")), option.opts[0])
+        if option.is_flag:
+            return option.secondary_opts[0] if value is False and option.secondary_opts else flag
+        return flag if value is NAME_ONLY else f"{flag} {value}"
+
+    return spell
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -159,24 +176,24 @@ def models():
 def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, vocab, size, keras_config, force):
     """Convert SRC (HF dir, .gguf file, Keras preset dir or .weights.h5 file, repo id or alias)
     into an MLX model dir OUT."""
-    from .loading import is_keras_checkpoint, load, save_model
+    from .loading import is_keras_checkpoint
 
-    sources = None
-    if quantize:
-        from .gptq import resolve_sources
-
-        sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
     if (vocab or size or keras_config) and not is_keras_checkpoint(src):
         raise UserError(f"--vocab / --size / --config describe a Keras checkpoint, and {src} is not one")
-    model, tokenizer = load(src, dtype=dtype, vocab=vocab, size=size, keras_config=keras_config)
-    if quantize:
-        from .gptq import calibration_windows
-        from .quantize import quantize_model
+    if quantize and (vocab or size or keras_config):
+        raise UserError("-q takes a model mlx-gemma can load as it is; convert the .weights.h5 first, then "
+                        "quantize the result with `mlx-gemma quantize`")
+    if quantize:  # the `quantize` pipeline (its checks included), without the perplexity report
+        from .quant.checkpoint import quantize_checkpoint
 
-        windows = None if sources is None else calibration_windows(tokenizer, sources)
-        quantize_model(model, bits=bits, group_size=group_size, calibration=windows, recipe=recipe,
-                       progress=lambda msg: click.echo(msg, err=True))
-    save_model(model, tokenizer, out, force=force)
+        quantize_checkpoint(src, out, bits=bits, group_size=group_size, eval_text=None, force=force,
+                            progress=lambda msg: click.echo(msg, err=True), calibration=calibration,
+                            recipe=recipe, dtype=dtype)
+    else:
+        from .loading import load, save_model
+
+        model, tokenizer = load(src, dtype=dtype, vocab=vocab, size=size, keras_config=keras_config)
+        save_model(model, tokenizer, out, force=force)
     click.echo(f"wrote {out}")
 
 
@@ -374,22 +391,11 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
     """
     from pathlib import Path
 
-    from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, format_report, quantize_checkpoint
+    from .quant.checkpoint import format_report, quantize_checkpoint
 
-    if bits not in SUPPORTED_BITS:  # before the (slow) load
-        raise UserError(f"unsupported --bits {bits}; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise UserError(f"unsupported --group-size {group_size}; use one of "
-                        f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
-    if Path(out).exists() and not force:
-        raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
+    # quantize_checkpoint checks every setting and file before the (slow) load
     if not no_eval:
         _check_eval_options(text_file, max_seq_len)
-    from .gptq import WINDOW, resolve_sources
-
-    resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    if calibration_tokens < WINDOW:
-        raise UserError(f"--calibration-tokens must be at least {WINDOW} (one window), got {calibration_tokens}")
     result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, quantize_embedding=not keep_embedding,
                                  eval_text=None if no_eval else (text_file or "default"), max_seq_len=max_seq_len,
                                  force=force, progress=lambda msg: click.echo(msg, err=True),

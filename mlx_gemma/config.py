@@ -16,15 +16,16 @@ from typing import Any, Optional
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 SLIDING, FULL = "sliding_attention", "full_attention"
 
-# The HF classes written into config.json `architectures` on export.
+# Each supported HF model_type and the HF class written into config.json `architectures` on
+# export (the one table of architecture names: the GGUF converter maps onto it).
 ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 @dataclass

@@ -20,7 +20,6 @@ GGUF is fine for Gemma 3: llama.cpp keeps activations in float32.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -31,16 +30,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .convert import hf as hf_convert
-from .errors import UserError
+from .errors import NAME_ONLY, UserError
 from .files import atomic_output_dir
 
 HF_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 FLOAT16_MAX = 65504.0
-
-# The Hugging Face repo each alias was made from: written as an exported adapter's base model,
-# so that PEFT's AutoPeftModelForCausalLM finds the base on the Hub.
-ALIAS_HF_REPOS = {"gemma-3-270m": "google/gemma-3-270m"}
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -52,7 +47,8 @@ def _say(msg: str) -> None:
 def _check_new_output(out: Path, force: bool) -> None:
     """Refuse an existing output before any slow work (atomic_output_dir checks again when writing)."""
     if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{out} already exists; choose another output path or pass " "{force} to overwrite it",
+                        force=True)
 
 
 def _check_hf_dtype(dtype: str) -> mx.Dtype:
@@ -72,18 +68,26 @@ def dense_weights(model) -> dict:
     return hf_convert.to_hf(dict(tree_flatten(model.parameters())))
 
 
+# The wider types to suggest instead of float16, by the parameter that chose it.
+_WIDER = {"dtype": ("bfloat16", "float32"), "out_type": ("bf16", "f32")}
+
+
 def _check_float16(weights: dict, model_type: Optional[str], force: bool, target: str) -> None:
-    """Weights outside float16's range cannot be held; Gemma 3's activations overflow it (see module doc)."""
+    """Weights outside float16's range cannot be held; Gemma 3's activations overflow it (see module doc).
+
+    target: the parameter that asked for float16 ("dtype" for an HF dir, "out_type" for GGUF)."""
+    wider, fallback = _WIDER[target]
     for name, w in weights.items():
         peak = float(mx.abs(w).max())
         if not peak <= FLOAT16_MAX:  # also catches NaN
             raise UserError(f"tensor {name} holds {peak:.4g}, beyond float16's range (±{FLOAT16_MAX:g}); "
-                            f"export with {target} bfloat16 or float32")
-    if model_type == "gemma3_text" and target == "--dtype":
+                            f"export with {{{target}}} or {fallback}", **{target: wider})
+    if model_type == "gemma3_text" and target == "dtype":
         if not force:
             raise UserError("Gemma 3's activations overflow float16 (inf/NaN logits in transformers); "
-                            "export with --dtype bfloat16 (or float32), or pass --force to write float16 anyway")
-        _say("warning: writing Gemma 3 weights in float16 (--force); run them in float32 or bfloat16, "
+                            "export with {dtype} (or float32), or pass {force} to write float16 anyway",
+                            dtype="bfloat16", force=True)
+        _say("warning: writing Gemma 3 weights in float16 (force); run them in float32 or bfloat16, "
              "its activations overflow float16")
 
 
@@ -107,9 +111,11 @@ def _load_for_export(src, adapter, dtype: str):
 
 def base_model_name(src, path: Path, adapter_config: dict) -> str:
     """What an exported adapter names as its base: the HF repo it was made for when we know it."""
+    from .loading import ALIASES
+
     src = str(src)
-    if src in ALIAS_HF_REPOS:
-        return ALIAS_HF_REPOS[src]
+    if src in ALIASES:  # the HF repo the alias was made from, so PEFT's AutoPeftModel finds it on the Hub
+        return ALIASES[src]["hf_repo"]
     if _REPO_ID.match(src) and not Path(src).expanduser().exists():
         return src
     return adapter_config.get("base_model_name_or_path") or str(path.resolve())
@@ -145,7 +151,7 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
     (model, tokenizer), _ = _load_for_export(src, adapter, dtype)
     weights = dense_weights(model)
     if target == mx.float16:
-        _check_float16(weights, model.config.model_type, force, "--dtype")
+        _check_float16(weights, model.config.model_type, force, "dtype")
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.config.torch_dtype = dtype
     from .loading import write_model_files
@@ -159,7 +165,8 @@ def _export_adapter(src, out: Path, adapter, dtype: str, force: bool) -> Path:
     from .lora import lora_parameters, save_adapter
 
     if adapter is None:
-        raise UserError("--adapter-only needs --adapter DIR (the LoRA adapter to export)")
+        raise UserError("{adapter_only} needs {adapter} (the LoRA adapter dir to export)", adapter_only=True,
+                        adapter=NAME_ONLY)
     target = _check_hf_dtype(dtype)
     _check_new_output(out, force)
     (model, _), path = _load_for_export(src, None, "float32")
@@ -168,7 +175,7 @@ def _export_adapter(src, out: Path, adapter, dtype: str, force: bool) -> Path:
     config = dict(load_adapter(model, adapter))  # strict: every matrix must fit this model
     params = lora_parameters(model)
     if target == mx.float16:
-        _check_float16(params, None, True, "--dtype")  # LoRA matrices: only the range matters
+        _check_float16(params, None, True, "dtype")  # LoRA matrices: only the range matters
     params = {k: v.astype(target) for k, v in params.items()}
     model.update(tree_unflatten(list(params.items())))
     config["base_model_name_or_path"] = base_model_name(src, path, config)
@@ -200,7 +207,7 @@ def convert_to_gguf(src, out, adapter=None, out_type: str = "f16", force: bool =
     (model, tokenizer), _ = _load_for_export(src, adapter, "float32")
     weights = dense_weights(model)
     if out_type == "f16":
-        _check_float16(weights, model.config.model_type, force, "--type")
+        _check_float16(weights, model.config.model_type, force, "out_type")
     tensors = {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
     config = model.config.to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)

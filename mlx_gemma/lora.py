@@ -24,6 +24,8 @@ from .convert import peft as peft_format
 from .convert.peft import ALL_LINEAR, CONFIG_FILE, WEIGHTS_FILE, LoraSpec
 from .errors import UserError
 from .files import write_atomic, write_json_atomic
+from .quant.layers import dequantize_weight, replace_layers
+from .quant.quantize import dequantize_model
 
 
 def _is_quantized(layer: nn.Module) -> bool:
@@ -38,10 +40,7 @@ def _dims(base: nn.Module) -> tuple:
 
 def dense_weight(base: nn.Module) -> mx.array:
     """The (out, in) weight of a linear layer, dequantized when it is quantized."""
-    if not _is_quantized(base):
-        return base.weight
-    return mx.dequantize(base.weight, base.scales, base.get("biases"), group_size=base.group_size,
-                         bits=base.bits, mode=base.mode)
+    return dequantize_weight(base) if _is_quantized(base) else base.weight
 
 
 class LoRALinear(nn.Module):
@@ -123,15 +122,6 @@ def _requantize(dense: nn.Linear, like: nn.QuantizedLinear) -> nn.Module:
 # -- injecting ------------------------------------------------------------------------------
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """root.<name> = new for a dotted name whose list parts are indices (model.layers.3.mlp.up_proj)."""
-    *path, attr = name.split(".")
-    parent = root
-    for p in path:
-        parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-    setattr(parent, attr, new)
-
-
 def _targets(model, spec: LoraSpec, source: str) -> list:
     """[(full name, linear)] for the decoder's linear layers that `spec` selects (PEFT's matching)."""
     if lora_layers(model):
@@ -160,7 +150,7 @@ def _inject(model, spec: LoraSpec, targets: list) -> None:
     for name, linear in targets:
         lora = LoRALinear.from_base(linear, spec.rank, spec.alpha, spec.dropout, scale=spec.scale)
         lora.train(model.training)  # a new module starts in training mode; dropout must follow the model
-        _set_module(model, name, lora)
+        replace_layers(model, {name: lora})
 
 
 def apply_lora(model, targets: Union[str, Sequence[str]] = ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -225,11 +215,9 @@ def fuse_lora(model, dequantize: bool = False):
     dequantize: return a dense model (fused layers and every other quantized layer are
     dequantized, and the config loses its `quantization` entry).
     """
-    for name, layer in lora_layers(model):
-        _set_module(model, name, layer.fuse(dequantize))
+    for name, layer in lora_layers(model):  # one at a time: each merged weight replaces its LoRA layer at once
+        replace_layers(model, {name: layer.fuse(dequantize)})
     if dequantize:
-        from .quantize import dequantize_model
-
         dequantize_model(model)  # the layers LoRA did not wrap; also clears config.quantization
     return model
 

@@ -196,7 +196,7 @@ def test_adapter_only_is_a_peft_adapter(hf_src, tmp_path):
 
 def test_quantized_and_gguf_sources_are_dequantized(tmp_path):
     """A 4-bit MLX dir exports dense: weights = its dequantized weights, logits match transformers."""
-    from mlx_gemma.quantize import quantize_model
+    from mlx_gemma.quant import quantize_model
 
     src = write_hf_src(tmp_path / "hf", "gemma3_text", sliding_window_pattern=6)  # GGUF's fixed pattern
     model, tok = load(str(src), dtype="float32")

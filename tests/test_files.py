@@ -142,7 +142,7 @@ def test_existing_output_dir_without_force_is_refused_and_untouched(tmp_path):
         with atomic_output_dir(out) as tmp:
             (tmp / "new.txt").write_text("new")
     message = str(e.value)
-    assert str(out) in message and "--force" in message and "\n" not in message
+    assert str(out) in message and "force=True" in message and "\n" not in message
     assert names(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
     assert names(tmp_path) == ["out"]
 
@@ -207,7 +207,7 @@ def test_a_file_at_the_output_path_is_refused_even_with_force(tmp_path):
 
 def test_output_that_appears_meanwhile_is_not_overwritten_without_force(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="force=True"):
         with atomic_output_dir(out) as tmp:
             (tmp / "new.txt").write_text("new")
             out.mkdir()  # another process got there first

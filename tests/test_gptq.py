@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_gemma import gptq
-from mlx_gemma import quantize as Q
+from mlx_gemma import quant as Q
+from mlx_gemma.quant import calibration as calib
+from mlx_gemma.quant import gptq
 from mlx_gemma.cli import main
 from mlx_gemma.errors import UserError
 
@@ -175,7 +176,7 @@ def test_calibration_windows_share_the_budget_and_cut_consecutive_windows(tmp_pa
     a.write_text("x" * 100, encoding="utf-8")  # 101 ids with <bos>: 3 windows of 32
     b.write_text("".join(chr(65 + i % 26) for i in range(300)), encoding="utf-8")  # 301 ids: 9 windows
     tok = CharTokenizer()
-    w = np.array(gptq.calibration_windows(tok, [a, b], tokens=32 * 8, window=32))
+    w = np.array(calib.calibration_windows(tok, [a, b], tokens=32 * 8, window=32))
     ids_b = tok.encode(b.read_text())
     assert w.shape == (8, 32)
     # turns alternate a, b while a lasts (3 windows), then b fills the rest
@@ -193,17 +194,17 @@ def test_calibration_from_a_jsonl_data_file_renders_records_as_training_does(tmp
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     stream = sum((encode_record(r, tok, "x")[1].tolist() for r in records), [])
-    w = np.array(gptq.calibration_windows(tok, [path], tokens=64, window=64))
+    w = np.array(calib.calibration_windows(tok, [path], tokens=64, window=64))
     assert w.tolist() == [stream[:64]]
 
 
 def test_resolve_sources():
-    assert gptq.resolve_sources(None, 4) == gptq.default_sources()
-    assert gptq.resolve_sources(("auto",), 8) is None
-    assert gptq.resolve_sources(("none",), 4) is None
-    assert all(p.is_file() for p in gptq.default_sources())
+    assert calib.resolve_sources(None, 4) == calib.default_sources()
+    assert calib.resolve_sources(("auto",), 8) is None
+    assert calib.resolve_sources(("none",), 4) is None
+    assert all(p.is_file() for p in calib.default_sources())
     with pytest.raises(UserError, match="cannot be combined"):
-        gptq.resolve_sources(("none", "a.txt"), 4)
+        calib.resolve_sources(("none", "a.txt"), 4)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -246,7 +247,7 @@ def test_cli_calibrated_mixed_quantize_end_to_end(tiny_model_dir, tmp_path):  # 
     model, tok = load(str(out))
     assert dict(Q.quantized_layers(model))["model.embed_tokens"].bits == 8
     expected = load_dir(src)
-    windows = gptq.calibration_windows(load(str(src))[1], [text])
+    windows = calib.calibration_windows(load(str(src))[1], [text])
     Q.quantize_model(expected, bits=4, group_size=32, recipe="mixed", calibration=windows)
     ids = random_ids(512, (1, 11))
     np.testing.assert_array_equal(logits(model, ids), logits(expected, ids))

@@ -17,7 +17,7 @@ from mlx_gemma.errors import UserError
 from mlx_gemma.loading import build_model, read_config
 from mlx_gemma.lora import (LoRALinear, apply_lora, count_parameters, dense_weight, fuse_lora, load_adapter,
                             lora_layers, lora_parameters, save_adapter)
-from mlx_gemma.quantize import QuantizedLinear, dequantize_model, quantize_model
+from mlx_gemma.quant import QuantizedLinear, dequantize_model, quantize_model
 
 from tiny import TINY, make_hf_model, random_ids, save_hf_model
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_gemma import backend
-from mlx_gemma import quantize as Q
+from mlx_gemma import quant as Q
 from mlx_gemma.cli import main
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.errors import UserError
@@ -210,7 +210,7 @@ def test_4bit_perplexity_within_10_percent(heldout_baseline):
     group size 32, the embedding and the sensitive v_proj / down_proj layers at 8 bits ("mixed").
     Measured (README): +5.0% on this text, +6.0% on the full held-out text. Uniform 4-bit g32,
     calibrated, costs +13.6% / +15.8% (README, Known limitations)."""
-    from mlx_gemma.gptq import calibration_windows
+    from mlx_gemma.quant.calibration import calibration_windows
     from mlx_gemma.loading import load
 
     text, base = heldout_baseline
@@ -326,8 +326,8 @@ def test_per_layer_quantization_entries_are_honoured(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(bits=3), "unsupported --bits 3"),
-    (dict(group_size=48), "unsupported --group-size 48"),
+    (dict(bits=3), "unsupported bits=3"),  # library terms; the CLI says --bits (test_cli_quantize_bad_input...)
+    (dict(group_size=48), "unsupported group_size=48"),
     (dict(group_size=128), "not divisible by group size 128"),
 ])
 def test_quantize_model_refuses_bad_settings_and_leaves_model_untouched(tiny_dir, kwargs, message):
@@ -383,6 +383,21 @@ def test_cli_quantize_bad_input_one_line_exit_1_nothing_written(tiny_model_dir, 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["quantize", "convert"])
+def test_cli_quantize_and_convert_q_refuse_alike_before_loading(tmp_path, command):
+    """convert -q runs the quantize pipeline: the same checks, worded as flags, before any load
+    (the model spec does not even exist)."""
+    extra = ["-q"] if command == "convert" else []
+    for args, message in ((["--bits", "3"], "error: unsupported --bits 3; use one of 4, 8"),
+                          (["--calibration", "nope.txt"], "error: --calibration nope.txt: no such file"),
+                          (["--recipe", "mixed", "--group-size", "48"], "error: unsupported --group-size 48")):
+        result = CliRunner().invoke(main, [command, str(tmp_path / "no-model"), str(tmp_path / "out"), *extra, *args])
+        assert result.exit_code == 1 and result.output.startswith(message), result.output
+    with pytest.raises(UserError, match=r"^unsupported bits=3; use one of 4, 8$"):
+        Q.check_settings(3, 64)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_quantize_refuses_existing_output_and_quantized_input(tiny_model_dir, tmp_path):

@@ -170,7 +170,7 @@ def test_line_separators_inside_strings_are_not_line_breaks(tmp_path):
 
 
 def test_hc3_output_with_line_separators_trains_evaluates_and_calibrates(data_dir, model_dir, tokenizer, tmp_path):
-    from mlx_gemma.gptq import _source_ids
+    from mlx_gemma.quant.calibration import _source_ids
     from mlx_gemma.training.hc3 import hc3_to_chat
 
     hc3_to_chat(data_dir / "hc3.jsonl", tmp_path / "chat", test_size=0.0, valid_size=0.0)

@@ -214,7 +214,7 @@ def test_qlora_trains_on_a_4bit_base(tok, data_dir, tmp_path):
 def test_lora_trains_on_a_calibrated_mixed_precision_base(tok, data_dir, tmp_path):
     """A base quantized beforehand (as `mlx-gemma quantize` writes it: calibrated, mixed 4/8 bits)
     trains like a QLoRA base; the 8-bit layers keep their own bits under the LoRA wrapper."""
-    from mlx_gemma.quantize import quantize_model
+    from mlx_gemma.quant import quantize_model
 
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()

@@ -163,7 +163,7 @@ def test_bad_data_is_one_clear_user_error(tok, tmp_path, content, message):
 
 def test_max_seq_len_shorter_than_the_prompt(tok, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": " cat" * 10, "completion": " a"}])
-    with pytest.raises(UserError, match=r"train.jsonl:1: the prompt is \d+ tokens.*--max-seq-len 6"):
+    with pytest.raises(UserError, match=r"train.jsonl:1: the prompt is \d+ tokens.*max_seq_len=6"):
         D.load_dataset(path, tok, max_seq_len=6)
     with pytest.raises(UserError, match="dropped them all"):
         D.load_dataset(path, tok, max_seq_len=6, drop_long=True)

@@ -210,14 +210,15 @@ def load_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2048, 
             if not mask[:max_seq_len].any():
                 first = int(np.argmax(mask))
                 raise UserError(f"{where}: the prompt is {first} tokens, so nothing to train on fits in "
-                                f"--max-seq-len {max_seq_len}; raise --max-seq-len or pass --drop-long")
+                                "{max_seq_len}; raise it or pass {drop_long}", max_seq_len=max_seq_len,
+                                drop_long=True)
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             data.truncated += 1
         data.examples.append((ids, mask))
         data.formats[fmt] = data.formats.get(fmt, 0) + 1
     if not data.examples:
-        raise UserError(f"{path}: every record is longer than --max-seq-len {max_seq_len} and --drop-long "
-                        "dropped them all; raise --max-seq-len")
+        raise UserError(f"{path}: every record is longer than " "{max_seq_len} and {drop_long} dropped them "
+                        "all; raise it", max_seq_len=max_seq_len, drop_long=True)
     return data
 
 

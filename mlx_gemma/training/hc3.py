@@ -153,7 +153,7 @@ def hc3_to_chat(src_path, out_dir, system: str | None = DEFAULT_SYSTEM_PROMPT,
     src, out = Path(src_path), Path(out_dir)
     _check_sizes(test_size, valid_size)
     if out.exists() and not force:
-        raise UserError(f"{out}: already exists; choose another output directory or use --force")
+        raise UserError(f"{out}: already exists; choose another output directory or pass " "{force}", force=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     system = system or None

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import fastmath
 from ..backend import policy
+from ..quant.layers import dequantize_weight
 
 DEFAULT_CHUNK = 8192  # smaller chunks stay in cache: 8192 runs the 270M loss ~1.7x faster than 32768 on the CPU
 
@@ -42,14 +43,8 @@ def head_weights(model):
     """
     head = model.lm_head if "lm_head" in model else model.model.embed_tokens
     if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
-        gs, bits, mode = head.group_size, head.bits, getattr(head, "mode", "affine")
-        w, s, bias = head["weight"], head["scales"], head.get("biases")
-
-        def deq(wq, sq, bq):
-            return mx.dequantize(wq, sq, bq, group_size=gs, bits=bits, mode=mode)
-
         def block(a, b):
-            return deq(w[a:b], s[a:b], None if bias is None else bias[a:b])
+            return dequantize_weight(head, slice(a, b))
 
         def project(h, a, b):
             # dequantize a (chunk, E) slice and use the dense matmul: on the CPU
@@ -57,7 +52,7 @@ def head_weights(model):
             return h @ block(a, b).astype(h.dtype).T
 
         def rows(ids):
-            return deq(w[ids], s[ids], None if bias is None else bias[ids])
+            return dequantize_weight(head, ids)
     else:
         weight = head.weight
 

@@ -47,8 +47,7 @@ from ..files import atomic_output_dir, write_json_atomic
 from . import data as data_lib
 from ..backend import policy
 from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions
-
-DEFAULT_MODEL = "gemma-3-270m"
+from ..loading import DEFAULT_MODEL
 DEFAULT_OUT = "adapters/gemma-3-270m-zh"
 KEEP_CHECKPOINTS = 3
 
@@ -188,7 +187,7 @@ def prepare_model(model, args: TrainArgs) -> dict:
     from ..lora import apply_lora
 
     if args.quantize_bits:
-        from ..quantize import quantize_model
+        from ..quant import quantize_model
 
         quantize_model(model, bits=int(args.quantize_bits), group_size=int(args.quantize_group_size))
     mx.random.seed(args.seed)

@@ -5,7 +5,7 @@ is the error of the layer's outputs, `||X W^T - X Q^T||^2` over real inputs X. W
 H = X^T X (inputs x inputs), GPTQ quantizes one input column at a time and spreads that
 column's rounding error over the columns not yet quantized, weighted by H^-1, so the later
 columns absorb what the earlier ones lost. Per group of `group_size` inputs, the scale and bias
-come from `quantize.quantize_affine` (the error-minimising grid) fitted on the group's weights
+come from `affine.quantize_affine` (the error-minimising grid) fitted on the group's weights
 as they stand when the group is reached, so the result is an ordinary MLX quantized layer:
 packed codes, scales and biases, loadable by MLX and mlx-lm with no extra parameters.
 
@@ -15,92 +15,22 @@ accumulated from the inputs it actually receives, the layer's linears are quanti
 windows move on to layer i + 1. The tied embedding is quantized last as the LM head, with H
 from the final normed hidden states of the quantized stack.
 
-Calibration text: by default the project's bundled Chinese Q&A training split (rendered in
-the chat format) and an English text (data/calibration_en.txt), taking turns window by window:
-of the default 4,096 tokens, the English text is short enough to give 1,024 and the Chinese
-split the rest. Any .txt or .jsonl/.json data files can replace them.
+The calibration windows come from `quant.calibration` (text files -> token ids).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import UserError
-from .files import read_text
+from ..errors import NAME_ONLY, UserError
+from ..model import embedding_scale
+from .affine import pack, quantize_affine
+from .layers import quantize_layer, quantized_like, replace_layers
 
-DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
-WINDOW = 512
 DAMP = 0.01  # H += DAMP * mean(diag H) * I: keeps H invertible where some inputs are (nearly) never active
 _ROWS_AT_ONCE = 16384  # output rows solved together (rows are independent given H): bounds memory
-
-
-def default_sources() -> list[Path]:
-    from .data import DATA_DIR
-
-    return [Path(DATA_DIR) / "zh_baike" / "train.jsonl", Path(DATA_DIR) / "calibration_en.txt"]
-
-
-def resolve_sources(spec, bits: int):
-    """The calibration files for a --calibration value, or None for no calibration.
-
-    spec: "auto" (or None) = the bundled sources for 4-bit, none for 8-bit (whose
-    round-to-nearest error is already ~0.1% perplexity); "none"; or a list of file paths
-    (a single "auto"/"none" in the list counts as that word)."""
-    if spec is None or isinstance(spec, (str, Path)):
-        spec = [] if spec is None else [spec]
-    spec = [str(s) for s in spec]
-    if not spec or spec == ["auto"]:
-        return default_sources() if bits < 8 else None
-    if spec == ["none"]:
-        return None
-    if "auto" in spec or "none" in spec:
-        raise UserError("--calibration: 'auto' and 'none' cannot be combined with files; pass one or the other")
-    paths = [Path(s) for s in spec]
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"--calibration {path}: no such file; pass a .txt or .jsonl file, or --calibration none")
-    return paths
-
-
-def _source_ids(path: Path, tokenizer) -> list[int]:
-    """Token ids of one calibration file: a .txt as plain text, a .jsonl/.json data file with each
-    record rendered as training renders it (chat template, prompt/completion or text)."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such calibration file; pass a .txt or .jsonl file, or --calibration none")
-    if path.suffix in (".jsonl", ".json"):
-        from .training.data import encode_record, read_records
-
-        ids = []
-        for where, record in read_records(path):
-            ids += encode_record(record, tokenizer, where)[1].tolist()
-        return ids
-    text = read_text(path)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(text, add_bos=False)
-
-
-def calibration_windows(tokenizer, sources=None, tokens: int = DEFAULT_TOKENS, window: int = WINDOW) -> mx.array:
-    """(N, window) token ids, N = tokens // window: each source (default `default_sources()`) is
-    cut into consecutive windows, and the sources take turns, so they share the budget evenly
-    unless one runs out (then the others fill in)."""
-    if tokens < window:
-        raise UserError(f"--calibration-tokens must be at least {window} (one window), got {tokens}")
-    per_source = []
-    for path in [Path(s) for s in (sources or default_sources())]:
-        ids = _source_ids(path, tokenizer)
-        cut = [ids[a:a + window] for a in range(0, len(ids) - window + 1, window)]
-        if not cut:
-            raise UserError(f"{path}: {len(ids)} tokens, fewer than one {window}-token calibration window; "
-                            "pass a longer file")
-        per_source.append(cut)
-    windows = []
-    for turn in range(max(map(len, per_source))):
-        windows += [cut[turn] for cut in per_source if turn < len(cut)]
-    return mx.array(np.asarray(windows[:tokens // window], dtype=np.int32))
 
 
 class _Recorder(nn.Module):
@@ -121,8 +51,6 @@ class _Recorder(nn.Module):
 def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAMP):
     """One (out, in) weight -> (packed uint32, scales, biases) in MLX's affine layout, minimising
     the output error for inputs whose second moment is `hessian` (in x in)."""
-    from .quantize import _pack
-
     w = np.array(weight.astype(mx.float32))  # numpy has no bfloat16
     h = np.array(hessian.astype(mx.float32)).astype(np.float64)
     rows, cols = w.shape
@@ -135,7 +63,8 @@ def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAM
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
     except np.linalg.LinAlgError:
         raise UserError("calibration failed: the input statistics are singular even after damping; "
-                        "use more calibration tokens or --calibration none") from None
+                        "raise {calibration_tokens} or pass {calibration}", calibration_tokens=NAME_ONLY,
+                        calibration="none") from None
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // group_size), dtype=np.float32)
     biases = np.empty_like(scales)
@@ -143,14 +72,12 @@ def gptq_quantize(weight, hessian, group_size: int, bits: int, damp: float = DAM
         b = min(a + _ROWS_AT_ONCE, rows)
         _solve_rows(w[a:b], upper, group_size, bits, codes[a:b], scales[a:b], biases[a:b])
     dtype = weight.dtype if weight.dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float32
-    return (_pack(mx.array(codes.astype(np.uint32)), bits), mx.array(scales).astype(dtype),
+    return (pack(mx.array(codes.astype(np.uint32)), bits), mx.array(scales).astype(dtype),
             mx.array(biases).astype(dtype))
 
 
 def _solve_rows(w, upper, group_size, bits, codes, scales, biases):
     """GPTQ on a block of rows, in place: w (R, C) is consumed; codes/scales/biases filled."""
-    from .quantize import quantize_affine
-
     top = 2 ** bits - 1
     cols = w.shape[1]
     for g, c0 in enumerate(range(0, cols, group_size)):
@@ -183,30 +110,11 @@ def check_calibration(model, windows: mx.array) -> None:
                         "the tokenizer does not match the model")
 
 
-def _quantized_like(module: nn.Module, weight_parts, params: dict) -> nn.Module:
-    """A frozen quantized layer replacing `module` (Linear or Embedding) with the given tensors."""
-    from .quantize import QuantizedEmbedding, QuantizedLinear
-
-    rows, cols = module.weight.shape
-    if isinstance(module, nn.Embedding):
-        layer = QuantizedEmbedding(rows, cols, **params)
-    else:
-        layer = QuantizedLinear(cols, rows, "bias" in module, **params)
-        if "bias" in module:
-            layer.bias = module.bias
-    layer.weight, layer.scales, layer.biases = weight_parts
-    layer.freeze()
-    return layer
-
-
 def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> None:
     """Quantize `model` in place with GPTQ on the calibration `windows` (N, L) (see the module doc).
 
     plan: {module path: {"group_size", "bits", "mode"}} for every layer to quantize (from
     `quantize.quantize_model`, which has checked them); layers not in it stay dense."""
-    from .model import embedding_scale
-    from .quantize import _set_module
-
     say = progress or (lambda msg: None)
     body = model.model
     check_calibration(model, windows)
@@ -217,13 +125,9 @@ def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> 
         prefix = f"model.layers.{i}."
         recorders = {prefix + path: _Recorder(m) for path, m in layer.named_modules()
                      if isinstance(m, nn.Linear) and prefix + path in plan}
-        for path, rec in recorders.items():
-            _set_module(model, path, rec)
+        replace_layers(model, recorders)
         mx.eval([r.hessian for r in recorders.values()], layer(h, masks[layer.is_sliding]))
-        for path, rec in recorders.items():
-            params = plan[path]
-            parts = gptq_quantize(rec.inner.weight, rec.hessian, params["group_size"], params["bits"])
-            _set_module(model, path, _quantized_like(rec.inner, parts, params))
+        replace_layers(model, {path: _gptq_layer(rec.inner, rec.hessian, plan[path]) for path, rec in recorders.items()})
         h = layer(h, masks[layer.is_sliding])  # the next layer sees this layer's quantized outputs
         mx.eval(h)
         say(f"calibrated layer {i + 1}/{len(body.layers)}")
@@ -234,11 +138,12 @@ def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> 
         say(f"calibrating the LM head ({head})")
         hidden = body.norm(h).reshape(-1, body.config.hidden_size).astype(mx.float32)
         module = model.lm_head if head == "lm_head" else body.embed_tokens
-        params = plan[head]
-        parts = gptq_quantize(module.weight, hidden.T @ hidden, params["group_size"], params["bits"])
-        _set_module(model, head, _quantized_like(module, parts, params))
+        replace_layers(model, {head: _gptq_layer(module, hidden.T @ hidden, plan[head])})
     if head == "lm_head" and "model.embed_tokens" in plan:  # untied: the lookup table has no H
-        from .quantize import QuantizedEmbedding
+        replace_layers(model, {"model.embed_tokens": quantize_layer(body.embed_tokens, **plan["model.embed_tokens"])})
 
-        _set_module(model, "model.embed_tokens", QuantizedEmbedding.from_embedding(body.embed_tokens,
-                                                                                   **plan["model.embed_tokens"]))
+
+def _gptq_layer(dense: nn.Module, hessian: mx.array, params: dict) -> nn.Module:
+    """The quantized layer replacing `dense`, its weight quantized by GPTQ for inputs with `hessian`."""
+    tensors = gptq_quantize(dense.weight, hessian, params["group_size"], params["bits"])
+    return quantized_like(dense, **params, tensors=tensors)
