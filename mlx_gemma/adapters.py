@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .lora import LoRALinear, load_adapter
+
 
 class _RowAdapters:
     """The per-row adapter indices (B,) shared by every MultiLoRALinear of one model."""
@@ -69,8 +71,6 @@ def load_adapters(model, adapters: dict) -> dict:
     The model's linear layers that any adapter targets become MultiLoRALinear layers. Call once,
     on a model without LoRA layers of its own.
     """
-    from .lora import LoRALinear, load_adapter
-
     per_adapter = []  # [{module path: (A, B, scale)}]
     for name, path in adapters.items():
         load_adapter(model, Path(path))

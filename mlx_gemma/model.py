@@ -169,12 +169,16 @@ class GemmaModel(nn.Module):
         """
         if cache is not None and pos is None:
             raise ValueError("a cached forward needs pos (B,): the position of each row's first new token")
-        h = self.embed_tokens(inputs)
-        h = h * embedding_scale(self.config.hidden_size, h.dtype)
+        h = self.embed(inputs)
         masks = self.masks(h.shape[1], cache, pos, pad, segment_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None, pos)
         return self.norm(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token ids (B, L) -> scaled embeddings (B, L, E), the first decoder layer's input."""
+        h = self.embed_tokens(inputs)
+        return h * embedding_scale(self.config.hidden_size, h.dtype)
 
     def masks(self, L: int, cache=None, pos=None, pad=None, segment_ids=None) -> dict:
         """One mask per attention kind (key False: global, True: sliding window)."""

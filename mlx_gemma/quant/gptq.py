@@ -25,7 +25,6 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import NAME_ONLY, UserError
-from ..model import embedding_scale
 from .affine import pack, quantize_affine
 from .layers import quantize_layer, quantized_like, replace_layers
 
@@ -118,8 +117,7 @@ def quantize_calibrated(model, windows: mx.array, plan: dict, progress=None) -> 
     say = progress or (lambda msg: None)
     body = model.model
     check_calibration(model, windows)
-    h = body.embed_tokens(windows)
-    h = h * embedding_scale(body.config.hidden_size, h.dtype)
+    h = body.embed(windows)
     masks = body.masks(windows.shape[1])
     for i, layer in enumerate(body.layers):
         prefix = f"model.layers.{i}."
