@@ -120,14 +120,16 @@ def main() -> None:
     procs = {e: start(e, model_dir, ports[e]) for e in engines}
     load_before = os.getloadavg()
     results = {(e, c): [] for e in engines for c in levels}
+    # the id each server knows the model by: ours serves the dir's name, mlx-lm the path it loaded
+    names = {e: os.path.basename(model_dir) if e == "mlx-gemma" else model_dir for e in engines}
     try:
         for e in engines:
             wait_up(ports[e], procs[e])
-            stream_one(ports[e], os.path.basename(model_dir), QUESTIONS[0], 4)  # warm-up (compile, caches)
+            stream_one(ports[e], names[e], QUESTIONS[0], 4)  # warm-up (compile, caches)
         for r in range(args.rounds):
             for c in levels:
                 for e in (engines if r % 2 == 0 else engines[::-1]):
-                    res = burst(ports[e], os.path.basename(model_dir), c, args.max_tokens, tokenizer)
+                    res = burst(ports[e], names[e], c, args.max_tokens, tokenizer)
                     results[(e, c)].append(res)
                     print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s",
                           file=sys.stderr, flush=True)

@@ -328,27 +328,32 @@ class BatchGenerator:
         return None
 
     def step(self) -> list[Event]:
-        """Advance every request by one step; the events of this step, in row order."""
-        while self.waiting:
+        """Advance every request by one step; the events of this step, in row order.
+
+        While rows decode, a step prefills at most `prefill_step` prompt tokens (so the running
+        streams keep flowing), shared by the waiting prompts in order: a burst of short prompts
+        all joins in one step. With nothing decoding, prompts are prefilled until one can join.
+        """
+        budget = self.prefill_step
+        while self.waiting and (budget > 0 or not self.active):
             row = self.waiting[0]
-            if self._prefill_chunk(row):
+            budget -= self._prefill_chunk(row, max(budget, 1))
+            if len(row.ids) - 1 - row.fed <= 0:
                 self.waiting.pop(0)
                 self._join(row)
-            if self.active:
-                break  # one chunk per step while rows decode, so their streams keep flowing
         return self._decode() if self.active else []
 
     # -- internals --
 
-    def _prefill_chunk(self, row: _Row) -> bool:
-        """Prefill the next chunk of the row's prompt (all but its last token); True when done."""
-        todo = len(row.ids) - 1 - row.fed
-        if todo > 0:
-            n = min(todo, self.prefill_step)
+    def _prefill_chunk(self, row: _Row, most: int) -> int:
+        """Prefill up to `most` more tokens of the row's prompt (all but its last token, which the
+        first decode step feeds); returns how many."""
+        n = min(len(row.ids) - 1 - row.fed, most, self.prefill_step)
+        if n > 0:
             chunk = mx.array([row.ids[row.fed:row.fed + n]], mx.int32)
             prefill(self.model, chunk, row.cache, row.pos + row.fed, n, self._adapters([row]))
             row.fed += n
-        return len(row.ids) - 1 - row.fed <= 0
+        return max(n, 0)
 
     def _join(self, row: _Row) -> None:
         row.pos += row.fed
