@@ -144,8 +144,8 @@ def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, star
     cache: per-layer caches from `model.make_cache()` whose positions [0, start) already hold
     earlier context (the new tokens continue it); made fresh when None. history (B, T0): earlier
     tokens the logits processors should see. Each yielded array is already scheduled; the next
-    step is dispatched before it is yielded, so a consumer that stops after n tokens leaves
-    start + T + n - 1 positions... plus one more fed token in the cache.
+    step is dispatched before it is yielded, so a consumer that stops after n < max_tokens tokens
+    leaves start + T + n positions in the cache (the n-th token was fed too).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}")
