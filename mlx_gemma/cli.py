@@ -323,22 +323,21 @@ def train(ctx, config_file, report, report_max_tokens, **options):
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
     train_config.json, metrics.jsonl, loss.png and checkpoints/. Ctrl-C saves a checkpoint;
-    --resume continues from it.
+    `--out DIR --resume` continues from it with the options it was started with.
     """
-    import dataclasses
-
     from click.core import ParameterSource
 
-    from .training.trainer import TrainArgs, load_config_file, run_training
+    from .training.trainer import TrainArgs, load_config_file, restore_options, run_training
 
-    values = load_config_file(config_file) if config_file else {}
+    from_file = load_config_file(config_file) if config_file else {}
+    values, given = {}, set(from_file)  # given: typed or in the file, so never restored by --resume
     for name, value in options.items():
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
-            values[name] = value
-    if values.get("quantize_bits") is not None:
-        values["quantize_bits"] = int(values["quantize_bits"])
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
-    args = TrainArgs(**{k: v for k, v in values.items() if k in known})
+        typed = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        given |= {name} if typed else set()
+        values[name] = value if typed or name not in from_file else from_file[name]
+    if values.get("resume"):
+        values = restore_options(values, given)
+    args = TrainArgs(**values)
     if report and not args.resume:
         from .training.report import run_main_job
 
