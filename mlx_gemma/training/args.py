@@ -230,7 +230,7 @@ def check_args(args: TrainArgs) -> None:
         if not math.isfinite(v):
             raise UserError(f"{_flag(name)} must be a finite number, got {v}")
         if v < lo or (v == lo and not inclusive) or (hi is not None and v > hi):
-            above = f"at least {lo}" if inclusive else f"above {lo}"
+            above = f"at least {lo:g}" if inclusive else f"above {lo:g}"
             raise UserError(f"{_flag(name)} must be {above}" + (f" and at most {hi}" if hi is not None else "")
                             + f", got {v}")
     if args.quantize_bits not in (None, 4, 8):
