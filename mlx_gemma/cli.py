@@ -27,11 +27,23 @@ class Group(click.Group):
         except UserError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            _later_if_other_rank()
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _later_if_other_rank() -> None:
+    """In a data-parallel run every rank usually meets the same mistake: ranks other than 0 wait a
+    moment before saying it, and the launcher stops them once rank 0 has exited with it, so the
+    user reads one line. (A mistake only one rank meets is still printed by that rank.)"""
+    import os
+    import time
+
+    if os.environ.get("MLX_RANK", "0") != "0":
+        time.sleep(3)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -72,6 +84,9 @@ def info():
     click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
     click.echo(f"backend       {policy().describe()}")
     click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
+    from .training import distributed
+
+    click.echo(f"distributed   {distributed.describe()}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -316,9 +331,13 @@ def _train_options(fn):
                    "write report.md / report.json next to the adapter.")
 @click.option("--report-max-tokens", default=128, type=int,
               help="New tokens per test answer in the report (the <end_of_turn> check uses this limit).")
+@click.option("--ranks", default=1, type=click.IntRange(min=1),
+              help="Train data-parallel on N local processes (through mlx.launch; the cores are shared out as "
+                   "BLAS threads). Several Macs: `mlx.launch --hostfile hosts.json -- mlx-gemma train ...`. "
+                   "No before/after report in data-parallel runs.")
 @_train_options
 @click.pass_context
-def train(ctx, config_file, report, report_max_tokens, **options):
+def train(ctx, config_file, report, report_max_tokens, ranks, **options):
     """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
@@ -335,18 +354,56 @@ def train(ctx, config_file, report, report_max_tokens, **options):
         typed = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
         given |= {name} if typed else set()
         values[name] = value if typed or name not in from_file else from_file[name]
+    if isinstance(values.get("quantize_bits"), str):  # a click.Choice gives the string
+        values["quantize_bits"] = int(values["quantize_bits"])
     if values.get("resume"):
         values = restore_options(values, given)
     args = TrainArgs(**values)
-    if report and not args.resume:
+    if ranks > 1:
+        sys.exit(_train_on_local_ranks(ctx, args, ranks))
+    from .training import distributed
+
+    quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
+    if report and not args.resume and distributed.world_size() == 1:
         from .training.report import run_main_job
 
         result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
     else:
-        result = run_training(args, echo=lambda s: click.echo(s, err=True))
-        click.echo(result.summary())
+        result = run_training(args, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+        if not quiet:
+            click.echo(result.summary())
     if result.interrupted:
         sys.exit(130)
+
+
+def _train_on_local_ranks(ctx, args, ranks: int) -> int:
+    """`train --ranks N`: check the options here, then start N ranks running the same train
+    command; the exit status says how the ranks ended."""
+    from pathlib import Path
+
+    from .training import distributed
+    from .training.trainer import check_args, prepare_out_dir, resolve_defaults, train_argv
+
+    if distributed.launched():
+        raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
+    check_args(resolve_defaults(args))
+    prepare_out_dir(args)  # fail before any rank starts
+    argv = (["--debug"] if ctx.obj.get("debug") else []) + ["train", "--no-report", *train_argv(args)]
+    ended = distributed.launch_local(ranks, argv)
+    codes = dict(ended["failed"])
+    if not codes and ended["returncode"] == 0:
+        return 0
+    if ended["returncode"] < 0 or 130 in codes.values():
+        ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
+        click.echo("interrupted; " + (f"continue with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
+                                      if ckpts else "no checkpoint was saved"), err=True)
+        return 130
+    if ended["said_error"]:
+        return 1  # the rank's own one-line message is above
+    rank, code = next(iter(sorted(codes.items())), (None, ended["returncode"]))
+    how = "was killed" if code is None else f"exited with code {code}"
+    click.echo(f"error: rank {rank} {how}; every rank was stopped (its message, if any, is above)", err=True)
+    return 1
 
 
 @main.command(context_settings=CONTEXT)

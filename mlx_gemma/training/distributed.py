@@ -14,11 +14,20 @@ its input unchanged and the single-process path runs exactly as before.
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import UserError
 
 _group = None
 
@@ -87,3 +96,103 @@ def describe() -> str:
     if not launched():
         return "single process"
     return f"rank {rank()} of {world_size()}"
+
+
+class _Flag:
+    """What `deferred_interrupt` returns: call it for 0 / 1 (a SIGINT arrived), `release()` at the end."""
+
+    def __init__(self):
+        self.raised, self._old = 0, None
+
+    def __call__(self) -> int:
+        return self.raised
+
+    def _set(self, *_):
+        self.raised = 1
+
+    def release(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def deferred_interrupt() -> _Flag:
+    """In a data-parallel run, turn SIGINT into a flag that the ranks sum after every step.
+
+    Ctrl-C reaches each rank at a different point; a rank that stopped at once would leave the
+    others waiting forever in the step's all_sum. With the flag they all finish the same step and
+    stop together (rank 0 then saves the checkpoint). On one process SIGINT stays a
+    KeyboardInterrupt (the trainer rolls a half-applied step back).
+    """
+    flag = _Flag()
+    if world_size() > 1 and threading.current_thread() is threading.main_thread():
+        flag._old = signal.signal(signal.SIGINT, flag._set)
+    return flag
+
+
+# ---- local ranks: `mlx-gemma train --ranks N` -------------------------------------------------
+
+_RANK_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+
+
+def _free_port_pair() -> int:
+    """A base port p with p and p + 1 free on loopback (the ring backend listens on one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise UserError("--ranks: found no free pair of loopback ports for the ring backend")
+
+
+def launch_local(ranks: int, argv: list, blas_threads: Optional[int] = None) -> dict:
+    """Run `python -m mlx_gemma.cli *argv` as `ranks` local processes through mlx.launch (ring
+    backend on loopback) and wait. Each rank gets `blas_threads` OpenBLAS threads (default: the
+    cores divided among the ranks, so they do not oversubscribe them).
+
+    The launcher's output is passed through, without its own per-rank exit warnings. Returns
+    {"returncode": the launcher's, "failed": [(rank, exit code or None when killed), ...],
+    "said_error": whether a rank printed an `error:` line}.
+    """
+    threads = blas_threads or max(1, (os.cpu_count() or 1) // ranks)
+    script = Path(sys.executable).with_name("mlx.launch")
+    launcher = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
+    cmd = [*launcher, "-n", str(ranks), "--backend", "ring", "-p", str(_free_port_pair()),
+           "--env", f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', threads)}",
+           "--", sys.executable, "-m", "mlx_gemma.cli", *argv]
+    # Ctrl-C reaches the ranks directly (same process group); they stop together after the step
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    failed, pending, said_error = [], b"", False
+    try:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace"))
+                found = _RANK_EXIT.search(text)
+                if found:
+                    failed.append((int(found.group(1)), None if found.group(2) is None else int(found.group(2))))
+                else:
+                    said_error = said_error or text.startswith("error:")
+                    sys.stderr.buffer.write(line + b"\n")
+            if b"\r" in pending:  # a progress bar redrawing its line: pass it on without waiting for \n
+                head, pending = pending.rsplit(b"\r", 1)
+                sys.stderr.buffer.write(head + b"\r")
+            sys.stderr.flush()
+        returncode = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    sys.stderr.buffer.write(pending)
+    sys.stderr.flush()
+    return {"returncode": returncode, "failed": failed, "said_error": said_error}

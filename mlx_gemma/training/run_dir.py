@@ -100,7 +100,7 @@ class RunDir:
                                 "--resume (or with --force if the dir holds files)")
             self.read_config()  # a damaged config is reported now, not after the model load
             return ckpt
-        if self.holds_files() and not force:
+        if self.holds_files() and not force and self.writer:  # other ranks: rank 0 may be writing already
             raise UserError(f"--out {self.path} already holds files (another run?); pass --resume to continue it or "
                             "--force to start over")
         return None
@@ -108,9 +108,9 @@ class RunDir:
     def start(self, config: dict, resume_step: Optional[int]) -> None:
         """Begin writing: a fresh run removes a previous run's files and writes train_config.json;
         a resumed one keeps the metrics up to its checkpoint's step. Opens metrics.jsonl."""
-        self.metrics = self._read_metrics(resume_step) if resume_step is not None else []
-        if not self.writer:
+        if not self.writer:  # rank 0 rewrites metrics.jsonl meanwhile: the others neither read nor write it
             return
+        self.metrics = self._read_metrics(resume_step) if resume_step is not None else []
         if resume_step is None:
             self.clean()
             self.path.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 import sys
 import time
 from dataclasses import dataclass, field
@@ -277,16 +278,28 @@ class Progress:
                         dynamic_ncols=True, mininterval=0.5 if tty else 10.0, smoothing=0.1)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, peak_gb: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s peak {peak_gb:.2f} GB",
-                                 refresh=False)
-        self.bar.update(step - self.bar.n)
+        with self._quiet_if_gone():
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s peak {peak_gb:.2f} GB",
+                                     refresh=False)
+            self.bar.update(step - self.bar.n)
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text, file=self.bar.fp)
+            with self._quiet_if_gone():
+                self.bar.write(text, file=self.bar.fp)
 
     def close(self) -> None:
-        self.bar.close()
+        with self._quiet_if_gone():
+            self.bar.close()
+
+    @contextmanager
+    def _quiet_if_gone(self):
+        """A closed stderr (the launcher that piped it ended on Ctrl-C) must not cost the checkpoint."""
+        try:
+            yield
+        except OSError:
+            self.enabled = False
+            self.bar.disable = True
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -381,8 +394,10 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
                          checkpoint=str(resume_from) if resume_from else None)
 
     def validate(step: int) -> Optional[float]:
+        nonlocal validated
         if not valid_set:
             return None
+        validated = step
         res = evaluate_dataset(model, tokenizer, valid_set, args.batch_size, args.max_seq_len, args.eval_batches,
                                args.loss_chunk, _fn=eval_fn)
         run.record({"step": step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
@@ -399,10 +414,11 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
                 + (f", {dist.world_size()} ranks" if dist.world_size() > 1 else "")
                 + (f", resuming at step {start}" if start else ""))
     batches = _rank_batches(train_set, args, pad, start * args.grad_accum)
+    ctrl_c = dist.deferred_interrupt()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     done = start  # the last step whose update is in the weights
-    val_loss = None
+    val_loss, validated = None, None
     try:
         if start == 0 and args.eval_every and valid_set:
             validate(0)
@@ -424,7 +440,8 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
                 where = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
                 raise NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped and "
                                     f"{where}. Lower --lr (now {args.lr:g}) or check the data")
-            tokens = int(dist.sum_scalars(sum(b["tokens"] for _, (_, b) in micro if b is not None))[0])
+            tokens, stop = dist.sum_scalars(sum(b["tokens"] for _, (_, b) in micro if b is not None), ctrl_c())
+            tokens = int(tokens)
             dt = time.perf_counter() - t_step
             result.tokens += tokens
             elapsed = time.perf_counter() - t0
@@ -441,6 +458,8 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
                 checkpoint(step)
             if on_step is not None:
                 on_step(step, rec)
+            if stop:  # a rank got Ctrl-C: every rank stops after the same step
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
         if done > start:
@@ -454,13 +473,13 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
         run.close()
         raise
     finally:
+        ctrl_c.release()
         bar.close()
         result.seconds = time.perf_counter() - t0
         result.peak_memory_gb = mx.get_peak_memory() / 1e9
     if not result.interrupted:
-        last = run.metrics[-1] if run.metrics else {}
-        if valid_set:
-            val_loss = last["val_loss"] if "val_loss" in last and last["step"] == done else validate(done)
+        if valid_set and validated != done:  # (decided alike on every rank: validation is collective)
+            val_loss = validate(done)
         checkpoint(done)
         if args.test and test_set:
             res = evaluate_dataset(model, tokenizer, test_set, args.batch_size, args.max_seq_len,
@@ -509,6 +528,18 @@ def restore_options(values: dict, given: set) -> dict:
         if f.name in previous and f.name not in given and f.name not in TrainArgs.PER_RUN_KEYS:
             merged[f.name] = previous[f.name]
     return merged
+
+
+def train_argv(args: TrainArgs) -> list:
+    """`args` as `mlx-gemma train` options (what each rank of `--ranks N` is started with)."""
+    argv = []
+    for f in train_fields():
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else ([f"--no-{flag[2:]}"] if f.default else [])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def run_training(args: TrainArgs, progress: bool = True, echo=print) -> TrainResult:
