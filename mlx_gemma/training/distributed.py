@@ -135,7 +135,7 @@ def deferred_interrupt() -> _Flag:
 _RANK_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A base port p with p and p + 1 free on loopback (the ring backend listens on one per rank)."""
     for _ in range(50):
         with socket.socket() as s:
@@ -164,7 +164,7 @@ def launch_local(ranks: int, argv: list, blas_threads: Optional[int] = None) -> 
     script = Path(sys.executable).with_name("mlx.launch")
     launcher = [str(script)] if script.exists() else [
         sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
-    cmd = [*launcher, "-n", str(ranks), "--backend", "ring", "-p", str(_free_port_pair()),
+    cmd = [*launcher, "-n", str(ranks), "--backend", "ring", "-p", str(free_port_pair()),
            "--env", f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', threads)}",
            "--", sys.executable, "-m", "mlx_gemma.cli", *argv]
     # Ctrl-C reaches the ranks directly (same process group); they stop together after the step

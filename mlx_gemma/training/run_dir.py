@@ -210,7 +210,8 @@ class RunDir:
         if set(opt) != expected:
             raise _damaged(ckpt / "optimizer.safetensors", "its tensors are not this optimizer's state")
         model.update(tree_unflatten(list(weights.items())))
-        optimizer.state = tree_unflatten(list(opt.items()))
+        optimizer.state.clear()  # in place: a compiled step may hold this dict already
+        optimizer.state.update(tree_unflatten(list(opt.items())))
         return state
 
 

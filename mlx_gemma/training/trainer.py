@@ -176,7 +176,14 @@ def _snapshot(model, optimizer):
 def _restore(model, optimizer, snapshot) -> None:
     params, opt_state = snapshot
     model.update(params)
-    optimizer.state = opt_state
+    _replace_state(optimizer, opt_state)
+
+
+def _replace_state(optimizer, state: dict) -> None:
+    """Put `state` into the optimizer's own state dict: a compiled step captured that dict object,
+    so assigning a new one would leave the step reading the old."""
+    optimizer.state.clear()
+    optimizer.state.update(state)
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -341,6 +348,140 @@ def _dropout_seed(args: TrainArgs, micro: int) -> int:
     return (args.seed * 1_000_003 + micro + 104_729 * dist.rank()) % (2 ** 32)
 
 
+class _Run:
+    """One training run's moving parts: the run dir, optimizer, step function, progress and result.
+    `train` below is the loop that drives it."""
+
+    def __init__(self, model, tokenizer, args: TrainArgs, run: RunDir, adapter_config: dict, train_set, valid_set,
+                 optimizer, loss, progress: bool):
+        from ..lora import count_parameters
+
+        self.model, self.tokenizer, self.args, self.dir = model, tokenizer, args, run
+        self.adapter_config, self.train_set, self.valid_set = adapter_config, train_set, valid_set
+        self.per_epoch = data_lib.batches_per_epoch(train_set, args.batch_size, args.max_seq_len, args.pack)
+        self.total = _total_steps(args, self.per_epoch)
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(args, self.total)
+        self.optimizer.init(model.trainable_parameters())
+        self.step_fn = make_step(model, self.optimizer, loss, loss_chunk=args.loss_chunk,
+                                 max_grad_norm=args.max_grad_norm)
+        self.eval_fn = partial(loss, model) if loss is not None else eval_loss_fn(model, args.loss_chunk)
+        self.params = count_parameters(model)
+        self.progress = progress and run.writer
+        self.done = self.start = 0  # done: the last step whose update is in the weights
+        self.validated, self.val_loss = None, None
+
+    def begin(self, resume_from: Optional[Path], extra_config: Optional[dict]) -> None:
+        """Restore the checkpoint (refusing other data), write the run's config, start the clock."""
+        args, fingerprint = self.args, data_fingerprint(self.train_set)
+        if resume_from:
+            previous = self.dir.read_config() or {}
+            if previous.get("data_sha256", fingerprint) != fingerprint:
+                raise UserError(f"--resume: the training data differs from the run in {self.dir.path} (its train "
+                                "split hashed differently); pass the same --data and tokenization options, or "
+                                "--force to start over")
+            self.start = self.done = int(self.dir.load_checkpoint(resume_from, self.model, self.optimizer)["step"])
+        config = dict(args.to_dict(), **(extra_config or {}), total_steps=self.total,
+                      batches_per_epoch=self.per_epoch, train_records=len(self.train_set),
+                      valid_records=len(self.valid_set) if self.valid_set else 0, data_sha256=fingerprint,
+                      world_size=dist.world_size())
+        self.dir.start(config, self.start if resume_from else None)
+        self.bar = Progress(self.total, self.start, self.progress)
+        self.result = TrainResult(out=str(self.dir.path), steps=self.start, total_steps=self.total,
+                                  trainable=self.params["trainable"],
+                                  checkpoint=str(resume_from) if resume_from else None)
+        p = self.params
+        self.bar.message(f"training {p['trainable']:,} of {p['total']:,} parameters ({p['percent']:.3f}%), "
+                         f"{self.total} steps x {args.batch_size * args.grad_accum} rows, {self.per_epoch} batches "
+                         "per epoch" + (f", {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+                         + (f", resuming at step {self.start}" if self.start else ""))
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, micro: list, ctrl_c) -> tuple[dict, bool]:
+        """Run optimizer step `step` on micro = [(global micro-batch index, (epoch, batch or None))];
+        record its metrics. Returns (record, whether some rank asked to stop)."""
+        args, t_step = self.args, time.perf_counter()
+        snapshot = _snapshot(self.model, self.optimizer)
+        try:
+            loss_sum, ntok = self.step_fn([(_dropout_seed(args, k), None if b is None else _device_batch(b))
+                                           for k, (_, b) in micro])
+            self.done = step
+        except KeyboardInterrupt:
+            if self.done != step:  # the update may be half-applied: back to the step's start
+                _restore(self.model, self.optimizer, snapshot)
+            raise
+        value = (loss_sum / ntok).item()
+        if not math.isfinite(value):
+            last = self.dir.latest_checkpoint()
+            where = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
+            raise NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped and "
+                                f"{where}. Lower --lr (now {args.lr:g}) or check the data")
+        tokens, stop = dist.sum_scalars(sum(b["tokens"] for _, (_, b) in micro if b is not None), ctrl_c())
+        res, now = self.result, time.perf_counter()
+        res.tokens += int(tokens)
+        res.train_loss, res.steps = value, step
+        lr, peak = self.optimizer.learning_rate.item(), mx.get_peak_memory() / 1e9
+        rec = {"step": step, "epoch": micro[-1][1][0], "loss": value, "lr": lr, "loss_tokens": int(ntok.item()),
+               "tokens": int(tokens), "tok_s": tokens / (now - t_step), "peak_memory_gb": peak, "time": now - self.t0}
+        self.dir.record(rec)
+        self.bar.update(step, value, lr, res.tokens / (now - self.t0), peak)
+        return rec, bool(stop)
+
+    def validate(self, step: int) -> None:
+        if not self.valid_set:
+            return
+        args = self.args
+        res = evaluate_dataset(self.model, self.tokenizer, self.valid_set, args.batch_size, args.max_seq_len,
+                               args.eval_batches, args.loss_chunk, _fn=self.eval_fn)
+        self.dir.record({"step": step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
+                         "val_tokens": res["tokens"]})
+        self.bar.message(f"step {step}: validation loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f})")
+        self.validated, self.val_loss = step, res["loss"]
+
+    def checkpoint(self, step: int) -> None:
+        saved = self.dir.save_checkpoint(self.model, self.adapter_config, self.optimizer,
+                                         {"step": step, "total_steps": self.total})
+        self.result.checkpoint = str(saved)
+
+    def interrupted(self, created_dir: bool) -> None:
+        """Ctrl-C: checkpoint the last finished step (if one finished in this run)."""
+        self.result.interrupted = True
+        if self.done > self.start:
+            self.checkpoint(self.done)
+        if self.result.checkpoint:
+            self.bar.message(f"interrupted after step {self.done}; checkpoint {self.result.checkpoint}")
+        else:
+            self.bar.message("interrupted before the first step finished; nothing was saved")
+            self.dir.abandon(created_dir)
+
+    def stop_clock(self) -> None:
+        self.bar.close()
+        self.result.seconds = time.perf_counter() - self.t0
+        self.result.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def finish(self, test_set) -> TrainResult:
+        """The final validation, checkpoint and test evaluation (unless interrupted), the figure."""
+        args, res = self.args, self.result
+        if not res.interrupted:
+            if self.valid_set and self.validated != self.done:  # decided alike on every rank (collective)
+                self.validate(self.done)
+            self.checkpoint(self.done)
+            if args.test and test_set:
+                ev = evaluate_dataset(self.model, self.tokenizer, test_set, args.batch_size, args.max_seq_len,
+                                      loss_chunk=args.loss_chunk, _fn=self.eval_fn)
+                res.test_loss, res.test_perplexity = ev["loss"], ev["perplexity"]
+                self.dir.record({"step": self.done, "test_loss": ev["loss"], "test_perplexity": ev["perplexity"],
+                                 "test_tokens": ev["tokens"]})
+        res.val_loss = self.val_loss
+        self.dir.close()
+        res.metrics = self.dir.metrics
+        if self.dir.writer and (res.checkpoint or not res.interrupted):
+            from .plot import write_metrics_figure
+
+            write_metrics_figure(self.dir.path / "loss.png", self.dir.metrics, args.plot_log_scale)
+        return res
+
+
 def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set=None, *,
           adapter_config: Optional[dict] = None, optimizer: Optional[optim.Optimizer] = None,
           loss: Optional[Callable] = None, on_step: Optional[Callable] = None, progress: bool = True,
@@ -354,147 +495,44 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     there acts like Ctrl-C: checkpoint and return with `interrupted=True`). Raises NonFiniteLoss
     (a UserError) when the loss becomes NaN/inf; the last checkpoint is kept as it was.
     """
-    from ..lora import count_parameters, lora_layers
+    from ..lora import lora_layers
 
     args = resolve_defaults(args)
     check_args(args)
-    if adapter_config is None:
-        raise UserError("train() needs the adapter_config that setup(model, args) (or apply_lora) returned")
-    if not lora_layers(model):
-        raise UserError("the model has no LoRA layers; call setup(model, args) first")
-    run = RunDir(args.out, writer=dist.rank() == 0)
-    created_dir = not run.path.exists()
-    resume_from = run.check(args.resume, args.force)
+    if adapter_config is None or not lora_layers(model):
+        raise UserError("train() needs a LoRA model and its adapter config: adapter_config = setup(model, args)")
+    run_dir = RunDir(args.out, writer=dist.rank() == 0)
+    created_dir = not run_dir.path.exists()
+    resume_from = run_dir.check(args.resume, args.force)
     model.train()
-
+    run = _Run(model, tokenizer, args, run_dir, adapter_config, train_set, valid_set, optimizer, loss, progress)
+    run.begin(resume_from, extra_config)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    per_epoch = data_lib.batches_per_epoch(train_set, args.batch_size, args.max_seq_len, args.pack)
-    total = _total_steps(args, per_epoch)
-    optimizer = optimizer if optimizer is not None else make_optimizer(args, total)
-    optimizer.init(model.trainable_parameters())
-    fingerprint = data_fingerprint(train_set)
-    config = dict(args.to_dict(), **(extra_config or {}), total_steps=total, batches_per_epoch=per_epoch,
-                  train_records=len(train_set), valid_records=len(valid_set) if valid_set else 0,
-                  data_sha256=fingerprint, world_size=dist.world_size())
-    start = 0
-    if resume_from:
-        previous = run.read_config() or {}
-        if previous.get("data_sha256", fingerprint) != fingerprint:
-            raise UserError(f"--resume: the training data differs from the run in {run.path} (its train split "
-                            "hashed differently); pass the same --data and tokenization options, or --force to "
-                            "start over")
-        start = int(run.load_checkpoint(resume_from, model, optimizer)["step"])
-    run.start(config, start if resume_from else None)
-
-    step_fn = make_step(model, optimizer, loss, loss_chunk=args.loss_chunk, max_grad_norm=args.max_grad_norm)
-    eval_fn = partial(loss, model) if loss is not None else eval_loss_fn(model, args.loss_chunk)
-    params = count_parameters(model)
-    bar = Progress(total, start, progress and run.writer)
-    result = TrainResult(out=str(run.path), steps=start, total_steps=total, trainable=params["trainable"],
-                         checkpoint=str(resume_from) if resume_from else None)
-
-    def validate(step: int) -> Optional[float]:
-        nonlocal validated
-        if not valid_set:
-            return None
-        validated = step
-        res = evaluate_dataset(model, tokenizer, valid_set, args.batch_size, args.max_seq_len, args.eval_batches,
-                               args.loss_chunk, _fn=eval_fn)
-        run.record({"step": step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
-                    "val_tokens": res["tokens"]})
-        bar.message(f"step {step}: validation loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f})")
-        return res["loss"]
-
-    def checkpoint(step: int) -> None:
-        saved = run.save_checkpoint(model, adapter_config, optimizer, {"step": step, "total_steps": total})
-        result.checkpoint = str(saved)
-
-    bar.message(f"training {params['trainable']:,} of {params['total']:,} parameters ({params['percent']:.3f}%), "
-                f"{total} steps x {args.batch_size * args.grad_accum} rows, {per_epoch} batches per epoch"
-                + (f", {dist.world_size()} ranks" if dist.world_size() > 1 else "")
-                + (f", resuming at step {start}" if start else ""))
-    batches = _rank_batches(train_set, args, pad, start * args.grad_accum)
+    batches = _rank_batches(train_set, args, pad, run.start * args.grad_accum)
     ctrl_c = dist.deferred_interrupt()
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    done = start  # the last step whose update is in the weights
-    val_loss, validated = None, None
     try:
-        if start == 0 and args.eval_every and valid_set:
-            validate(0)
-        for step in range(start + 1, total + 1):
-            t_step = time.perf_counter()
+        if run.start == 0 and args.eval_every:
+            run.validate(0)
+        for step in range(run.start + 1, run.total + 1):
             micro = [(k, next(batches)) for k in range((step - 1) * args.grad_accum, step * args.grad_accum)]
-            snapshot = _snapshot(model, optimizer)
-            try:
-                loss_sum, ntok = step_fn([(_dropout_seed(args, k), None if batch is None else _device_batch(batch))
-                                          for k, (_, batch) in micro])
-                done = step
-            except KeyboardInterrupt:
-                if done != step:  # the update may be half-applied: back to the step's start
-                    _restore(model, optimizer, snapshot)
-                raise
-            value = (loss_sum / ntok).item()
-            if not math.isfinite(value):
-                last = run.latest_checkpoint()
-                where = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
-                raise NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped and "
-                                    f"{where}. Lower --lr (now {args.lr:g}) or check the data")
-            tokens, stop = dist.sum_scalars(sum(b["tokens"] for _, (_, b) in micro if b is not None), ctrl_c())
-            tokens = int(tokens)
-            dt = time.perf_counter() - t_step
-            result.tokens += tokens
-            elapsed = time.perf_counter() - t0
-            lr = optimizer.learning_rate.item()
-            peak = mx.get_peak_memory() / 1e9
-            rec = {"step": step, "epoch": micro[-1][1][0], "loss": value, "lr": lr, "loss_tokens": int(ntok.item()),
-                   "tokens": tokens, "tok_s": tokens / dt, "peak_memory_gb": peak, "time": elapsed}
-            run.record(rec)
-            result.train_loss, result.steps = value, step
-            bar.update(step, value, lr, result.tokens / elapsed, peak)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validate(step)
-            if args.save_every and step % args.save_every == 0 and step < total:
-                checkpoint(step)
+            rec, stop = run.step(step, micro, ctrl_c)
+            if args.eval_every and step % args.eval_every == 0 and step < run.total:
+                run.validate(step)
+            if args.save_every and step % args.save_every == 0 and step < run.total:
+                run.checkpoint(step)
             if on_step is not None:
                 on_step(step, rec)
             if stop:  # a rank got Ctrl-C: every rank stops after the same step
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        result.interrupted = True
-        if done > start:
-            checkpoint(done)
-        if result.checkpoint:
-            bar.message(f"interrupted after step {done}; checkpoint {result.checkpoint}")
-        else:
-            bar.message("interrupted before the first step finished; nothing was saved")
-            run.abandon(created_dir)
+        run.interrupted(created_dir)
     except BaseException:
-        run.close()
+        run_dir.close()
         raise
     finally:
         ctrl_c.release()
-        bar.close()
-        result.seconds = time.perf_counter() - t0
-        result.peak_memory_gb = mx.get_peak_memory() / 1e9
-    if not result.interrupted:
-        if valid_set and validated != done:  # (decided alike on every rank: validation is collective)
-            val_loss = validate(done)
-        checkpoint(done)
-        if args.test and test_set:
-            res = evaluate_dataset(model, tokenizer, test_set, args.batch_size, args.max_seq_len,
-                                   loss_chunk=args.loss_chunk, _fn=eval_fn)
-            result.test_loss, result.test_perplexity = res["loss"], res["perplexity"]
-            run.record({"step": done, "test_loss": res["loss"], "test_perplexity": res["perplexity"],
-                        "test_tokens": res["tokens"]})
-    result.val_loss = val_loss
-    run.close()
-    result.metrics = run.metrics
-    if run.writer and (result.checkpoint or not result.interrupted):
-        from .plot import write_metrics_figure
-
-        write_metrics_figure(run.path / "loss.png", run.metrics, args.plot_log_scale)
-    return result
+        run.stop_clock()
+    return run.finish(test_set)
 
 
 # ---- the whole job, for the CLI ---------------------------------------------------------------
