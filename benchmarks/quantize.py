@@ -28,6 +28,7 @@ from mlx_gemma import backend
 from mlx_gemma import quantize as Q
 from mlx_gemma.data import DATA_DIR
 from mlx_gemma.evaluate import perplexity
+from mlx_gemma.generation import generate_step, prefill
 from mlx_gemma.gptq import calibration_windows, resolve_sources
 from mlx_gemma.loading import load, resolve, save_model
 
@@ -38,24 +39,18 @@ def prefill_tps(model, ids, reps=2) -> float:
     for _ in range(reps):
         cache = model.make_cache()
         t = time.perf_counter()
-        model.model(ids, cache=cache)
-        mx.eval([c.state for c in cache])
+        prefill(model, ids, cache)
         best = min(best, time.perf_counter() - t)
     return ids.shape[1] / best
 
 
 def decode_tps(model, ids, n) -> float:
     """Greedy tokens/s after a prompt: one row per step, logits of that row only."""
-    cache = model.make_cache()
-    model.model(ids, cache=cache)
-    mx.eval([c.state for c in cache])
-    tok = mx.array([[int(ids[0, -1].item())]])
-    tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdims=True)
-    mx.eval(tok)  # warm-up step
+    steps = generate_step(model, ids, max_tokens=n + 1, compile=False)
+    next(steps).item()  # prefill and a warm-up step
     t = time.perf_counter()
-    for _ in range(n):
-        tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdims=True)
-        mx.eval(tok)
+    for tok in steps:
+        tok.item()
     return n / (time.perf_counter() - t)
 
 

@@ -643,12 +643,8 @@ def write_gguf(
         raise UserError(f"tokenizer model has {len(vocab['tokens'])} pieces but model.embed_tokens.weight has {gguf_tensors['token_embd.weight'].shape[0]} rows; pass the model's own tokenizer.model")
 
     path = Path(path)
-    folder = path.parent
-    # Checked here so that a wrong folder is one line for the user, not a traceback from the writer.
-    if not folder.is_dir():
-        raise UserError(f"{path}: cannot write there ({folder} is not a folder); pick an existing, writable folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot write there ({folder} is not writable); pick an existing, writable folder")
+    # A folder that is missing, read-only or full is one line naming the cause: write_atomic
+    # raises files.WriteError for it.
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)

@@ -106,14 +106,21 @@ def load_safetensors(files: list) -> dict:
 
 
 def parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise UserError(f"bad shard size {size!r}; use e.g. 5GB, 500MB or a number of bytes")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    """A shard size ("5GB", "500MB", "2GiB", 1000000) in bytes; at least one byte. 0 (or a
+    fraction of a byte) would give every tensor a file of its own: refused, as any text that is
+    not a size."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise UserError(f"bad shard size {size!r}; use e.g. 5GB, 500MB or a number of bytes")
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    if value < 1:
+        raise UserError(f"shard size {size!r} is below one byte; use e.g. 5GB or 500MB")
+    return value
 
 
 def save_safetensors(weights: dict, out_dir: Path, max_shard_size="5GB", metadata=None) -> list:

@@ -88,6 +88,12 @@ def tokenizer_model_from_gguf_fields(
             raise ValueError(f"tokens {seen[piece]} and {index} are both {piece!r} in SentencePiece spelling")
         seen[piece] = index
         model.pieces.add(piece=piece, score=float(score), type=spm_type)
+    return serialize_gemma_model(model, bos_id, eos_id, unk_id, pad_id)
+
+
+def serialize_gemma_model(model: "_pb.ModelProto", bos_id, eos_id, unk_id, pad_id) -> bytes:
+    """Give `model` (its pieces filled in) Gemma's trainer and normalizer settings; return its bytes."""
+    n = len(model.pieces)
 
     def piece_at(i):
         return model.pieces[i].piece if i is not None else ""

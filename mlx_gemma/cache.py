@@ -1,59 +1,49 @@
-"""Key/value caches for generation: full for global layers, a bounded ring for sliding-window ones.
+"""Key/value caches with explicit per-row positions: full for global layers, a ring for sliding ones.
 
-Each cache knows the absolute positions of the keys it returns, so it builds its own
-attention mask (`mask(L, pad)`); the model asks one cache per attention kind.
-Arrays are (B, K, S, D): batch, KV heads, cached positions, head_dim.
+One mode, eager or compiled alike: the caller says where the new tokens go. `update(k, v, pos)`
+writes the keys of L new tokens of each row b at positions pos[b] .. pos[b] + L - 1 and returns
+the keys and values to attend over; `mask(pos, L)` is the matching attention mask. The cache
+holds no position state of its own, so rows of one batch may sit at different positions (the
+server's continuous batching), and a compiled decode step traces once per buffer shape.
 
-`offset` (tokens stored so far = absolute position of the next token) is a Python int in
-ordinary (eager) use. Inside the compiled decode step (mlx_gemma.generation) it is a scalar
-mx.array instead, so that one trace serves every position: then shapes must not depend on
-the position, so `FullCache` returns its whole pre-reserved buffer (unwritten slots masked)
-and writes with `mx.slice_update`; the caller advances `offset` after the step.
+Arrays are (B, K, S, D): batch rows, KV heads, slots, head_dim.
+- `KVCache` keeps every key: position p lives in slot p. Slots past a row's length hold zeros
+  or keys of an earlier occupant of the row; the causal mask never lets a query see them.
+- `RotatingKVCache` keeps the last `window` keys: position p lives in slot p % window, so a
+  write never shifts the other keys (RoPE was applied before caching, and attention does not
+  care about key order). Each slot's position follows from the row's newest position.
+
+Buffers grow in steps of 256 slots (the ring up to its window) by `reserve`, which the caller
+runs before a forward with the number of positions it will hold: inside a compiled step shapes
+cannot depend on positions. The row methods (`take`, `concat`) let a scheduler drop finished
+rows and add prefilled ones without touching the others.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
-# Position given to empty ring slots: far enough back to be outside every window.
-_EMPTY = -(1 << 30)
+from .masks import EMPTY, causal_mask
+
+STEP = 256
 
 
-def _traced(offset) -> bool:
-    return isinstance(offset, mx.array)
+class KVCache:
+    """Every key of every position; position p in slot p."""
 
-
-def _mask(q_pos, k_pos, window, pad):
-    from .model import causal_mask
-
-    return causal_mask(q_pos, k_pos, window, pad)
-
-
-class _KVBuffer:
-    """Key/value buffers (B, K, S, D) that grow by appending empty slots."""
-
-    step = 256
+    window: Optional[int] = None
 
     def __init__(self):
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        self.offset = 0  # tokens stored so far (= absolute position of the next token)
+
+    # ---- storage ------------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
-
-    def _grow(self, batch: int, kv_heads: int, head_dim: int, dtype, slots: int) -> None:
-        """Append `slots` empty (zero) positions, keeping what is stored."""
-        new_k = mx.zeros((batch, kv_heads, slots, head_dim), dtype)
-        new_v = mx.zeros((batch, kv_heads, slots, head_dim), dtype)
-        if self.keys is None:
-            self.keys, self.values = new_k, new_v
-        else:
-            self.keys = mx.concatenate([self.keys, new_k], axis=2)
-            self.values = mx.concatenate([self.values, new_v], axis=2)
 
     @property
     def nbytes(self) -> int:
@@ -63,107 +53,120 @@ class _KVBuffer:
     def state(self):
         return self.keys, self.values
 
+    @state.setter
+    def state(self, kv):
+        self.keys, self.values = kv
 
-class FullCache(_KVBuffer):
-    """Keeps every key; grows its buffers in steps so decoding does not copy the whole cache per token."""
-
-    window = None
+    def slots_for(self, tokens: int) -> int:
+        """Slots needed to hold `tokens` positions (rounded up to the growth step)."""
+        return -(-max(tokens, 1) // STEP) * STEP
 
     def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int) -> None:
-        """Make room for `tokens` positions in total (rounded up to `step`), keeping what is stored."""
-        if tokens > self.capacity:
-            self._grow(batch, kv_heads, head_dim, dtype, -(-(tokens - self.capacity) // self.step) * self.step)
+        """Make room for positions [0, tokens) in every row, keeping what is stored."""
+        want = max(self.capacity, self.slots_for(tokens))
+        if self.keys is None:
+            self.keys = mx.zeros((batch, kv_heads, want, head_dim), dtype)
+            self.values = mx.zeros((batch, kv_heads, want, head_dim), dtype)
+        elif want > self.capacity:
+            self.keys, self.values = (_pad_slots(a, want) for a in (self.keys, self.values))
 
-    def update_and_fetch(self, k: mx.array, v: mx.array):
-        B, K, L, D = k.shape
-        if _traced(self.offset):
-            # Fixed shapes: write in place at `offset`, return the whole buffer (mask hides the rest).
-            start = self.offset.reshape(1)
-            self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
-            self.values = mx.slice_update(self.values, v, start, axes=(2,))
-            return self.keys, self.values
-        start = self.offset
-        self.reserve(B, K, D, k.dtype, start + L)
-        self.keys[:, :, start:start + L] = k
-        self.values[:, :, start:start + L] = v
-        self.offset += L
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+    # ---- attention ----------------------------------------------------------------------------
 
-    def mask(self, L: int, pad: Optional[mx.array]):
-        """Mask for the next call with L new tokens: keys at positions [0, offset + L)."""
-        if _traced(self.offset):
-            q_pos = self.offset + mx.arange(L)
-            return _mask(q_pos, mx.arange(self.capacity), None, pad)
-        if L == 1 and pad is None:
-            return None
-        if pad is None and self.offset == 0:
-            return "causal"
-        q_pos = mx.arange(self.offset, self.offset + L)
-        return _mask(q_pos, mx.arange(self.offset + L), None, pad)
+    def update(self, k: mx.array, v: mx.array, pos: mx.array):
+        """Write k, v (B, K, L, D) at positions pos (B,) + [0, L); return all slots (B, K, S, D)."""
+        slots = _positions(pos, k.shape[2])
+        self.keys = _scatter(self.keys, k, slots)
+        self.values = _scatter(self.values, v, slots)
+        return self.keys, self.values
+
+    def mask(self, pos: mx.array, L: int) -> mx.array:
+        """Mask (B, 1, L, S) for L new tokens at pos (B,): keys at slot <= query position."""
+        return causal_mask(_positions(pos, L), mx.arange(self.capacity))
+
+    # ---- rows ---------------------------------------------------------------------------------
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order."""
+        idx = mx.array(list(rows), mx.int32)
+        self.keys, self.values = self.keys[idx], self.values[idx]
+
+    def concat(self, other: "KVCache") -> None:
+        """Append the rows of `other` (same kind and window) after this cache's rows."""
+        if self.keys is None:
+            self.keys, self.values = other.keys, other.values
+            return
+        size = max(self.capacity, other.capacity)
+        self.keys = mx.concatenate([_pad_slots(self.keys, size), _pad_slots(other.keys, size)], axis=0)
+        self.values = mx.concatenate([_pad_slots(self.values, size), _pad_slots(other.values, size)], axis=0)
 
 
+class RotatingKVCache(KVCache):
+    """The last `window` keys of each row; position p in slot p % window.
 
-class SlidingCache(_KVBuffer):
-    """A ring buffer of the last `window` keys: memory stays bounded however long the generation.
-
-    Position p lives in slot p % window, so writing a token never shifts the others; attention
-    does not care about key order (RoPE was applied before caching), and `mask` knows each
-    slot's position. The buffer grows in steps of 256 slots up to `window`, so a short
-    generation with a 512-token window attends over the positions it has, not 512.
-    An eager call with L new tokens returns the ring followed by the new keys (the chunk may
-    overwrite slots its own first queries still need); the compiled decode step (one token)
-    writes its slot first and returns the ring alone.
+    One new token (decode) is written first, then attended over with the ring. With L > 1 new
+    tokens (prefill) the chunk may overwrite slots its own first queries still need, so the ring
+    as it was is returned followed by the new keys, and the last min(L, window) are written.
     """
 
     def __init__(self, window: int):
         super().__init__()
         self.window = window
 
-    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype, tokens: int = 0) -> None:
-        """Make room for `tokens` positions in total, up to `window` slots (rounded up to `step`)."""
-        want = self._capacity_for(tokens)
-        if want > self.capacity:
-            # Until the ring first wraps, position p sits in slot p < capacity: growing appends empty slots.
-            self._grow(batch, kv_heads, head_dim, dtype, want - self.capacity)
+    def slots_for(self, tokens: int) -> int:
+        # Until the ring first wraps, position p sits in slot p < capacity: growing appends slots.
+        return min(self.window, super().slots_for(tokens))
 
-    def _capacity_for(self, tokens: int) -> int:
-        return max(self.capacity, min(self.window, -(-max(tokens, 1) // self.step) * self.step))
+    def slot_positions(self, last: mx.array) -> mx.array:
+        """(B, S) position held by each slot when `last` (B,) is each row's newest stored position
+        (EMPTY where the slot holds none)."""
+        s = mx.arange(self.capacity)[None]
+        last = last[:, None]
+        held = last - (last - s) % self.window  # largest p <= last with p % window == s
+        return mx.where(held >= 0, held, EMPTY)
 
-    def _slot_positions(self, last, capacity: int):
-        """Absolute position held by each of `capacity` slots when `last` is the newest position
-        stored (_EMPTY where none): (capacity,)."""
-        pos = last - (last - mx.arange(capacity)) % self.window  # largest p <= last with p % window == slot
-        return mx.where(pos >= 0, pos, _EMPTY)
-
-    def update_and_fetch(self, k: mx.array, v: mx.array):
-        B, K, L, D = k.shape
-        if _traced(self.offset):  # compiled decode step, L == 1, capacity reserved by the caller
-            start = (self.offset % self.window).reshape(1)
-            self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
-            self.values = mx.slice_update(self.values, v, start, axes=(2,))
+    def update(self, k: mx.array, v: mx.array, pos: mx.array):
+        L = k.shape[2]
+        if L == 1:
+            slots = (pos % self.window)[:, None]
+            self.keys = _scatter(self.keys, k, slots)
+            self.values = _scatter(self.values, v, slots)
             return self.keys, self.values
-        self.reserve(B, K, D, k.dtype, self.offset + L)
         out_k = mx.concatenate([self.keys, k], axis=2)
         out_v = mx.concatenate([self.values, v], axis=2)
-        # The last min(L, window) new tokens go into their slots: a contiguous run of slots that may
-        # wrap around the end of the ring, so at most two slice writes.
-        m = min(L, self.window)
-        first = (self.offset + L - m) % self.window
-        head = min(m, self.window - first)
-        self.keys[:, :, first:first + head] = k[:, :, L - m:L - m + head]
-        self.values[:, :, first:first + head] = v[:, :, L - m:L - m + head]
-        if head < m:
-            self.keys[:, :, : m - head] = k[:, :, L - m + head:]
-            self.values[:, :, : m - head] = v[:, :, L - m + head:]
-        self.offset += L
+        m = min(L, self.window)  # only the last `window` new keys survive in the ring
+        slots = _positions(pos + L - m, m) % self.window
+        self.keys = _scatter(self.keys, k[:, :, L - m:], slots)
+        self.values = _scatter(self.values, v[:, :, L - m:], slots)
         return out_k, out_v
 
-    def mask(self, L: int, pad: Optional[mx.array]):
-        """Mask for the next call with L new tokens (see update_and_fetch for the key layout)."""
-        q_pos = self.offset + mx.arange(L)
-        if _traced(self.offset):  # the new key is already in its slot
-            return _mask(q_pos, self._slot_positions(self.offset, self.capacity), self.window, pad)
-        # the keys update_and_fetch will return: the ring (grown first if needed), then the new ones
-        k_pos = mx.concatenate([self._slot_positions(self.offset - 1, self._capacity_for(self.offset + L)), q_pos])
-        return _mask(q_pos, k_pos, self.window, pad)
+    def mask(self, pos: mx.array, L: int) -> mx.array:
+        q_pos = _positions(pos, L)
+        if L == 1:
+            return causal_mask(q_pos, self.slot_positions(pos), self.window)
+        k_pos = mx.concatenate([self.slot_positions(pos - 1), q_pos], axis=1)
+        return causal_mask(q_pos, k_pos, self.window)
+
+
+def _positions(pos: mx.array, L: int) -> mx.array:
+    """(B, L) positions of L consecutive tokens starting at pos (B,)."""
+    return pos[:, None] + mx.arange(L)[None]
+
+
+def _scatter(buffer: mx.array, new: mx.array, slots: mx.array) -> mx.array:
+    """buffer (B, K, S, D) with new (B, K, L, D) written at slots (B, L) of each row."""
+    idx = slots.astype(mx.int32)[:, None, :, None]  # broadcast over heads and head_dim
+    return mx.put_along_axis(buffer, idx, new.astype(buffer.dtype), axis=2)
+
+
+def _pad_slots(a: mx.array, size: int) -> mx.array:
+    """a (B, K, S, D) with zero slots appended up to `size`."""
+    if a.shape[2] >= size:
+        return a
+    B, K, S, D = a.shape
+    return mx.concatenate([a, mx.zeros((B, K, size - S, D), a.dtype)], axis=2)
+
+
+def make_cache(layer_windows: Sequence[Optional[int]]) -> list:
+    """One cache per layer: a ring for a sliding-window layer (its window), full otherwise."""
+    return [RotatingKVCache(w) if w else KVCache() for w in layer_windows]
 

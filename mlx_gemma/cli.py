@@ -1,38 +1,84 @@
 """The `mlx-gemma` command line: a thin layer that parses options and calls the library.
 
-A user mistake (mlx_gemma.errors.UserError) prints one `error: ...` line and exits 1;
-`mlx-gemma --debug ...` shows the traceback instead.
+A user mistake (mlx_gemma.errors.UserError) or a file operation the system refused (OSError: full
+disk, read-only folder, ...) prints one `error: ...` line and exits 1; `mlx-gemma --debug ...`
+shows the traceback instead. Ctrl-C and SIGTERM stop the command the same way (temporary outputs
+removed, a training run checkpointed) and exit 130 / 143.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import click
 
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
 
+from .convert.keras import SIZE_ALIASES, SIZES
 from .errors import UserError
 from .loading import DEFAULT_MODEL
+
+KERAS_SIZES = list(SIZE_ALIASES) + list(SIZES)
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same cleanup
+    runs: atomic writers remove their temporaries, the trainer saves a checkpoint."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While the command runs, SIGTERM raises Terminated (once; a second SIGTERM kills at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class Group(click.Group):
-    """Turns UserError (and bad files found by click) into one line and exit status 1."""
+    """Turns UserError and OSError into one `error:` line and exit status 1; Ctrl-C / SIGTERM into
+    exit status 130 / 143 after the cleanup they trigger."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+        with _sigterm_as_interrupt():
+            try:
+                return super().invoke(ctx)
+            except UserError as exc:
+                self._fail(ctx, str(exc))
+            except BrokenPipeError:  # `mlx-gemma ... | head`: click exits quietly
                 raise
-            _later_if_other_rank()
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            except OSError as exc:  # the system refused a read or write that no library code words itself
+                from .files import describe_os_error
+
+                self._fail(ctx, describe_os_error(exc))
+            except Terminated:
+                click.echo("terminated", err=True)
+                sys.exit(143)
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+                sys.exit(130)
+
+    @staticmethod
+    def _fail(ctx, message: str):
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        _later_if_other_rank()
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
 
 
 def _later_if_other_rank() -> None:
@@ -118,17 +164,26 @@ def models():
               help="Calibration text/data with -q, as `quantize --calibration` [default: auto].")
 @click.option("--recipe", default="uniform", type=click.Choice(["uniform", "mixed"]),
               help="Which layers get more bits with -q, as `quantize --recipe`.")
+@click.option("--vocab", default=None, type=click.Path(dir_okay=False),
+              help="Keras .weights.h5 SRC: its SentencePiece vocabulary (vocabulary.spm).")
+@click.option("--size", default=None, metavar="NAME",
+              help="Keras .weights.h5 SRC: its architecture, one of " + ", ".join(KERAS_SIZES) + " (2b / 7b: Gemma 1).")
+@click.option("--config", "keras_config", default=None, type=click.Path(),
+              help="Keras .weights.h5 SRC: its architecture as a Keras preset's config.json (instead of --size).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, force):
-    """Convert SRC (HF dir, .gguf file, repo id or alias) into an MLX model dir OUT."""
-    from .loading import load, save_model
+def convert(src, out, dtype, quantize, bits, group_size, calibration, recipe, vocab, size, keras_config, force):
+    """Convert SRC (HF dir, .gguf file, Keras preset dir or .weights.h5 file, repo id or alias)
+    into an MLX model dir OUT."""
+    from .loading import is_keras_checkpoint, load, save_model
 
     sources = None
     if quantize:
         from .gptq import resolve_sources
 
         sources = resolve_sources(calibration, bits)  # bad files fail before the (slow) load
-    model, tokenizer = load(src, dtype=dtype)
+    if (vocab or size or keras_config) and not is_keras_checkpoint(src):
+        raise UserError(f"--vocab / --size / --config describe a Keras checkpoint, and {src} is not one")
+    model, tokenizer = load(src, dtype=dtype, vocab=vocab, size=size, keras_config=keras_config)
     if quantize:
         from .gptq import calibration_windows
         from .quantize import quantize_model
@@ -164,14 +219,38 @@ def sampling_options(f):
     return f
 
 
-def _sampling(kw) -> dict:
-    from .generation import check_sampling
+def _sampling(kw):
+    """The SamplingParams of the shared options, checked before the (slow) model load."""
+    from .sampling import SamplingParams
 
-    opts = {k: kw[k] for k in ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty",
-                               "repetition_window", "seed")}
-    check_sampling(**{k: v for k, v in opts.items() if k != "seed"})  # before the (slow) model load
-    opts["stop"] = list(kw["stop"])
-    return opts
+    for text in kw["stop"]:
+        _check_utf8(text, "--stop")
+    names = ("max_tokens", "temp", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
+    return SamplingParams.of(stop=tuple(kw["stop"]), **{k: kw[k] for k in names})
+
+
+def _check_utf8(text, flag: str) -> None:
+    """Refuse text from the command line that was not UTF-8: Python hands undecodable argv bytes
+    over as lone surrogates (PEP 383), which the tokenizer cannot encode."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UserError(f"{flag}: not UTF-8 text ({what} at character {exc.start + 1}); set the terminal "
+                        "to UTF-8 or fix the text") from None
+
+
+def _read_stdin_text(flag: str) -> str:
+    """All of stdin as UTF-8 text (UserError naming `flag` if it is not UTF-8)."""
+    from .files import decode_utf8
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # stdin replaced by a text-only object
+        return sys.stdin.read()
+    return decode_utf8(stream.read(), f"{flag} - (stdin)", "pipe UTF-8 text in")
 
 
 @main.command(context_settings=CONTEXT)
@@ -186,8 +265,10 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     from .loading import load
 
     opts = _sampling(kw)
+    _check_utf8(system, "--system")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin_text("--prompt")
+    _check_utf8(prompt, "--prompt")
     if not prompt.strip():
         raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - with text on stdin)")
     if raw and system is not None:
@@ -195,7 +276,7 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
-    for chunk in stream_generate(net, tokenizer, source, system=system, **opts):
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats
@@ -217,18 +298,14 @@ def chat(model, system, adapter, dtype, **kw):
     from .loading import load
 
     opts = _sampling(kw)
+    _check_utf8(system, "--system")
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
-    session = ChatSession(net, tokenizer, system=system, **opts)
+    session = ChatSession(net, tokenizer, system=system, params=opts)
     interactive = sys.stdin.isatty()
+    debug = bool(click.get_current_context().find_root().obj.get("debug"))
     if interactive:
         click.echo("chat with the model; /reset starts over, /exit quits", err=True)
-    while True:
-        if interactive:
-            click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
+    for text in _input_lines(interactive, debug):
         if text == "/exit":
             break
         if text == "/reset":
@@ -237,11 +314,48 @@ def chat(model, system, adapter, dtype, **kw):
             continue
         if not text:
             continue
-        for chunk in session.send(text):
-            click.echo(chunk.text, nl=False)
-            sys.stdout.flush()
-        click.echo("")
-        click.echo(session.last_stats.line(), err=True)
+        try:
+            _chat_turn(session, text)
+        except UserError as exc:  # a turn that cannot run (the context is full): say so, keep the session
+            if debug:
+                raise
+            hint = " (type /reset to start a new conversation)" if session.ids else ""
+            click.echo(f"error: {exc}{hint}", err=True)
+
+
+def _input_lines(interactive: bool, debug: bool):
+    """The chat's input lines, stripped. A line that is not UTF-8 gets an `error:` line and is
+    skipped, so one bad paste does not end the conversation."""
+    from .files import decode_utf8
+
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    number = 0
+    while True:
+        if interactive:
+            click.echo(">> ", nl=False, err=True)
+        line = stream.readline()
+        if not line:
+            return
+        number += 1
+        try:
+            text = decode_utf8(line, f"input line {number}", "set the terminal to UTF-8 and type it again") \
+                if isinstance(line, bytes) else line
+        except UserError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            continue
+        yield text.strip()
+
+
+def _chat_turn(session, text: str) -> None:
+    """Stream one answer and its stats line. (ChatSession.send checks that the turn fits before it
+    records it, so a refused turn leaves the conversation as it was.)"""
+    for chunk in session.send(text):
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
+    click.echo("")
+    click.echo(session.last_stats.line(), err=True)
 
 
 # --- quantize / evaluate --------------------------------------------------------------------
@@ -284,8 +398,8 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
                         f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists; choose another output path or pass --force to overwrite it")
-    if text_file is not None and not Path(text_file).is_file():
-        raise UserError(f"--text {text_file}: no such file")
+    if not no_eval:
+        _check_eval_options(text_file, max_seq_len)
     from .gptq import WINDOW, resolve_sources
 
     resolve_sources(calibration, bits)  # bad files fail before the (slow) load
@@ -296,6 +410,24 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
                                  force=force, progress=lambda msg: click.echo(msg, err=True),
                                  calibration=calibration, calibration_tokens=calibration_tokens, recipe=recipe)
     click.echo(format_report(result))
+
+
+def _check_eval_options(text_file, max_seq_len: int, batch_size: int = 1):
+    """The perplexity options of `evaluate` / `quantize`, checked before the (slow) model load:
+    returns the --text file's text (UTF-8, not empty), or None without --text."""
+    from .evaluate import read_eval_text
+
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2 (a token and the one it predicts), got {max_seq_len}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if text_file is None:
+        return None
+    from pathlib import Path
+
+    if not Path(text_file).is_file():
+        raise UserError(f"--text {text_file}: no such file")
+    return read_eval_text(text_file)
 
 
 # --- train / fuse / data --------------------------------------------------------------------
@@ -321,6 +453,22 @@ def _train_options(fn):
                                help=help_text)
         fn = opt(fn)
     return fn
+
+
+@contextmanager
+def _removed_if_left_empty(out):
+    """A run that fails before writing anything (full disk, bad data) leaves no empty --out dir
+    behind; a dir that existed before, or holds anything, is left as it is."""
+    from pathlib import Path
+
+    out = Path(out).expanduser()
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 @main.command(context_settings=CONTEXT)
@@ -364,14 +512,15 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
     from .training import distributed
 
     quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
-    if report and not args.resume and distributed.world_size() == 1:
-        from .training.report import run_main_job
+    with _removed_if_left_empty(args.out):
+        if report and not args.resume and distributed.world_size() == 1:
+            from .training.report import run_main_job
 
-        result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
-    else:
-        result = run_training(args, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
-        if not quiet:
-            click.echo(result.summary())
+            result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
+        else:
+            result = run_training(args, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+            if not quiet:
+                click.echo(result.summary())
     if result.interrupted:
         sys.exit(130)
 
@@ -420,25 +569,23 @@ def _train_on_local_ranks(ctx, args, ranks: int) -> int:
 @dtype_option
 def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, train_on_prompt, dtype):
     """Loss and perplexity of MODEL (+ adapter) on a dataset split or a text file."""
-    from pathlib import Path
+    from .training import data as data_lib
 
     if (data is None) == (text_file is None):
         raise UserError("give exactly one of --data DIR_OR_FILE or --text FILE")
-    if text_file is not None and not Path(text_file).is_file():
-        raise UserError(f"--text {text_file}: no such file")
+    text = _check_eval_options(text_file, max_seq_len, batch_size)  # before the (slow) model load
+    path = data_lib.resolve_split(data, split) if data is not None else None
     from .loading import load
 
     m, tokenizer = load(model, dtype=dtype, adapter=adapter)
-    if text_file is not None:
+    if text is not None:
         from .evaluate import perplexity
 
-        res = perplexity(m, tokenizer, Path(text_file).read_text(encoding="utf-8"), max_seq_len=max_seq_len)
+        res = perplexity(m, tokenizer, text, max_seq_len=max_seq_len)
         source = text_file
     else:
-        from .training import data as data_lib
         from .training.trainer import evaluate_dataset
 
-        path = data_lib.resolve_split(data, split)
         dataset = data_lib.load_dataset(path, tokenizer, split, max_seq_len, train_on_prompt=train_on_prompt)
         res = evaluate_dataset(m, tokenizer, dataset, batch_size, max_seq_len)
         source = str(path)
@@ -539,6 +686,57 @@ def convert_to_gguf_cmd(src, out, adapter, out_type, force):
     path = convert_to_gguf(src, out, adapter=adapter, out_type=out_type, force=force)
     what = src + (f" + {adapter} (fused)" if adapter else "")
     click.echo(f"wrote {path}: {what}, {out_type}, {output_summary(path)}")
+
+
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def _adapter_pairs(values) -> dict:
+    """--adapter NAME=DIR (or just DIR, named after its folder) -> {name: dir}."""
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = value.rstrip("/").rsplit("/", 1)[-1], value
+        if not name or not path:
+            raise UserError(f"--adapter {value!r}: expected NAME=DIR")
+        if name in out:
+            raise UserError(f"--adapter: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+@main.command(context_settings=CONTEXT)
+@model_option
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="A LoRA adapter to serve as model NAME (repeatable); clients pick it with `model`.")
+@click.option("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8080, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health and /.")
+@click.option("--model-name", default=None, help="The id clients send as `model` for the base (default: from --model).")
+@click.option("--prefill-step", default=256, type=click.IntRange(min=1),
+              help="Prompt tokens prefilled per engine step while other requests decode.")
+@click.option("--max-body", default=4 << 20, type=click.IntRange(min=1024), help="Largest request body, in bytes.")
+@click.option("--default-max-tokens", default=2048, type=click.IntRange(min=1),
+              help="Most new tokens per answer when a request gives no max_tokens.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Server log level (one line per request at info).")
+@dtype_option
+def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_body, default_max_tokens, log_level,
+          dtype):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
+
+    Concurrent requests share one continuously batched decode; each may pick the base model or
+    one of the --adapter names as its `model`. A chat page is at http://HOST:PORT/.
+    """
+    from .serve import serve as run_server
+
+    run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
+               dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
+               log_level=log_level)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,8 @@ the local RoPE base and the post-attention / feed-forward norms.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -63,6 +65,7 @@ class GemmaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys, kept for round trips
 
     def __post_init__(self):
+        check_field_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
                 f"unsupported model_type {self.model_type!r}; mlx-gemma supports {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -148,6 +151,7 @@ class GemmaConfig:
         _fold_rope_parameters(data)
         if "dtype" in data and "torch_dtype" not in data:
             data["torch_dtype"] = data["dtype"]
+        check_field_types(data)  # before head_dim is derived from hidden_size below
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = [
             f.name
@@ -193,6 +197,44 @@ class GemmaConfig:
         if globals_:
             return globals_[0] + 1
         return self.num_hidden_layers + 1
+
+
+# What each field annotation accepts, and how the error names it. JSON has one number type, so an
+# int is a fine float; a bool is an int to Python but never a size. numpy scalars (GGUF metadata)
+# register as numbers.Integral / numbers.Real.
+_KINDS = {
+    "int": (numbers.Integral, "an integer"),
+    "float": (numbers.Real, "a number"),
+    "bool": (bool, "true or false"),
+    "str": (str, "a string"),
+    "dict": (dict, "an object"),
+    "list": (list, "a list"),
+}
+# Sizes the network divides by or allocates with: 0 or a negative value is never meant.
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def check_field_types(values: dict) -> None:
+    """Raise UserError for the first value in `values` (field name -> value, unknown names ignored)
+    whose type does not match its GemmaConfig field: `hidden_size: "2048"` must not reach the
+    network as a string. None is allowed where the field is Optional; floats must be finite and
+    the sizes in _POSITIVE at least 1."""
+    for f in dataclasses.fields(GemmaConfig):
+        if f.name not in values or f.name == "extra":
+            continue
+        value, annotation = values[f.name], str(f.type)
+        optional = annotation.startswith("Optional[")
+        kind = _KINDS.get(annotation[len("Optional["):-1] if optional else annotation)
+        if kind is None or (value is None and optional):
+            continue
+        accepted, words = kind
+        if not isinstance(value, accepted) or (isinstance(value, bool) and accepted is not bool):
+            raise UserError(f"{f.name} must be {words}, got {value!r} ({type(value).__name__})")
+        if accepted is numbers.Real and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value!r}")
+        if f.name in _POSITIVE and value < 1:
+            raise UserError(f"{f.name} must be at least 1, got {value!r}")
 
 
 def _fold_rope_parameters(data: dict) -> None:

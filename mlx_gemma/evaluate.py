@@ -12,7 +12,17 @@ import math
 import mlx.core as mx
 
 from .errors import UserError
+from .files import read_text
 from .training.loss import DEFAULT_CHUNK, token_losses
+
+
+def read_eval_text(path) -> str:
+    """The text of a file to score, checked before any model is loaded: readable, UTF-8 (a leading
+    BOM dropped) and not blank; otherwise a UserError naming the file."""
+    text = read_text(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file has no text to score; pass a file with some text")
+    return text
 
 
 def _window_bounds(n: int, max_seq_len: int, stride: int):

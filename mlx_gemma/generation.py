@@ -1,17 +1,19 @@
-"""Text generation: sampling filters, logits processors, the decode loop, streaming and stats.
+"""Text generation: prefill, the compiled decode step, a batch engine with rows at their own
+positions, and the text-level entry points on top of it.
 
 Layers, bottom up:
-- filters and samplers on logits (B, V): `top_k_filter`, `top_p_filter`, `min_p_filter`,
-  `make_sampler(temp, top_k, top_p, min_p, seed)`; logits processors are callables
-  `(history (B, T) int, logits (B, V)) -> logits`, e.g. `repetition_penalty_processor`;
-- `generate_step(model, tokens, ...)`: the token engine. Prefills the prompt in chunks
-  (hidden states only: the LM head runs once, for the last prompt token), then decodes one
-  token per step through a compiled step function, dispatching step t+1 before step t's
-  token reaches Python (`mx.async_eval`), so graph building overlaps the computation;
-- `stream_generate` / `generate` / `batch_generate` / `ChatSession`: text in, text out, with
-  the tokenizer's streaming detokenizer, stop tokens and stop strings.
+- `prefill(model, tokens, cache, start)`: the prompt through the model in chunks; only the KV
+  caches are evaluated (the LM head never runs for prompt positions);
+- `DecodeStep`: tokens (B, 1) at positions pos (B,) -> logits (B, V), compiled once per
+  buffer shape (the positions are an argument, see cache.py), so rows may sit anywhere;
+- `generate_step`: raw token ids for rows that share their positions (tests, benchmarks); it
+  dispatches step t+1 before step t's token reaches Python (`mx.async_eval`);
+- `BatchGenerator`: the engine. Requests join a running decode batch after a chunked prefill
+  of their own and leave it when done, each with its own SamplingParams, stop strings, length,
+  adapter and logits processors. `batch_generate`, `stream_generate`, `ChatSession` and the
+  server all run on it, so stopping and streaming have one implementation.
 
-Shapes: B batch rows, T tokens, V vocabulary.
+Shapes: B batch rows, T tokens, V vocabulary, E hidden size.
 """
 
 from __future__ import annotations
@@ -22,117 +24,22 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from .adapters import set_row_adapters
 from .errors import UserError
+from .tokenizer import StreamingDetokenizer
+from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
+                       make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
+                       top_k_filter, top_p_filter)
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
-DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_STEP = 512
 
-
-# ---- sampling ------------------------------------------------------------------------------
-
-
-def check_sampling(temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                   repetition_penalty: float = 1.0, repetition_window: int = 64,
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-    """Raise UserError naming the first out-of-range sampling option."""
-    if not temp >= 0 or math.isinf(temp):
-        raise UserError(f"temp must be >= 0 (0 = greedy), got {temp}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if not 0 <= min_p < 1:
-        raise UserError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
-    if not repetition_penalty > 0 or math.isinf(repetition_penalty):
-        raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    if repetition_window < 1:
-        raise UserError(f"repetition_window must be >= 1, got {repetition_window}")
-    if max_tokens < 1:
-        raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
-
-
-def top_k_filter(logits: mx.array, k: int) -> mx.array:
-    """Keep the k largest logits per row (ties with the k-th are kept too); the rest become -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = mx.min(mx.topk(logits, k, axis=-1), axis=-1, keepdims=True)  # (B, 1)
-    return mx.where(logits >= kth, logits, -mx.inf)
-
-
-def top_p_filter(logits: mx.array, p: float) -> mx.array:
-    """Nucleus filter: keep the most probable tokens whose mass first reaches p.
-
-    A token is kept when the probability mass of the tokens ranked above it is < p (as
-    transformers' TopPLogitsWarper), so the top token always survives.
-    """
-    if p >= 1.0:
-        return logits
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    ranked = -mx.sort(-probs, axis=-1)  # (B, V), descending
-    above = mx.cumsum(ranked, axis=-1) - ranked  # mass ranked strictly above each token
-    n_keep = mx.maximum(mx.sum(above < p, axis=-1, keepdims=True), 1)  # (B, 1)
-    threshold = mx.take_along_axis(ranked, n_keep - 1, axis=-1)
-    return mx.where(probs >= threshold, logits, -mx.inf)
-
-
-def min_p_filter(logits: mx.array, p: float) -> mx.array:
-    """Keep tokens with probability >= p * (probability of the top token); 0 turns it off."""
-    if p <= 0.0:
-        return logits
-    # p_i >= p * p_max  <=>  logit_i >= logit_max + log(p): no softmax needed.
-    floor = mx.max(logits, axis=-1, keepdims=True) + math.log(p)
-    return mx.where(logits >= floor, logits, -mx.inf)
-
-
-def make_sampler(temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: Optional[int] = None) -> Callable[[mx.array], mx.array]:
-    """A function logits (B, V) -> token ids (B,).
-
-    temp 0 is greedy (argmax; the filters do not matter). Otherwise the logits are divided by
-    temp, filtered by top-k, then top-p, then min-p (transformers' order), and sampled. With
-    a seed the samples are reproducible: the sampler owns its PRNG key and splits it per step.
-    """
-    check_sampling(temp, top_k, top_p, min_p)
-    if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-    state = {"key": mx.random.key(seed) if seed is not None else None}
-
-    def sample(logits: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32) / temp
-        logits = min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
-        key = None
-        if state["key"] is not None:
-            state["key"], key = mx.random.split(state["key"])
-        return mx.random.categorical(logits, axis=-1, key=key)
-
-    return sample
-
-
-def repetition_penalty_processor(penalty: float, window: int = 64) -> LogitsProcessor:
-    """CTRL-style penalty on tokens seen in the last `window` tokens (prompt included):
-    a positive logit is divided by `penalty`, a negative one multiplied (as transformers does)."""
-
-    def process(history: mx.array, logits: mx.array) -> mx.array:
-        if history.shape[-1] == 0:
-            return logits
-        recent = history[:, -window:].astype(mx.int32)  # (B, W)
-        seen = mx.take_along_axis(logits, recent, axis=-1)
-        seen = mx.where(seen > 0, seen / penalty, seen * penalty)
-        return mx.put_along_axis(logits, recent, seen, axis=-1)
-
-    return process
-
-
-def make_logits_processors(repetition_penalty: float = 1.0, repetition_window: int = 64) -> list:
-    """The built-in processors for these options (empty when all are off)."""
-    if repetition_penalty == 1.0:
-        return []
-    return [repetition_penalty_processor(repetition_penalty, repetition_window)]
+__all__ = ["BatchGenerator", "BatchOutput", "ChatSession", "DecodeStep", "GenerationChunk", "GenerationStats",
+           "Request", "SamplingParams", "batch_generate", "encode_prompt", "generate", "generate_step",
+           "make_sampler", "min_p_filter", "prefill", "repetition_penalty_processor", "stream_generate",
+           "top_k_filter", "top_p_filter"]
 
 
 # ---- the token engine ----------------------------------------------------------------------
@@ -145,118 +52,109 @@ def _kv_spec(model, batch: int):
     return batch, cfg.num_key_value_heads, cfg.head_dim, dtype
 
 
-class _DecodeStep:
-    """One decode step, tokens (B, 1) -> logits (B, V), advancing the caches by one position.
-
-    Compiled with mx.compile: the caches' offsets enter as an array and the full caches keep a
-    fixed capacity (reserved ahead, grown by 256 positions, which retraces once per growth), so
-    one trace serves every position and MLX fuses the elementwise work between the matmuls.
-    """
-
-    def __init__(self, model, cache: list, pad: Optional[mx.array], compile: bool = True):
-        self.model, self.cache, self.pad = model, cache, pad
-        self.spec = _kv_spec(model, 1 if pad is None else pad.shape[0])
-        for c in cache:
-            c.reserve(*self.spec, c.offset + 1)
-        self.compiled = mx.compile(self._traced) if compile and all(c.keys is not None for c in cache) else None
-
-    def _traced(self, tokens, offset, state):
-        for c, (k, v) in zip(self.cache, state):
-            c.keys, c.values, c.offset = k, v, offset
-        hidden = self.model.model(tokens, cache=self.cache, pad=self.pad)
-        return hidden[:, -1], [c.state for c in self.cache]
-
-    def __call__(self, tokens: mx.array) -> mx.array:
-        if self.compiled is None:
-            return self.model.logits(self.model.model(tokens, cache=self.cache, pad=self.pad)[:, -1])
-        offset = self.cache[0].offset
-        for c in self.cache:
-            c.reserve(*self.spec, offset + 1)
-        hidden, state = self.compiled(tokens, mx.array(offset, mx.int32), [c.state for c in self.cache])
-        for c, (k, v) in zip(self.cache, state):
-            c.keys, c.values, c.offset = k, v, offset + 1
-        return self.model.logits(hidden)
+def _as_positions(start, batch: int) -> mx.array:
+    if isinstance(start, mx.array):
+        return start.astype(mx.int32)
+    if isinstance(start, int):
+        return mx.full((batch,), start, mx.int32)
+    return mx.array(list(start), mx.int32)
 
 
-def prefill(model, tokens: mx.array, cache: list, pad: Optional[mx.array] = None,
-            step: int = DEFAULT_PREFILL_STEP) -> None:
-    """Run tokens (B, T) through the model in chunks of `step`, filling `cache`.
-
-    Only the caches are evaluated: MLX never computes the unused LM head, final norm or the
-    last layer's MLP for these positions.
-    """
-    for i in range(0, tokens.shape[1], step):
-        model.model(tokens[:, i:i + step], cache=cache, pad=pad)
+def prefill(model, tokens: mx.array, cache: list, start=0, step: int = DEFAULT_PREFILL_STEP,
+            adapter_rows: Optional[mx.array] = None) -> None:
+    """Run tokens (B, T) through the model in chunks of `step`, writing positions
+    start .. start + T - 1 of each row into `cache` (start: int, or one int per row)."""
+    B, T = tokens.shape
+    spec = _kv_spec(model, B)
+    pos = _as_positions(start, B)
+    end = int(mx.max(pos).item()) + T
+    for c in cache:
+        c.reserve(*spec, end)
+    set_row_adapters(model, adapter_rows)
+    for i in range(0, T, step):
+        model.model(tokens[:, i:i + step], cache=cache, pos=pos + i)
         mx.eval([c.state for c in cache])
 
 
-def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, pad: Optional[mx.array] = None,
+class DecodeStep:
+    """One decode step: tokens (B, 1) at positions pos (B,) -> logits (B, V), writing the new keys.
+
+    Compiled with mx.compile over a scratch copy of the cache structure: the buffers go in and
+    come out as arrays, the positions are an input, so one trace serves every position of a
+    buffer shape (retraced when the batch or the buffers grow) and MLX fuses the elementwise
+    work between the matmuls. The LM head runs outside (its weight is not copied into a trace).
+    """
+
+    def __init__(self, model, compile: bool = True):
+        self.model = model
+        self.scratch = model.make_cache()
+        self.compiled = mx.compile(self._traced) if compile else None
+
+    def _traced(self, tokens, pos, adapter_rows: list, state):
+        for c, kv in zip(self.scratch, state):
+            c.state = kv
+        set_row_adapters(self.model, adapter_rows[0] if adapter_rows else None)
+        hidden = self.model.model(tokens, cache=self.scratch, pos=pos)
+        return hidden[:, -1], [c.state for c in self.scratch]
+
+    def __call__(self, cache: list, tokens: mx.array, pos: mx.array, end: int,
+                 adapter_rows: Optional[mx.array] = None) -> mx.array:
+        """`end`: one past the largest position written (max(pos) + 1), to size the buffers."""
+        for c in cache:
+            c.reserve(*_kv_spec(self.model, tokens.shape[0]), end)
+        if self.compiled is None:
+            set_row_adapters(self.model, adapter_rows)
+            return self.model.logits(self.model.model(tokens, cache=cache, pos=pos)[:, -1])
+        rows = [] if adapter_rows is None else [adapter_rows]
+        hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
+        for c, kv in zip(cache, state):
+            c.state = kv
+        return self.model.logits(hidden)
+
+
+def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,
                   max_tokens: int = DEFAULT_MAX_TOKENS, sampler: Optional[Callable] = None,
                   logits_processors: Sequence[LogitsProcessor] = (), history: Optional[mx.array] = None,
                   prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True) -> Iterator[mx.array]:
     """Yield up to `max_tokens` sampled token arrays (B,) after feeding `tokens` (B, T), T >= 1.
 
-    cache: per-layer caches from `model.make_cache()` that may already hold earlier context
-    (the new tokens continue it); made fresh when None. pad (B,): left-padding per row.
-    history (B, T0): earlier tokens the logits processors should see (default: none besides
-    `tokens`). Each yielded array is already scheduled; the next step is dispatched before
-    it is yielded, so a consumer that stops early leaves one extra token fed into the cache
-    (`cache[0].offset` always says how many positions the cache holds).
+    cache: per-layer caches from `model.make_cache()` whose positions [0, start) already hold
+    earlier context (the new tokens continue it); made fresh when None. history (B, T0): earlier
+    tokens the logits processors should see. Each yielded array is already scheduled; the next
+    step is dispatched before it is yielded, so a consumer that stops after n tokens leaves
+    start + T + n - 1 positions... plus one more fed token in the cache.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}")
+    B, T = tokens.shape
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or make_sampler()
-    prefill(model, tokens[:, :-1], cache, pad, prefill_step)
-    decode = _DecodeStep(model, cache, pad, compile)
+    prefill(model, tokens[:, :-1], cache, start, prefill_step)
+    decode = DecodeStep(model, compile)
     track = bool(logits_processors)
     history = (tokens if history is None else mx.concatenate([history, tokens], axis=1)) if track else None
+    position = start + T - 1
 
-    def next_token(y: mx.array, history):
-        logits = decode(y)
+    def next_token(y: mx.array, history, position: int):
+        logits = decode(cache, y, mx.full((B,), position, mx.int32), position + 1)
         for process in logits_processors:
             logits = process(history, logits)
         return sampler(logits)
 
-    token = next_token(tokens[:, -1:], history)
+    token = next_token(tokens[:, -1:], history, position)
     mx.async_eval(token)
     for n in range(1, max_tokens + 1):
         if n < max_tokens:
             if track:
                 history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
-            following = next_token(token[:, None], history)
+            following = next_token(token[:, None], history, position + n)
             mx.async_eval(following)
         yield token
         if n < max_tokens:
             token = following
 
 
-# ---- text in, text out ---------------------------------------------------------------------
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0  # tokens fed before the first new token (only the new ones in a chat)
-    prompt_tps: float = 0.0  # prompt tokens / time to the first new token
-    generation_tokens: int = 0
-    generation_tps: float = 0.0  # new tokens after the first / time since the first
-    peak_memory_gb: float = 0.0  # mx.get_peak_memory() since the call started
-
-    def line(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"peak memory: {self.peak_memory_gb:.2f} GB")
-
-
-@dataclass
-class GenerationChunk:
-    """One piece of a streamed generation: the text that became final with `token`."""
-
-    text: str
-    token: Optional[int]  # the id just generated (None on a closing chunk with no new token)
-    stats: GenerationStats
-    finish_reason: Optional[str] = None  # "stop" (stop token or string), "length", None while running
-    tokens: list = field(default_factory=list)  # all ids generated so far
+# ---- prompts -------------------------------------------------------------------------------
 
 
 def encode_prompt(tokenizer, prompt: Prompt, system: Optional[str] = None) -> list:
@@ -287,8 +185,16 @@ def context_length(model) -> int:
     return int(model.config.max_position_embeddings)
 
 
-def _check_ids(model, ids: Sequence[int]) -> None:
-    """Ids past the embedding table would be read out of bounds: a tokenizer/model mismatch."""
+def check_prompt(model, ids: Sequence[int], used: int = 0) -> None:
+    """UserError for an empty prompt, one past the context (on top of `used` cached positions),
+    or ids outside the vocabulary (a tokenizer that does not belong to the model)."""
+    if not ids:
+        raise UserError("the prompt is empty; give some text (or messages) to continue")
+    limit = context_length(model)
+    if used + len(ids) >= limit:
+        where = f" on top of {used} cached tokens" if used else ""
+        raise UserError(f"the prompt is {len(ids)} tokens{where}, but the model's context is {limit} tokens; "
+                        "shorten the prompt" + (" or reset the conversation" if used else ""))
     vocab = model.config.vocab_size
     bad = next((i for i in ids if not 0 <= i < vocab), None)
     if bad is not None:
@@ -296,179 +202,319 @@ def _check_ids(model, ids: Sequence[int]) -> None:
                         "the tokenizer does not belong to this model")
 
 
-def _check_length(model, n_prompt: int, used: int = 0) -> None:
-    limit = context_length(model)
-    if used + n_prompt >= limit:
-        where = f" on top of {used} cached tokens" if used else ""
-        raise UserError(f"the prompt is {n_prompt} tokens{where}, but the model's context is {limit} tokens; "
-                        "shorten the prompt" + (" or /reset the chat" if used else ""))
+# ---- the batch engine ----------------------------------------------------------------------
 
 
-class _StopStrings:
-    """Holds back text that may be the start of a stop string, so none is ever streamed."""
+@dataclass
+class Request:
+    """One generation: prompt ids and how to sample them.
 
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
+    cache / start: continue a one-row cache whose positions [0, start) hold `history` (a chat's
+    earlier turns); `ids` are the new tokens. adapter: row index of a multi-adapter model
+    (mlx_gemma.adapters; 0 = the base). keep_cache: hand the row's cache back when it ends.
+    """
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was found)."""
-        text = self.pending + text
-        self.pending = ""
-        if not self.stops:
-            return text, False
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return text[:min(hits)], True
-        hold = 0
-        for s in self.stops:  # longest suffix of text that is a proper prefix of a stop string
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:n]):
-                    hold = n
-                    break
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold], False
+    ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    processors: Sequence[LogitsProcessor] = ()
+    adapter: int = 0
+    cache: Optional[list] = None
+    start: int = 0
+    history: Sequence[int] = ()
+    keep_cache: bool = False
 
 
-def _stream_ids(model, tokenizer, new_ids: list, *, cache: list, history: Optional[list] = None,
-                max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                min_p: float = 0.0, repetition_penalty: float = 1.0, repetition_window: int = 64,
-                seed: Optional[int] = None, stop: Sequence[str] = (), stop_ids: Optional[Sequence[int]] = None,
-                logits_processors: Sequence[LogitsProcessor] = (), prefill_step: int = DEFAULT_PREFILL_STEP,
-                compile: bool = True) -> Iterator[GenerationChunk]:
-    """Continue `cache` (which holds `history`) with `new_ids`, streaming the generated text."""
-    from .tokenizer import StreamingDetokenizer
+@dataclass
+class Event:
+    """What one engine step produced for one request."""
 
-    check_sampling(temp, top_k, top_p, min_p, repetition_penalty, repetition_window, max_tokens)
-    if not new_ids:
-        raise UserError("the prompt is empty; give some text (or messages) to continue")
-    used = cache[0].offset
-    _check_length(model, len(new_ids), used)
-    _check_ids(model, new_ids)
-    max_tokens = min(max_tokens, context_length(model) - used - len(new_ids))
-    stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
-    processors = make_logits_processors(repetition_penalty, repetition_window) + list(logits_processors)
-    hist = mx.array([history], mx.int32) if (history and processors) else None
-    sampler = make_sampler(temp, top_k, top_p, min_p, seed)
-    detok = StreamingDetokenizer(tokenizer, skip_special=True)
-    stopper = _StopStrings(stop)
-    stats = GenerationStats(prompt_tokens=len(new_ids))
+    rid: int
+    token: Optional[int]  # the id sampled this step (None on an event that carries no new token)
+    text: str  # text that became final with it ("" while a character or a possible stop is held)
+    finish_reason: Optional[str] = None  # "stop" (stop token or string), "length", None while running
+    stop_token: Optional[int] = None  # the stop id that ended the row, if one did
+    logprob: Optional[float] = None  # log-probability of `token` under the model (params.logprobs)
+    top_logprobs: Optional[list] = None  # [(id, logprob)] most likely alternatives (params.top_logprobs)
+    tokens: Optional[list] = None  # every id the row generated (a stop token included), once it ended
+    cache: Optional[list] = None  # the row's cache once it ended (Request.keep_cache)
+    cached: int = 0  # positions that cache holds
+
+
+class _Row:
+    def __init__(self, rid: int, req: Request, model, tokenizer):
+        self.rid, self.req, self.params = rid, req, req.params
+        self.ids = list(req.ids)
+        self.cache = req.cache if req.cache is not None else model.make_cache()
+        self.fed = 0  # prompt tokens prefilled into self.cache (all but the last are)
+        self.pos = req.start  # position of the next token to feed
+        self.history = list(req.history) + self.ids  # what the processors see
+        self.processors = make_logits_processors(self.params, len(self.history)) + list(req.processors)
+        self.sampler = Sampler(self.params)
+        self.max_tokens = min(self.params.max_tokens, context_length(model) - req.start - len(self.ids))
+        self.tokens: list = []
+        self.detok = StreamingDetokenizer(tokenizer, skip_special=True)
+        self.stopper = StopStrings(self.params.stop)
+        self.next_input = self.ids[-1]
+
+
+class BatchGenerator:
+    """Continuous batching: `submit` requests, call `step()` until `busy` is False.
+
+    Each step prefills one chunk of the oldest waiting prompt (several while nothing decodes),
+    moves prompts whose prefill is complete into the decode batch, and runs one decode step for
+    every row in it. A row leaves the batch as soon as it stops (its stop token, a stop string,
+    its max_tokens or the context), or when `cancel`led; the other rows go on untouched.
+    """
+
+    def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.prefill_step = prefill_step
+        self.decode = DecodeStep(model, compile)
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.waiting: list[_Row] = []
+        self.active: list[_Row] = []
+        self.cache = model.make_cache()  # the decode batch: row i of every layer is self.active[i]
+        self._next_rid = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def submit(self, req: Request) -> int:
+        """Queue a request (checked first: UserError for a bad prompt or options); returns its id."""
+        req.params.check()
+        check_prompt(self.model, list(req.ids), req.start)
+        rid = self._next_rid
+        self._next_rid += 1
+        self.waiting.append(_Row(rid, req, self.model, self.tokenizer))
+        return rid
+
+    def cancel(self, rid: int) -> Optional[Event]:
+        """Drop a request wherever it is; for a keep_cache request, an Event with its cache."""
+        for row in self.waiting:
+            if row.rid == rid:
+                self.waiting.remove(row)
+                return Event(rid, None, "", "cancelled", cache=row.cache, cached=row.pos + row.fed)
+        for i, row in enumerate(self.active):
+            if row.rid == rid:
+                event = Event(rid, None, "", "cancelled")
+                if row.req.keep_cache:
+                    event.cache, event.cached = self._row_cache(i), row.pos
+                self._drop([i])
+                return event
+        return None
+
+    def step(self) -> list[Event]:
+        """Advance every request by one step; the events of this step, in row order."""
+        while self.waiting:
+            row = self.waiting[0]
+            if self._prefill_chunk(row):
+                self.waiting.pop(0)
+                self._join(row)
+            if self.active:
+                break  # one chunk per step while rows decode, so their streams keep flowing
+        return self._decode() if self.active else []
+
+    # -- internals --
+
+    def _prefill_chunk(self, row: _Row) -> bool:
+        """Prefill the next chunk of the row's prompt (all but its last token); True when done."""
+        todo = len(row.ids) - 1 - row.fed
+        if todo > 0:
+            n = min(todo, self.prefill_step)
+            chunk = mx.array([row.ids[row.fed:row.fed + n]], mx.int32)
+            prefill(self.model, chunk, row.cache, row.pos + row.fed, n, self._adapters([row]))
+            row.fed += n
+        return len(row.ids) - 1 - row.fed <= 0
+
+    def _join(self, row: _Row) -> None:
+        row.pos += row.fed
+        for batch_cache, row_cache in zip(self.cache, row.cache):
+            batch_cache.concat(row_cache)
+        row.cache = None
+        self.active.append(row)
+
+    def _adapters(self, rows) -> Optional[mx.array]:
+        if not any(r.req.adapter for r in rows):
+            return None
+        return mx.array([r.req.adapter for r in rows], mx.int32)
+
+    def _row_cache(self, i: int) -> list:
+        out = self.model.make_cache()
+        for mine, theirs in zip(out, self.cache):
+            mine.state = (theirs.keys[i:i + 1], theirs.values[i:i + 1])
+        return out
+
+    def _drop(self, rows: Sequence[int]) -> None:
+        keep = [i for i in range(len(self.active)) if i not in set(rows)]
+        if len(keep) == len(self.active):
+            return
+        if keep:
+            for c in self.cache:
+                c.take(keep)
+        else:
+            self.cache = self.model.make_cache()
+        self.active = [self.active[i] for i in keep]
+
+    def _decode(self) -> list[Event]:
+        rows = self.active
+        tokens = mx.array([[r.next_input] for r in rows], mx.int32)
+        pos = mx.array([r.pos for r in rows], mx.int32)
+        logits = self.decode(self.cache, tokens, pos, max(r.pos for r in rows) + 1, self._adapters(rows))
+        sampled, scores = self._sample(logits, rows)
+        events, finished = [], []
+        for i, (row, token) in enumerate(zip(rows, sampled)):
+            row.pos += 1
+            row.next_input = token
+            event = self._advance(row, token)
+            if scores[i] is not None:
+                event.logprob, event.top_logprobs = scores[i]
+            if event.finish_reason:
+                finished.append(i)
+                event.tokens = list(row.tokens)
+                if row.req.keep_cache:
+                    event.cache, event.cached = self._row_cache(i), row.pos
+            events.append(event)
+        self._drop(finished)
+        return events
+
+    def _sample(self, logits: mx.array, rows: list) -> tuple[list, list]:
+        """Per-row processors and samplers over logits (B, V); (token ids, logprob info per row)."""
+        if all(r.params.greedy and not r.processors for r in rows):
+            picked = mx.argmax(logits, axis=-1)
+        else:
+            parts = []
+            for i, r in enumerate(rows):
+                row_logits = logits[i:i + 1]
+                if r.processors:
+                    history = mx.array([r.history], mx.int32)
+                    for process in r.processors:
+                        row_logits = process(history, row_logits)
+                parts.append(r.sampler(row_logits))
+            picked = mx.concatenate(parts)
+        scores = [None] * len(rows)
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if wanted:
+            sub = logits[mx.array(wanted)].astype(mx.float32)
+            logp = sub - mx.logsumexp(sub, axis=-1, keepdims=True)
+            k = max(rows[i].params.top_logprobs for i in wanted)
+            top = mx.argpartition(-logp, k - 1, axis=-1)[:, :k] if k else None  # the k best, unordered
+            top_lp = mx.take_along_axis(logp, top, axis=-1) if k else None
+            chosen = mx.take_along_axis(logp, picked[mx.array(wanted)][:, None], axis=-1)[:, 0]
+            mx.eval(picked, chosen, *([top, top_lp] if k else []))
+            for j, i in enumerate(wanted):
+                n = rows[i].params.top_logprobs
+                alts = sorted(zip(top[j].tolist(), top_lp[j].tolist()), key=lambda a: -a[1])[:n] if n else []
+                scores[i] = (float(chosen[j].item()), alts)
+        return picked.tolist(), scores
+
+    def _advance(self, row: _Row, token: int) -> Event:
+        """Record a sampled token: the text it completes, and whether the row ends."""
+        row.tokens.append(token)
+        row.history.append(token)
+        if token in self.stop_ids:
+            return Event(row.rid, token, self._flush(row), "stop", stop_token=token)
+        text, hit = row.stopper.feed(row.detok.add_token(token))
+        if hit:
+            return Event(row.rid, token, text, "stop")
+        if len(row.tokens) >= row.max_tokens:
+            return Event(row.rid, token, text + self._flush(row), "length")
+        return Event(row.rid, token, text)
+
+    @staticmethod
+    def _flush(row: _Row) -> str:
+        """The detokenizer's and the stop-string holder's remaining text at the end of a row."""
+        text, hit = row.stopper.feed(row.detok.finalize())
+        return text if hit else text + row.stopper.flush()
+
+
+# ---- text in, text out ---------------------------------------------------------------------
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens fed before the first new token (only the new ones in a chat)
+    prompt_tps: float = 0.0  # prompt tokens / time to the first new token
+    generation_tokens: int = 0
+    generation_tps: float = 0.0  # new tokens after the first / time since the first
+    peak_memory_gb: float = 0.0  # mx.get_peak_memory() since the call started
+
+    def line(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"peak memory: {self.peak_memory_gb:.2f} GB")
+
+
+@dataclass
+class GenerationChunk:
+    """One piece of a streamed generation: the text that became final with `token`."""
+
+    text: str
+    token: Optional[int]  # the id just generated (None on a closing chunk with no new token)
+    stats: GenerationStats
+    finish_reason: Optional[str] = None  # "stop" (stop token or string), "length", None while running
+    tokens: list = field(default_factory=list)  # all ids generated so far (a stop token included)
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list] = None
+
+
+def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: bool,
+                    on_end: Optional[Callable[[Event], None]] = None) -> Iterator[GenerationChunk]:
+    """Run one request alone on a BatchGenerator, as GenerationChunks with timing stats.
+    on_end receives the last event (also when the consumer stops early: then a cancel event)."""
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile)
+    rid = engine.submit(req)
+    stats = GenerationStats(prompt_tokens=len(req.ids))
     mx.reset_peak_memory()
     tokens: list = []
     start = time.perf_counter()
     first = None
-    steps = generate_step(model, mx.array([new_ids], mx.int32), cache=cache, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=processors, history=hist, prefill_step=prefill_step, compile=compile)
-    finish, text = None, ""
-    for token in steps:
-        token = token.item()
-        now = time.perf_counter()
-        if first is None:
-            first = now
-            stats.prompt_tps = len(new_ids) / max(now - start, 1e-9)
-        tokens.append(token)
-        stats.generation_tokens = len(tokens)
-        if len(tokens) > 1:
-            stats.generation_tps = (len(tokens) - 1) / max(now - first, 1e-9)
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        if token in stop_ids:
-            finish, text = "stop", ""
-            break
-        text, hit = stopper.feed(detok.add_token(token))
-        if hit:
-            finish = "stop_string"
-            break
-        if len(tokens) == max_tokens:
-            finish = "length"
-            break
-        yield GenerationChunk(text, token, stats, None, list(tokens))
-    steps.close()
-    if finish != "stop_string":  # flush the detokenizer and any text held back for stop strings
-        more, hit = stopper.feed(detok.finalize())
-        text += more + ("" if hit else stopper.pending)
-    yield GenerationChunk(text, tokens[-1] if tokens else None, stats,
-                          "length" if finish == "length" else "stop", list(tokens))
+    last: Optional[Event] = None
+    try:
+        while engine.busy:
+            for event in engine.step():
+                last = event
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    stats.prompt_tps = len(req.ids) / max(now - start, 1e-9)
+                tokens.append(event.token)
+                stats.generation_tokens = len(tokens)
+                if len(tokens) > 1:
+                    stats.generation_tps = (len(tokens) - 1) / max(now - first, 1e-9)
+                stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                yield GenerationChunk(event.text, event.token, stats, event.finish_reason, list(tokens),
+                                      event.logprob, event.top_logprobs)
+    finally:
+        if engine.busy:
+            last = engine.cancel(rid)
+        if on_end is not None and last is not None:
+            on_end(last)
 
 
-def stream_generate(model, tokenizer, prompt: Prompt, *, system: Optional[str] = None,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0, repetition_penalty: float = 1.0, repetition_window: int = 64,
-                    seed: Optional[int] = None, stop: Sequence[str] = (),
-                    logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
-                    prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True) -> Iterator[GenerationChunk]:
+def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, *,
+                    system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
+                    prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
+                    **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
-    ({"role", "content"}; the chat template is applied) or a list of token ids. Generation ends
-    at `<eos>` / `<end_of_turn>` (not part of the text), at a `stop` string (cut before it) or
-    after `max_tokens`. The chunks' texts joined are the whole generated text; every chunk is
-    whole characters (the detokenizer holds back partial UTF-8). Sampling options: see
-    `make_sampler`; logits_processors: extra `(history, logits) -> logits` callables.
+    ({"role", "content"}; the chat template is applied) or a list of token ids. params (or
+    SamplingParams fields as keywords: max_tokens, temp, top_p, stop, seed, ...) say how to
+    sample. Generation ends at `<eos>` / `<end_of_turn>` (not part of the text), at a stop
+    string (cut before it) or after max_tokens. The chunks' texts joined are the whole generated
+    text; every chunk is whole characters (the detokenizer holds back partial UTF-8).
+    logits_processors: extra `(history, logits) -> logits` callables.
     """
+    params = SamplingParams.of(params, **options)
     ids = encode_prompt(tokenizer, prompt, system)
-    cache = model.make_cache() if cache is None else cache
-    yield from _stream_ids(model, tokenizer, ids, cache=cache, max_tokens=max_tokens, temp=temp, top_k=top_k,
-                           top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                           repetition_window=repetition_window, seed=seed, stop=stop,
-                           logits_processors=logits_processors, prefill_step=prefill_step, compile=compile)
+    req = Request(ids, params, processors=logits_processors)
+    yield from _stream_request(model, tokenizer, req, prefill_step, compile)
 
 
-def generate(model, tokenizer, prompt: Prompt, **options) -> str:
-    """The whole generated text for `prompt` (options as `stream_generate`)."""
-    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **options))
-
-
-def batch_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                   temp: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                   repetition_penalty: float = 1.0, repetition_window: int = 64, seed: Optional[int] = None,
-                   stop: Sequence[str] = (), system: Optional[str] = None,
-                   prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True, details: bool = False) -> list:
-    """Generate for several prompts at once (left-padded into one batch); returns one text each,
-    or with details=True one BatchOutput each (text, token ids, why the row stopped).
-
-    Each row stops on its own (stop token, stop string, max_tokens); the batch runs until all
-    rows are done. Greedy results equal one-by-one `generate`.
-    """
-    check_sampling(temp, top_k, top_p, min_p, repetition_penalty, repetition_window, max_tokens)
-    if not prompts:
-        return []
-    rows = [encode_prompt(tokenizer, p, system) for p in prompts]
-    for ids in rows:
-        _check_length(model, len(ids))
-        _check_ids(model, ids)
-    T = max(len(ids) for ids in rows)
-    max_tokens = min(max_tokens, context_length(model) - T)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    batch = mx.array([[pad_id] * (T - len(ids)) + ids for ids in rows], mx.int32)
-    pad = mx.array([T - len(ids) for ids in rows], mx.int32)
-    processors = make_logits_processors(repetition_penalty, repetition_window)
-    stop_ids = set(tokenizer.stop_ids)
-    results = [BatchOutput("", [], "length") for _ in rows]
-    done = [False] * len(rows)
-    steps = generate_step(model, batch, pad=pad, max_tokens=max_tokens, logits_processors=processors,
-                          sampler=make_sampler(temp, top_k, top_p, min_p, seed), prefill_step=prefill_step,
-                          compile=compile)
-    for tokens in steps:
-        for i, t in enumerate(tokens.tolist()):
-            if done[i]:
-                continue
-            row = results[i]
-            if t in stop_ids:
-                done[i] = True
-                row.finish_reason, row.stop_token = "stop", t
-            else:
-                row.tokens.append(t)
-                if stop and any(s in tokenizer.decode(row.tokens[-64:], skip_special=True) for s in stop if s):
-                    done[i] = True
-                    row.finish_reason = "stop"
-        if all(done):
-            break
-    steps.close()
-    for row in results:
-        text = tokenizer.decode(row.tokens, skip_special=True)
-        cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-        row.text = text[:min(cuts)] if cuts else text
-    return results if details else [row.text for row in results]
+def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options) -> str:
+    """The whole generated text for `prompt` (arguments as `stream_generate`)."""
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, params, **options))
 
 
 @dataclass
@@ -481,48 +527,94 @@ class BatchOutput:
     stop_token: Optional[int] = None  # the stop token id that ended the row, if one did
 
 
+def batch_generate(model, tokenizer, prompts: Sequence[Prompt], params: Optional[SamplingParams] = None, *,
+                   system: Optional[str] = None, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
+                   details: bool = False, **options) -> list:
+    """Generate for several prompts at once, one row each in a continuous batch; returns one text
+    each, or with details=True one BatchOutput each (text, token ids, why the row stopped).
+
+    Each row stops on its own (stop token, stop string, max_tokens) and leaves the batch.
+    Greedy results equal one-by-one `generate`.
+    """
+    params = SamplingParams.of(params, **options)
+    if not prompts:
+        return []
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile)
+    rids = [engine.submit(Request(encode_prompt(tokenizer, p, system), params)) for p in prompts]
+    texts = {rid: [] for rid in rids}
+    results: dict = {}
+    while engine.busy:
+        for event in engine.step():
+            texts[event.rid].append(event.text)
+            if event.finish_reason:
+                results[event.rid] = event
+    outputs = []
+    for rid in rids:
+        event = results[rid]
+        tokens = event.tokens[:-1] if event.stop_token is not None else event.tokens
+        outputs.append(BatchOutput("".join(texts[rid]), tokens, event.finish_reason, event.stop_token))
+    return outputs if details else [o.text for o in outputs]
+
+
 class ChatSession:
     """A multi-turn conversation that keeps its KV cache between turns.
 
     Each `send(text)` feeds only the tokens not yet in the cache: the previous answer's
-    `<end_of_turn>` (when it was not fed yet), the turn separators and the new user text.
-    `reset()` starts over. Sampling options given here apply to every turn.
+    `<end_of_turn>` (when it was not fed yet), the turn separators and the new user text, all
+    rendered by the tokenizer's chat template. `reset()` starts over. Sampling options given
+    here apply to every turn.
     """
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
-        self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
+    def __init__(self, model, tokenizer, system: Optional[str] = None, params: Optional[SamplingParams] = None,
+                 prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True, **options):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.params = SamplingParams.of(params, **options)
+        self.prefill_step, self.compile = prefill_step, compile
         self.reset()
 
     def reset(self) -> None:
         self.cache = self.model.make_cache()
-        self.ids: list = []  # the whole conversation's ids; the cache holds a prefix of them
+        self.cached = 0  # positions of self.ids held by the cache (a prefix of them)
+        self.ids: list = []  # the whole conversation's ids
+        self.messages: list = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.last_stats: Optional[GenerationStats] = None
 
     def _turn_ids(self, text: str) -> list:
+        """The conversation's ids with the new user turn and the model header. The tokenizer's
+        chat template renders the turn; the earlier answers keep the ids the model generated
+        (their text re-encoded could tokenize differently from what the cache holds)."""
         tok = self.tokenizer
+        segments = tok.chat_segments(self.messages + [{"role": "user", "content": text}], add_generation_prompt=True)
         if not self.ids:
-            messages = [{"role": "user", "content": text}]
-            if self.system is not None:
-                messages.insert(0, {"role": "system", "content": self.system})
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        # Continue the template: close the model turn, then a new user turn and the model header.
+            return tok.encode("".join(piece for piece, _ in segments), add_bos=False)
+        last_answer = max(i for i, (_, is_answer) in enumerate(segments) if is_answer)
+        tail = "".join(piece for piece, _ in segments[last_answer + 1:])
         close = [] if self.ids[-1] == tok.end_of_turn_id else [tok.end_of_turn_id]
-        return close + tok.encode(f"\n<start_of_turn>user\n{text.strip()}<end_of_turn>\n<start_of_turn>model\n",
-                                  add_bos=False)
+        return self.ids + close + tok.encode(tail, add_bos=False)
 
     def send(self, text: str) -> Iterator[GenerationChunk]:
         """Stream the model's answer to the user message `text`."""
         if not text.strip():
             raise UserError("the message is empty; type something, /reset or /exit")
-        self.ids += self._turn_ids(text)
-        cached = self.cache[0].offset
-        new_ids = self.ids[cached:]
-        generated: list = []
+        ids = self._turn_ids(text)
+        check_prompt(self.model, ids[self.cached:], self.cached)
+        new_ids = ids[self.cached:]
+        req = Request(new_ids, self.params, cache=self.cache, start=self.cached, history=ids[:self.cached],
+                      keep_cache=True)
+        answer: list = []
+
+        def on_end(event: Event) -> None:
+            self.cache, self.cached = event.cache, event.cached
+
+        self.ids = ids
+        self.messages.append({"role": "user", "content": text})
         try:
-            for chunk in _stream_ids(self.model, self.tokenizer, new_ids, cache=self.cache,
-                                     history=self.ids[:cached], **self.options):
-                self.last_stats, generated = chunk.stats, chunk.tokens
+            for chunk in _stream_request(self.model, self.tokenizer, req, self.prefill_step, self.compile, on_end):
+                self.last_stats, answer = chunk.stats, chunk.tokens
                 yield chunk
         finally:
             # Also when the caller stops early: the cache then holds a prefix of these ids.
-            self.ids += generated
+            self.ids += answer
+            self.messages.append({"role": "assistant",
+                                  "content": self.tokenizer.decode([t for t in answer if t not in self.tokenizer.stop_ids],
+                                                                   skip_special=True)})

@@ -267,6 +267,9 @@ def save_adapter(model, out_dir, adapter_config: dict, extra_files: Optional[dic
 def read_adapter_config(adapter_dir) -> dict:
     """The adapter dir's adapter_config.json as a dict (UserError if missing or not JSON)."""
     adapter_dir = Path(adapter_dir).expanduser()
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise UserError(f"adapter {adapter_dir} is a file, not an adapter dir; pass the dir that holds "
+                        f"{CONFIG_FILE} and {WEIGHTS_FILE} ({adapter_dir.parent}, if this file is one of them)")
     if not adapter_dir.is_dir():
         raise UserError(f"adapter dir {adapter_dir} not found; pass the dir that holds {CONFIG_FILE} "
                         f"and {WEIGHTS_FILE}")

@@ -24,8 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
-from .cache import FullCache, SlidingCache
+from .cache import make_cache
 from .config import GemmaConfig
+from .masks import causal_mask
 
 
 class RMSNorm(nn.Module):
@@ -75,30 +76,6 @@ def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
     return out.reshape(B, H, L, D)
 
 
-def causal_mask(q_pos: mx.array, k_pos: mx.array, window: Optional[int] = None,
-                pad: Optional[mx.array] = None, segment_ids: Optional[mx.array] = None):
-    """Boolean mask (L, S) or (B, 1, L, S): which key each query may attend to.
-
-    q_pos (L,), k_pos (S,): absolute positions. window: keys with q - k < window (self included),
-    as HF's sliding layers. pad (B,): number of left-padding tokens per row; those keys are hidden.
-    segment_ids (B, L): packed training rows, attention stays inside a segment (needs S == L).
-    Every query may always see itself, so padded rows never softmax over nothing (NaN).
-    """
-    diff = q_pos[:, None] - k_pos[None, :]  # (L, S)
-    mask = diff >= 0
-    if window is not None:
-        mask = mask & (diff < window)
-    if pad is None and segment_ids is None:
-        return mask
-    mask = mask[None]  # (1, L, S)
-    if pad is not None:
-        mask = mask & (k_pos[None, None, :] >= pad[:, None, None])
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    mask = mask | (diff == 0)[None]
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, config: GemmaConfig, layer: int):
         super().__init__()
@@ -116,18 +93,18 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, D)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.offset if cache is not None else 0
+        offset = 0 if pos is None else pos  # (B,): each row's position of its first new token
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update(k, v, pos)
         out = attention(q, k, v, scale=self.scale, mask=mask, logit_cap=self.logit_cap)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -158,8 +135,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(x), mask, cache, pos)
         if "pre_feedforward_layernorm" not in self:  # Gemma 1
             h = residual_add(x, attn)
             return residual_add(h, self.mlp(self.post_attention_layernorm(h)))
@@ -182,30 +159,36 @@ class GemmaModel(nn.Module):
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache=None, pad=None, segment_ids=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, pos: Optional[mx.array] = None, pad=None,
+                 segment_ids=None) -> mx.array:
+        """inputs (B, L) -> hidden states (B, L, E).
+
+        With a cache (one per layer, `Gemma.make_cache`), pos (B,) is where each row's first new
+        token goes; the caches must have room for pos + L (`reserve`). Without one, pad (B,)
+        hides left padding and segment_ids (B, L) keeps packed rows apart.
+        """
+        if cache is not None and pos is None:
+            raise ValueError("a cached forward needs pos (B,): the position of each row's first new token")
         h = self.embed_tokens(inputs)
         h = h * embedding_scale(self.config.hidden_size, h.dtype)
-        masks = self.masks(h.shape[1], cache, pad, segment_ids)
+        masks = self.masks(h.shape[1], cache, pos, pad, segment_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None)
+            h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None, pos)
         return self.norm(h)
 
-    def masks(self, L: int, cache=None, pad=None, segment_ids=None) -> dict:
+    def masks(self, L: int, cache=None, pos=None, pad=None, segment_ids=None) -> dict:
         """One mask per attention kind (key False: global, True: sliding window)."""
         window = self.config.sliding_window
         masks = {}
-        kinds = {layer.is_sliding for layer in self.layers}
-        for sliding in kinds:
-            layer_cache = None
+        for sliding in {layer.is_sliding for layer in self.layers}:
             if cache is not None:
-                layer_cache = next((c for c, l in zip(cache, self.layers) if l.is_sliding == sliding), None)
-            if layer_cache is not None:
-                masks[sliding] = layer_cache.mask(L, pad)
+                layer_cache = next(c for c, l in zip(cache, self.layers) if l.is_sliding == sliding)
+                masks[sliding] = layer_cache.mask(pos, L)
             elif pad is None and segment_ids is None and (not sliding or L <= window):
                 masks[sliding] = "causal" if L > 1 else None
             else:
-                pos = mx.arange(L)
-                masks[sliding] = causal_mask(pos, pos, window if sliding else None, pad, segment_ids)
+                positions = mx.arange(L)
+                masks[sliding] = causal_mask(positions, positions, window if sliding else None, pad, segment_ids)
         return masks
 
 
@@ -219,8 +202,9 @@ class Gemma(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, pad=None, segment_ids=None) -> mx.array:
-        return self.logits(self.model(inputs, cache, pad, segment_ids))
+    def __call__(self, inputs: mx.array, cache=None, pos: Optional[mx.array] = None, pad=None,
+                 segment_ids=None) -> mx.array:
+        return self.logits(self.model(inputs, cache, pos, pad, segment_ids))
 
     def logits(self, hidden: mx.array) -> mx.array:
         """LM head on final hidden states (..., E) -> (..., V), soft-capped where the config says."""
@@ -235,7 +219,7 @@ class Gemma(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self, batch_size: int = 1) -> list:
-        """A fresh KV cache per layer: full for global layers, a bounded window for sliding ones."""
+    def make_cache(self) -> list:
+        """A fresh, empty KV cache per layer: full for global layers, a window-bounded ring for sliding ones."""
         window = self.config.sliding_window
-        return [SlidingCache(window) if layer.is_sliding else FullCache() for layer in self.layers]
+        return make_cache([window if layer.is_sliding else None for layer in self.layers])

@@ -481,7 +481,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
     from pathlib import Path
 
     from .data import DATA_DIR
-    from .evaluate import perplexity
+    from .evaluate import perplexity, read_eval_text
     from .gptq import calibration_windows, check_calibration, resolve_sources
     from .loading import load, resolve, save_model
 
@@ -492,7 +492,9 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 64, quantize_
         text_path = DATA_DIR / "heldout_zh_en.txt" if eval_text == "default" else Path(eval_text)
         if not text_path.is_file():
             raise UserError(f"{text_path}: no such text file for the perplexity check; pass --text FILE or --no-eval")
-        text = text_path.read_text(encoding="utf-8")
+        if max_seq_len < 2:  # checked with the text, before the slow load
+            raise UserError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        text = read_eval_text(text_path)
     src_path = resolve(src)
     model, tokenizer = load(src, dtype="float32")
     if model.config.quantization or quantized_layers(model):

@@ -8,6 +8,11 @@ Why not SentencePiece alone: SentencePiece never matches CONTROL pieces in text,
 `"<start_of_turn>user"` would come out as `<`, `start`, `_`, ... . Hugging Face tokenizers split
 special-token text out first and map it to its id; `encode` does the same, so chat-formatted text
 tokenizes to the ids the model was trained on.
+
+A dir with only tokenizer.json (what transformers 5 saves) is read by rebuilding the equivalent
+SentencePiece model from it (`convert.tokenizer_json`, where the choice is explained), so one
+engine serves every source: tokenizer.model, tokenizer.json, a GGUF's vocabulary, a Keras
+vocabulary.spm. `save` writes both tokenizer.model and tokenizer.json.
 """
 
 from __future__ import annotations
@@ -66,21 +71,30 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 _MODEL_FILE = "tokenizer.model"
+_JSON_FILE = "tokenizer.json"
 
 
 class GemmaTokenizer:
     """A Gemma `tokenizer.model` with Hugging Face-compatible encoding, decoding and chat format.
 
-    Build it from a path (`GemmaTokenizer("model_dir")` or `GemmaTokenizer("…/tokenizer.model")`)
-    or from the file's bytes (`GemmaTokenizer.from_bytes(data)`).
+    Build it from a path: a model dir (its tokenizer.model, or else its tokenizer.json), or the
+    path of a tokenizer.model / vocabulary.spm / tokenizer.json file; or from the SentencePiece
+    model's bytes (`GemmaTokenizer.from_bytes(data)`).
     """
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
-        file = os.path.join(path, _MODEL_FILE) if os.path.isdir(path) else path
+        file = path
+        if os.path.isdir(path):
+            file = os.path.join(path, _MODEL_FILE)
+            if not os.path.isfile(file) and os.path.isfile(os.path.join(path, _JSON_FILE)):
+                file = os.path.join(path, _JSON_FILE)
         if not os.path.isfile(file):
             raise UserError(f"tokenizer file not found: {file} (give a model directory that contains "
-                            f"{_MODEL_FILE}, or the path of the file itself)")
+                            f"{_MODEL_FILE} or {_JSON_FILE}, or the path of the file itself)")
+        if file.endswith(".json"):
+            self._setup(_model_bytes_from_json(file), file)
+            return
         with open(file, "rb") as f:
             self._setup(f.read(), file)
 
@@ -304,9 +318,12 @@ class GemmaTokenizer:
     # ---- saving ------------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.model, tokenizer_config.json (with the chat template) and
+        """Write tokenizer.model, tokenizer.json, tokenizer_config.json (with the chat template) and
         special_tokens_map.json into `directory` (created if needed), so that Hugging Face's
-        `AutoTokenizer.from_pretrained(directory)` opens it. Each file is written atomically."""
+        `AutoTokenizer.from_pretrained(directory)` opens it, whether it reads tokenizer.model
+        (transformers 4) or tokenizer.json (transformers 5). Each file is written atomically."""
+        from .convert.tokenizer_json import tokenizer_json_from_model
+
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tokens = {name: self.id_to_piece(i) for name, i in
@@ -325,27 +342,24 @@ class GemmaTokenizer:
             added_tokens_decoder=self._added_tokens(),
         )
         write_atomic(os.path.join(directory, _MODEL_FILE), self._model_bytes)
+        write_json_atomic(os.path.join(directory, _JSON_FILE), tokenizer_json_from_model(self._model_bytes))
         write_json_atomic(os.path.join(directory, "tokenizer_config.json"), config)
         write_json_atomic(os.path.join(directory, "special_tokens_map.json"), special_map)
 
 
     def _added_tokens(self) -> dict[str, dict]:
         """Control/unknown pieces (special) and user-defined pieces (not special) in the form of
-        tokenizer_config.json's `added_tokens_decoder`. Hugging Face matches these whole in text;
-        without them it would cut `<unused0>` or `<table>` into pieces (SentencePiece matches
-        user-defined pieces itself, but HF's conversion of tokenizer.model does not)."""
+        tokenizer_config.json's `added_tokens_decoder`, the same entries as tokenizer.json's
+        `added_tokens`. Hugging Face matches these whole in text; without them it would cut
+        `<unused0>` or `<table>` into pieces."""
         from sentencepiece import sentencepiece_model_pb2
+
+        from .convert.tokenizer_json import added_tokens
 
         # SentencePieceProcessor cannot tell user-defined pieces apart; the proto can.
         proto = sentencepiece_model_pb2.ModelProto.FromString(self._model_bytes)
-        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-        added = {}
-        for i, piece in enumerate(proto.pieces):
-            special = i in self._special_ids
-            if special or piece.type == user_defined:
-                added[str(i)] = dict(content=piece.piece, lstrip=False, normalized=False,
-                                     rstrip=False, single_word=False, special=special)
-        return added
+        tokens = added_tokens([p.piece for p in proto.pieces], [p.type for p in proto.pieces])
+        return {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tokens}
 
 
 class StreamingDetokenizer:
@@ -380,6 +394,24 @@ class StreamingDetokenizer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def _model_bytes_from_json(file: str) -> bytes:
+    """The SentencePiece model rebuilt from a tokenizer.json (+ the tokenizer_config.json beside it)."""
+    import json
+
+    from .convert.tokenizer_json import tokenizer_model_from_tokenizer_json
+
+    def read(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except ValueError as exc:
+            raise UserError(f"{path}: invalid JSON ({exc}); re-save the tokenizer") from None
+
+    config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    config = read(config_file) if os.path.isfile(config_file) else {}
+    return tokenizer_model_from_tokenizer_json(read(file), config, source=file)
 
 
 def _none_if_negative(i: int) -> int | None:

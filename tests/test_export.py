@@ -126,7 +126,7 @@ def test_round_trip_is_bit_identical(hf_src, tmp_path):
             assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], t), name
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-        "tokenizer.model", "tokenizer_config.json"]
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     arch = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
     assert config["architectures"] == [arch[model_type]] and config["model_type"] == model_type

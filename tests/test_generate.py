@@ -102,7 +102,9 @@ def test_cached_decode_matches_full_forward_every_step(which, compile, request):
         assert int(np.argmax(full[12 + i])) == tokens[i]
     # Sliding layers keep window = 8 keys however long the sequence; global layers keep all.
     assert {c.keys.shape[2] for c in cache if c.window} == {8}
-    assert cache[0].offset == 52  # prompt + 39 fed tokens (the 40th was never fed)
+    # prompt + 39 fed tokens (the 40th was never fed): positions 0..51 hold keys, 52 on none
+    full_cache = next(c for c in cache if not c.window)
+    assert mx.all(full_cache.keys[0, :, 51] != 0).item() and mx.all(full_cache.keys[0, :, 52:] == 0).item()
 
 
 def test_left_padded_batch_equals_one_by_one(tiny3, tokenizer):
@@ -247,7 +249,7 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(tiny3_text, tokenizer):
     first = "".join(c.text for c in session.send("hello"))
     assert session.last_stats.prompt_tokens == len(tokenizer.apply_chat_template(
         [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=True))
-    cached = session.cache[0].offset
+    cached = session.cached
     before = list(session.ids)
     answer = list(session.send("and again"))
     new = session.last_stats.prompt_tokens
@@ -260,7 +262,7 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(tiny3_text, tokenizer):
     fresh = [t.item() for t in generate_step(tiny3, mx.array([prompt]), max_tokens=len(answer[-1].tokens))]
     assert fresh == answer[-1].tokens
     session.reset()
-    assert session.cache[0].offset == 0
+    assert session.cached == 0
     assert "".join(c.text for c in session.send("hello")) == first
 
 

@@ -76,7 +76,7 @@ def test_unknown_spec_and_missing_files(tmp_path):
     with pytest.raises(UserError, match=r"config.json not found"):
         loading.load(str(tmp_path / "m"))
     save_hf_model(make_hf_model("gemma"), tmp_path / "t")
-    with pytest.raises(UserError, match=r"tokenizer.model not found"):
+    with pytest.raises(UserError, match=r"has no tokenizer.model or tokenizer.json"):
         loading.load(str(tmp_path / "t"))
     os.remove(tmp_path / "t" / "model.safetensors")
     with pytest.raises(UserError, match=r"no \*.safetensors weights"):

@@ -79,9 +79,13 @@ def test_cache_decode_matches_full_forward(pair):
     ids = random_ids(TINY[model_type]["vocab_size"], (1, 30), seed=3)
     full = np.array(ours(mx.array(ids)))[0]
     cache = ours.make_cache()
-    steps = [np.array(ours(mx.array(ids[:, :13]), cache=cache))[0]]  # prefill past the window
+    spec = (1, ours.config.num_key_value_heads, ours.config.head_dim, mx.float32)
+    for c in cache:
+        c.reserve(*spec, 30)
+    # prefill past the window, then one token at a time at explicit positions
+    steps = [np.array(ours(mx.array(ids[:, :13]), cache=cache, pos=mx.array([0])))[0]]
     for t in range(13, 30):
-        steps.append(np.array(ours(mx.array(ids[:, t:t + 1]), cache=cache))[0])
+        steps.append(np.array(ours(mx.array(ids[:, t:t + 1]), cache=cache, pos=mx.array([t])))[0])
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4)
     if "sliding_window" in TINY[model_type]:  # bounded memory: window keys kept
         windows = [c.keys.shape[2] for c in cache if c.window]

@@ -261,13 +261,9 @@ def test_mixed_recipe_round_trips_and_loads_in_mlx_lm(tmp_path):
 
 def greedy_ids(model, prompt_ids, n):
     """Greedy continuation with our model and KV cache."""
-    cache = model.make_cache()
-    out, x = [], mx.array([prompt_ids])
-    for _ in range(n):
-        nxt = int(model(x, cache=cache)[0, -1].argmax().item())
-        out.append(nxt)
-        x = mx.array([[nxt]])
-    return out
+    from mlx_gemma.generation import generate_step
+
+    return [t.item() for t in generate_step(model, mx.array([prompt_ids]), max_tokens=n)]
 
 
 def test_our_quantized_dir_loads_in_mlx_lm_with_same_greedy_text(real_model, tmp_path):

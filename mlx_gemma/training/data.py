@@ -35,6 +35,7 @@ from ..files import read_text
 
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".json")
+_JSON_SPACE = " \t\r"  # the whitespace JSON allows around a value (besides the "\n" lines split on)
 
 
 @dataclass
@@ -96,6 +97,9 @@ def resolve_split(data, split: str, required: bool = True) -> Optional[Path]:
             raise UserError(f"{data}: no {split}.jsonl or {split}.json in this directory "
                             f"(a data dir holds train/valid/test .jsonl files)")
         return found
+    if data.exists():  # /dev/null, a FIFO, a socket: reading it would give nothing or block
+        raise UserError(f"{data}: not a regular file (a device, pipe or socket); give a .jsonl/.json file "
+                        "or a dir with train/valid/test .jsonl files")
     raise UserError(f"{data}: no such file or directory (give a .jsonl/.json file or a dir with "
                     "train/valid/test .jsonl files)")
 
@@ -114,8 +118,11 @@ def read_records(path) -> list[tuple[str, dict]]:
             raise UserError(f"{path}: a .json data file must hold a list of records")
         records = [(f"{path}: record {i}", item) for i, item in enumerate(items, 1)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+        # Split on "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085 and a few
+        # control characters, which json.dumps(ensure_ascii=False) leaves unescaped inside
+        # strings. A trailing "\r" (CRLF files) is JSON whitespace, so json.loads accepts it.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip(_JSON_SPACE):
                 continue
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))

@@ -1,0 +1,157 @@
+"""Server throughput side by side: `mlx-gemma serve` vs `mlx_lm.server` on the same weights.
+
+Each server runs in its own process on 127.0.0.1 (both start first and stay idle while the other
+is measured). For concurrency 1, 4 and 16, that many clients each stream one greedy chat answer
+of --max-tokens tokens (prompts differ per client: Chinese and English questions); the engines
+alternate within every round. Reported per engine and concurrency, over the rounds:
+aggregate tokens/s (tokens of all answers / wall time of the burst; tokens counted by
+re-tokenizing each answer with the model's tokenizer, so both servers are counted alike) and
+time to first token (median over the requests of a burst), as min / median / max, with the
+machine's load average before and after.
+
+    python benchmarks/serve.py --rounds 3 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+QUESTIONS = ["黄河发源于哪里？", "What is the capital of France?", "用一句话介绍长城。", "Why is the sky blue?",
+             "什么是光合作用？", "Name three programming languages.", "长江有多长？", "What does a CPU do?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on {port} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"server on {port} did not come up")
+
+
+def start(engine: str, model_dir: str, port: int):
+    env = dict(os.environ)
+    if engine == "mlx-gemma":
+        cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", model_dir, "--port", str(port),
+               "--log-level", "warning"]
+    else:
+        # mlx-lm loads the same HF-layout dir; OpenBLAS under its matmuls too, as for us (same BLAS)
+        cmd = [sys.executable, "-c", "import mlx_gemma, runpy, sys; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; "
+               "runpy.run_module('mlx_lm.server', run_name='__main__')", "--model", model_dir, "--port", str(port),
+               "--log-level", "WARNING"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stream_one(port: int, model: str, question: str, max_tokens: int) -> tuple[str, float]:
+    """(answer text, seconds to the first content chunk) for one streamed greedy chat request."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, parts = None, []
+    with urllib.request.urlopen(req, timeout=900) as resp:
+        for line in resp:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices", []):
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    first = first or time.perf_counter()
+                    parts.append(text)
+    return "".join(parts), (first or time.perf_counter()) - start
+
+
+def burst(port: int, model: str, concurrency: int, max_tokens: int, tokenizer) -> dict:
+    jobs = [QUESTIONS[i % len(QUESTIONS)] for i in range(concurrency)]
+    start = time.perf_counter()
+    with futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda q: stream_one(port, model, q, max_tokens), jobs))
+    wall = time.perf_counter() - start
+    tokens = sum(len(tokenizer.encode(text, add_bos=False)) for text, _ in results)
+    return {"tps": tokens / wall, "ttft": statistics.median(t for _, t in results), "tokens": tokens}
+
+
+def spread(values) -> str:
+    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--engines", default="mlx-gemma,mlx-lm")
+    args = ap.parse_args()
+
+    import mlx_gemma  # noqa: F401
+    from mlx_gemma.loading import resolve
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    model_dir = str(resolve(args.model))
+    tokenizer = GemmaTokenizer(model_dir)
+    engines = args.engines.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    ports = {e: free_port() for e in engines}
+    procs = {e: start(e, model_dir, ports[e]) for e in engines}
+    load_before = os.getloadavg()
+    results = {(e, c): [] for e in engines for c in levels}
+    try:
+        for e in engines:
+            wait_up(ports[e], procs[e])
+            stream_one(ports[e], os.path.basename(model_dir), QUESTIONS[0], 4)  # warm-up (compile, caches)
+        for r in range(args.rounds):
+            for c in levels:
+                for e in (engines if r % 2 == 0 else engines[::-1]):
+                    res = burst(ports[e], os.path.basename(model_dir), c, args.max_tokens, tokenizer)
+                    results[(e, c)].append(res)
+                    print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s",
+                          file=sys.stderr, flush=True)
+    finally:
+        for p in procs.values():
+            p.terminate()
+            p.wait(timeout=30)
+    load_after = os.getloadavg()
+    print(f"\n{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} cores · {args.rounds} rounds · "
+          f"{args.max_tokens} new tokens per request · load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after\n")
+    print("| engine | clients | aggregate tok/s (min / median / max) | time to first token, s (min / median / max) |")
+    print("|---|---|---|---|")
+    for c in levels:
+        for e in engines:
+            runs = results[(e, c)]
+            print(f"| {e} | {c} | {spread([x['tps'] for x in runs])} | {spread([x['ttft'] for x in runs])} |")
+    if len(engines) == 2:
+        print()
+        for c in levels:
+            ours = statistics.median(x["tps"] for x in results[(engines[0], c)])
+            theirs = statistics.median(x["tps"] for x in results[(engines[1], c)])
+            print(f"- {c} clients: {engines[0]} / {engines[1]} = {ours / theirs:.2f}x aggregate tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The HTTP side of the server: a Starlette (ASGI) app run by uvicorn.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET / (the
+chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
+handed to the engine thread; answers stream back as server-sent events (`data: {json}` lines,
+ending with `data: [DONE]`) or as one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from importlib import resources
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import UserError
+from ..generation import Event
+from . import protocol
+from .engine import Engine, Job
+from .protocol import APIError, ParsedRequest
+
+log = logging.getLogger("mlx_gemma.serve")
+
+DEFAULT_MAX_BODY = 4 << 20  # bytes
+DEFAULT_MAX_TOKENS = 2048  # per answer, when the request gives no max_tokens
+
+
+class ServerState:
+    def __init__(self, engine: Engine, model_name: str, api_key: Optional[str], max_body: int,
+                 default_max_tokens: int):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.max_body, self.default_max_tokens = max_body, default_max_tokens
+        self.created = int(time.time())
+
+    def adapter_index(self, name: str) -> int:
+        if not name or name == self.model_name:
+            return 0
+        if name in self.engine.adapters:
+            return self.engine.adapters[name]
+        known = ", ".join([self.model_name, *self.engine.adapters])
+        raise APIError(404, f"the model {name!r} does not exist; this server has: {known}", "model",
+                       "model_not_found")
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _read_json(request: Request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; this server takes at most {limit}", None,
+                       "body_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes", None, "body_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+
+
+def _authorized(state: ServerState, request: Request) -> bool:
+    if state.api_key is None:
+        return True
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), state.api_key.encode())
+
+
+def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
+    tok = state.engine.tokenizer
+    if req.kind == "chat":
+        ids = tok.apply_chat_template(req.prompt, add_generation_prompt=True, tokenize=True)
+    elif isinstance(req.prompt, str):
+        if not req.prompt:
+            raise UserError("the prompt is empty")
+        ids = tok.encode(req.prompt)
+    else:
+        ids = list(req.prompt)
+    state.engine.check(ids)
+    return ids
+
+
+class _Answer:
+    """Collects one job's events: text, token count, logprob entries, finish reason."""
+
+    def __init__(self, tokenizer, want_logprobs: bool):
+        self.tok, self.want = tokenizer, want_logprobs
+        self.text, self.n_out, self.finish = [], 0, None
+        self.logprobs: Optional[list] = [] if want_logprobs else None
+
+    def _entry(self, token_id: int):
+        raw = self.tok.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def add(self, event: Event) -> list:
+        """Record an event; returns its logprob entries (empty without logprobs)."""
+        self.n_out += event.token is not None
+        self.text.append(event.text)
+        if event.finish_reason:
+            self.finish = event.finish_reason
+        if not self.want or event.logprob is None:
+            return []
+        text, raw = self._entry(event.token)
+        alts = [(*self._entry(t), lp) for t, lp in (event.top_logprobs or [])]
+        entry = [(text, raw, event.logprob, alts)]
+        self.logprobs += entry
+        return entry
+
+
+def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
+              default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
+    """The ASGI app over a started Engine."""
+    state = ServerState(engine, model_name, api_key, max_body, default_max_tokens)
+
+    async def completions(request: Request, kind: str) -> Response:
+        if not _authorized(state, request):
+            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
+                                   "invalid_api_key"))
+        if not engine.alive:
+            return _error(APIError(503, f"the engine stopped: {engine.error}", None, "engine_stopped"))
+        try:
+            body = await _read_json(request, state.max_body)
+            req = protocol.parse(kind, body, state.default_max_tokens)
+            adapter = state.adapter_index(req.model)
+            req.model = req.model or state.model_name
+            ids = await run_in_threadpool(_prompt_ids, state, req)
+        except APIError as exc:
+            return _error(exc)
+        except UserError as exc:
+            code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
+            return _error(APIError(400, str(exc), "messages" if kind == "chat" else "prompt", code))
+        job = engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop())
+        job.request_id = req.id
+        if req.stream:
+            return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _whole(req, job, len(ids))
+
+    async def _whole(req: ParsedRequest, job: Job, n_prompt: int) -> Response:
+        answer = _Answer(engine.tokenizer, req.params.logprobs)
+        try:
+            async for event in job:
+                answer.add(event)
+                if event.finish_reason:
+                    break
+        except UserError as exc:
+            return _error(APIError(400, str(exc), None, "invalid_value"))
+        except RuntimeError as exc:
+            return _error(APIError(500, str(exc), None, "engine_error"))
+        finally:
+            if job.finished is None:  # the client went away while we waited
+                engine.cancel(job)
+        text = "".join(answer.text)
+        if req.echo and isinstance(req.prompt, str):
+            text = req.prompt + text
+        _log_done(req, job, n_prompt, answer)
+        return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
+                                                   answer.logprobs))
+
+    async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
+        answer = _Answer(engine.tokenizer, req.params.logprobs)
+        offset = 0
+        try:
+            if req.kind == "chat":
+                yield _sse(protocol.chunk(req, first=True))
+            elif req.echo and isinstance(req.prompt, str):
+                yield _sse(protocol.chunk(req, text=req.prompt))
+                offset = len(req.prompt)
+            pending: list = []  # logprob entries of tokens whose text is still held back
+            async for event in job:
+                pending += answer.add(event)
+                if event.text or (pending and event.finish_reason):
+                    yield _sse(protocol.chunk(req, text=event.text, logprobs=pending, text_offset=offset))
+                    offset += len(event.text)
+                    pending = []
+                if event.finish_reason:
+                    yield _sse(protocol.chunk(req, finish=event.finish_reason))
+                    if req.include_usage:
+                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
+                    break
+            yield "data: [DONE]\n\n"
+            _log_done(req, job, n_prompt, answer)
+        except (UserError, RuntimeError) as exc:
+            yield _sse(APIError(500, str(exc), None, "engine_error").body())
+        finally:
+            if job.finished is None:  # client disconnected mid-stream: free its row now
+                engine.cancel(job)
+
+    async def chat_route(request: Request) -> Response:
+        return await completions(request, "chat")
+
+    async def completion_route(request: Request) -> Response:
+        return await completions(request, "completion")
+
+    async def models(request: Request) -> Response:
+        if not _authorized(state, request):
+            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
+                                   "invalid_api_key"))
+        data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mlx-gemma"}]
+        data += [{"id": name, "object": "model", "created": state.created, "owned_by": "mlx-gemma",
+                  "parent": state.model_name} for name in engine.adapters]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        gen = engine.generator
+        body = {"status": "ok" if engine.alive else "error", "model": state.model_name,
+                "running": len(gen.active), "waiting": len(gen.waiting)}
+        if not engine.alive:
+            body["error"] = engine.error or "the engine thread is not running"
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    async def page(request: Request) -> Response:
+        html = resources.files("mlx_gemma.serve").joinpath("chat.html").read_text(encoding="utf-8")
+        return HTMLResponse(html)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None,
+                               "not_found" if exc.status_code == 404 else "invalid_request"))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error"))
+
+    routes = [
+        Route("/v1/chat/completions", chat_route, methods=["POST"]),
+        Route("/v1/completions", completion_route, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer) -> None:
+    end = job.finished or time.perf_counter()
+    ttft = (job.first_token or end) - job.submitted
+    rate = (answer.n_out - 1) / (end - job.first_token) if job.first_token and answer.n_out > 1 and end > job.first_token else 0.0
+    log.info("%s model=%s prompt=%d out=%d ttft=%.3fs %.1f tok/s finish=%s", req.id, req.model, n_prompt,
+             answer.n_out, ttft, rate, answer.finish)

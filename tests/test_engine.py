@@ -1,0 +1,160 @@
+"""The continuous-batching engine on tiny models: rows that join a running batch, leave it, are
+cancelled, or use different LoRA adapters give the tokens they give alone; references are
+uncached full forward passes and the single-adapter LoRA layers (themselves checked against peft).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma.adapters import load_adapters, set_row_adapters
+from mlx_gemma.cache import KVCache, RotatingKVCache
+from mlx_gemma.convert import hf as hf_convert
+from mlx_gemma.generation import BatchGenerator, Request, generate_step
+from mlx_gemma.loading import build_model, read_config
+from mlx_gemma.lora import apply_lora, load_adapter, save_adapter
+from mlx_gemma.sampling import SamplingParams
+
+from tiny import make_hf_model, random_ids, save_hf_model
+
+
+def load_dir(path):
+    return build_model(read_config(path), hf_convert.load_safetensors(hf_convert.safetensors_files(path)),
+                       str(path), "float32")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Gemma 3 tiny: sliding window 8 (rings wrap), global layers, MQA, vocab 512."""
+    return save_hf_model(make_hf_model("gemma3_text"), tmp_path_factory.mktemp("g3"))
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return load_dir(model_dir)
+
+
+class NoStops:
+    """A stand-in tokenizer: the tiny vocab has no text; no stop ids, bytes for detokenizing."""
+
+    stop_ids = ()
+
+    def token_bytes(self, token_id, skip_special=False):
+        return b"x"
+
+    def is_special(self, token_id):
+        return False
+
+
+def greedy_alone(model, ids, n):
+    """Reference: greedy ids from uncached full forward passes (no cache, no batching)."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+    return seq[len(ids):]
+
+
+def run(engine, joins=None):
+    """Step the engine to the end; joins {step: [Request]} are submitted at that step.
+    Returns {rid: tokens} and the largest decode batch seen."""
+    out, widest, step = {}, 0, 0
+    joins = dict(joins or {})
+    while engine.busy or joins:
+        for req in joins.pop(step, []):
+            out[engine.submit(req)] = None
+        for event in engine.step():
+            if event.finish_reason:
+                out[event.rid] = event.tokens
+        widest = max(widest, len(engine.active))
+        step += 1
+    return out, widest
+
+
+def test_rows_joining_mid_batch_match_uncached_greedy(tiny):
+    prompts = [[2] + list(map(int, random_ids(512, (n,), seed=n))) for n in (13, 3, 9, 20, 5)]
+    lengths = [17, 6, 30, 11, 9]
+    expected = [greedy_alone(tiny, p, n) for p, n in zip(prompts, lengths)]
+    engine = BatchGenerator(tiny, NoStops(), prefill_step=4)
+    reqs = [Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, lengths)]
+    # two start together, the others arrive while those decode (and some leave before)
+    out, widest = run(engine, {0: reqs[:2], 3: reqs[2:4], 12: reqs[4:]})
+    assert widest >= 3
+    assert [out[i] for i in range(5)] == expected
+
+
+def test_cancel_frees_the_row_and_the_others_go_on(tiny):
+    prompts = [[2, 10, 11, 12], [2, 40, 41], [2, 77]]
+    expected = [greedy_alone(tiny, p, 12) for p in prompts]
+    engine = BatchGenerator(tiny, NoStops())
+    rids = [engine.submit(Request(p, SamplingParams(max_tokens=12))) for p in prompts]
+    got = {rid: [] for rid in rids}
+    for _ in range(4):
+        for event in engine.step():
+            got[event.rid].append(event.token)
+    assert len(engine.active) == 3
+    event = engine.cancel(rids[1])
+    assert event.finish_reason == "cancelled" and len(engine.active) == 2
+    while engine.busy:
+        for event in engine.step():
+            got[event.rid].append(event.token)
+    assert got[rids[0]] == expected[0] and got[rids[2]] == expected[2]
+    assert 1 <= len(got[rids[1]]) < 12 and got[rids[1]] == expected[1][:len(got[rids[1]])]
+
+
+def test_cache_rows_keep_their_positions():
+    """take / concat move whole rows: a row's keys stay at its own positions."""
+    a, b = KVCache(), KVCache()
+    for c, fill in ((a, 1.0), (b, 2.0)):
+        c.reserve(1, 1, 4, mx.float32, 3)
+        c.update(mx.full((1, 1, 3, 4), fill), mx.full((1, 1, 3, 4), fill), mx.array([0]))
+    a.concat(b)
+    assert a.keys.shape[0] == 2 and a.keys[1, 0, 2, 0].item() == 2.0 and a.keys[0, 0, 2, 0].item() == 1.0
+    a.take([1])
+    assert a.keys.shape[0] == 1 and a.keys[0, 0, 0, 0].item() == 2.0
+    ring = RotatingKVCache(4)
+    ring.reserve(2, 1, 1, mx.float32, 10)
+    assert ring.capacity == 4  # bounded by the window
+    ring.update(mx.ones((2, 1, 1, 1)), mx.ones((2, 1, 1, 1)), mx.array([5, 2]))
+    held = np.array(ring.slot_positions(mx.array([5, 2])))
+    assert held[0].tolist() == [4, 5, 2, 3] and held[1, 2] == 2 and held[1, 3] < 0
+
+
+def random_adapter(model_dir, out, seed):
+    model = load_dir(model_dir)
+    mx.random.seed(seed)
+    config = apply_lora(model, rank=4 + seed, alpha=8.0, dropout=0.0)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.5
+    save_adapter(model, out, config)
+    return out
+
+
+def test_per_row_adapters_equal_each_adapter_alone(model_dir, tmp_path):
+    dirs = {"a": random_adapter(model_dir, tmp_path / "a", 1), "b": random_adapter(model_dir, tmp_path / "b", 2)}
+    prompt = [2, 100, 101, 102, 103]
+    expected = {}
+    for name, path in [("base", None), *dirs.items()]:
+        model = load_dir(model_dir)
+        if path:
+            load_adapter(model, path)
+        expected[name] = [t.item() for t in generate_step(model, mx.array([prompt]), max_tokens=10)]
+    assert expected["a"] != expected["base"] and expected["b"] != expected["a"]  # the adapters matter
+    multi = load_dir(model_dir)
+    index = load_adapters(multi, dirs)
+    # logits of one batch with rows base / a / b equal each model alone (float32)
+    for name, row in (("base", 0), ("a", index["a"]), ("b", index["b"])):
+        single = load_dir(model_dir)
+        if row:
+            load_adapter(single, dirs[name])
+        set_row_adapters(multi, mx.array([0, index["a"], index["b"]]))
+        together = multi(mx.array([prompt] * 3))
+        np.testing.assert_allclose(np.array(together[[0, index["a"], index["b"]].index(row)]),
+                                   np.array(single(mx.array([prompt]))[0]), atol=1e-4)
+    set_row_adapters(multi, None)
+    engine = BatchGenerator(multi, NoStops())
+    reqs = {name: Request(prompt, SamplingParams(max_tokens=10), adapter=index.get(name, 0))
+            for name in ("base", "a", "b")}
+    rids = {name: engine.submit(req) for name, req in reqs.items()}
+    out, _ = run(engine)
+    assert {name: out[rid] for name, rid in rids.items()} == expected
