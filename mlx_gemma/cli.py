@@ -542,16 +542,20 @@ def _train_on_local_ranks(ctx, args, ranks: int) -> int:
     codes = dict(ended["failed"])
     if not codes and ended["returncode"] == 0:
         return 0
-    if ended["returncode"] < 0 or 130 in codes.values():
-        ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
-        click.echo("interrupted; " + (f"continue with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
-                                      if ckpts else "no checkpoint was saved"), err=True)
+    ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
+    resume = (f"continue from {ckpts[-1].name} with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
+              if ckpts else "no checkpoint was saved")
+    stopped = (130, 143, -2, -15)  # Ctrl-C, or terminated by the launcher because another rank ended
+    killed = [(r, c) for r, c in sorted(codes.items()) if c is None or c < 0 and c not in stopped]
+    failed = [(r, c) for r, c in sorted(codes.items()) if c is not None and c not in stopped]
+    if not killed and not failed:  # Ctrl-C: every rank stopped after the same step
+        click.echo(f"interrupted; {resume}", err=True)
         return 130
-    if ended["said_error"]:
-        return 1  # the rank's own one-line message is above
-    rank, code = next(iter(sorted(codes.items())), (None, ended["returncode"]))
-    how = "was killed" if code is None else f"exited with code {code}"
-    click.echo(f"error: rank {rank} {how}; every rank was stopped (its message, if any, is above)", err=True)
+    if not killed and ended["said_error"]:
+        return 1  # the failing rank's own one-line message is above
+    rank, code = (killed or failed)[0]
+    how = "was killed" if code is None else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    click.echo(f"error: rank {rank} {how}, so every rank was stopped; {resume}", err=True)
     return 1
 
 

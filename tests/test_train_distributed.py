@@ -144,3 +144,33 @@ def test_a_rank_that_fails_ends_every_rank_with_one_message(root, tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "bad.jsonl:2" in errors[0], p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_killed_mid_run_stops_every_rank_and_keeps_a_resumable_checkpoint(root, tmp_path):
+    out = tmp_path / "lost"
+    p = cli(options(root, out, "--iters", "500", "--ranks", "2", "--save-every", "1000"), wait=False)
+    t0 = time.time()
+    while _last_step(out) < 3:
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(_rank_pid(1, out), signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 was killed by signal 9") and "--resume --ranks 2" in last, err[-2000:]
+    # rank 0 rolled back any half-done step and saved the last finished one
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert step >= 3 and step == max(m["step"] for m in metrics(out) if "loss" in m)
+
+
+def _rank_pid(rank, out):
+    for pid in os.listdir("/proc"):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except (OSError, ValueError):
+            continue
+        if f"MLX_RANK={rank}".encode() in env and str(out).encode() in cmd and b"mlx_gemma.cli" in cmd:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} process")

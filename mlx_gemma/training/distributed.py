@@ -91,6 +91,12 @@ def sum_scalars(*values: float) -> list:
     return [float(v) for v in np.array(total)]
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an error raised by a collective means another rank is gone (it died or was stopped)."""
+    text = str(exc).lower()
+    return world_size() > 1 and any(k in text for k in ("[ring]", "[jaccl]", "[mpi]", "peer", "connection"))
+
+
 def describe() -> str:
     """'rank r of n (backend)' when launched, else 'single process'."""
     if not launched():

@@ -406,7 +406,7 @@ class _Run:
             loss_sum, ntok = self.step_fn([(_dropout_seed(args, k), None if b is None else _device_batch(b))
                                            for k, (_, b) in micro])
             self.done = step
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError):
             if self.done != step:  # the update may be half-applied: back to the step's start
                 _restore(self.model, self.optimizer, snapshot)
             raise
@@ -526,6 +526,13 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         run.interrupted(created_dir)
+    except RuntimeError as exc:
+        if not dist.peer_lost(exc):
+            run_dir.close()
+            raise
+        run.interrupted(created_dir)  # the weights are the last finished step's: save them
+        kept = f"checkpoint {run.result.checkpoint} is kept" if run.result.checkpoint else "no checkpoint was saved"
+        raise UserError(f"another rank stopped ({exc}); {kept}") from None
     except BaseException:
         run_dir.close()
         raise
