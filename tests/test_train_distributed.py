@@ -5,6 +5,7 @@ different numbers of loss tokens, and a killed 2-rank run resumes to the uninter
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,11 +120,18 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(root, tmp_pa
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the wrapper, the launcher and both ranks
     p.communicate(timeout=60)
+    one = tmp_path / "on-one-process"
+    shutil.copytree(killed, one)
     cli(["train", "--out", str(killed), "--resume", "--ranks", "2"])
     a, b = adapter(straight), adapter(killed)
     for k in a:
         assert mx.array_equal(a[k], b[k]).item(), k
     assert [m.get("loss") for m in metrics(straight)] == [m.get("loss") for m in metrics(killed)]
+    # the batch plan does not depend on the number of ranks: one process may finish the run
+    cli(["train", "--out", str(one), "--resume"])
+    c = adapter(one)
+    for k in a:
+        assert mx.allclose(a[k], c[k], rtol=1e-4, atol=2e-5).item(), k
 
 
 def _last_step(out):
@@ -174,3 +182,19 @@ def _rank_pid(rank, out):
         if f"MLX_RANK={rank}".encode() in env and str(out).encode() in cmd and b"mlx_gemma.cli" in cmd:
             return int(pid)
     raise AssertionError(f"no rank {rank} process")
+
+
+def test_info_under_mlx_launch_shows_rank_and_world_size():
+    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
+    p = subprocess.run([*launcher, "-n", "2", "--backend", "ring", "-p", str(_port()), "--", sys.executable, "-m",
+                        "mlx_gemma.cli", "info"], capture_output=True, text=True, timeout=120)
+    lines = sorted(line.split(None, 1)[1] for line in p.stdout.splitlines() if line.startswith("distributed"))
+    assert lines == ["rank 0 of 2", "rank 1 of 2"], p.stdout + p.stderr
+    alone = subprocess.run([sys.executable, "-m", "mlx_gemma.cli", "info"], capture_output=True, text=True)
+    assert "distributed   single process" in alone.stdout
+
+
+def _port():
+    from mlx_gemma.training.distributed import free_port_pair
+
+    return free_port_pair()

@@ -73,8 +73,6 @@ def setup(model, args: TrainArgs) -> dict:
     return config
 
 
-prepare_model = setup  # the earlier name
-
 
 def _checkpointed_class(cls):
     """A subclass of a decoder-layer class whose call recomputes its activations in the backward pass."""
