@@ -127,6 +127,21 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(root, tmp_pa
     for k in a:
         assert mx.array_equal(a[k], b[k]).item(), k
     assert [m.get("loss") for m in metrics(straight)] == [m.get("loss") for m in metrics(killed)]
+    # Ctrl-C to `--ranks` (the terminal signals only its own process group): passed on to every
+    # rank, which stop after the same step; rank 0 checkpoints it
+    stopped = tmp_path / "ctrl-c"
+    p = cli(options(root, stopped, "--iters", "6", "--ranks", "2", "--save-every", "100"), wait=False)
+    t0 = time.time()
+    while _last_step(stopped) < 2:
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "--resume --ranks 2" in err.strip().splitlines()[-1], err[-2000:]
+    cli(["train", "--out", str(stopped), "--resume", "--ranks", "2"])
+    d = adapter(stopped)
+    for k in a:
+        assert mx.array_equal(a[k], d[k]).item(), k
     # the batch plan does not depend on the number of ranks: one process may finish the run
     cli(["train", "--out", str(one), "--resume"])
     c = adapter(one)
@@ -162,14 +177,14 @@ def test_a_rank_killed_mid_run_stops_every_rank_and_keeps_a_resumable_checkpoint
         assert p.poll() is None and time.time() - t0 < 300, p.communicate()[1][-3000:]
         time.sleep(0.05)
     os.kill(_rank_pid(1, out), signal.SIGKILL)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 1
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: rank 1 was killed by signal 9") and "--resume --ranks 2" in last, err[-2000:]
     # rank 0 rolled back any half-done step and saved the last finished one
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-    assert step >= 3 and step == max(m["step"] for m in metrics(out) if "loss" in m)
+    assert step >= 3 and step == max(m["step"] for m in metrics(out) if "loss" in m), (step, err[-2000:])
 
 
 def _rank_pid(rank, out):

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -173,32 +174,60 @@ def launch_local(ranks: int, argv: list, blas_threads: Optional[int] = None) -> 
     cmd = [*launcher, "-n", str(ranks), "--backend", "ring", "-p", str(free_port_pair()),
            "--env", f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', threads)}",
            "--", sys.executable, "-m", "mlx_gemma.cli", *argv]
-    # Ctrl-C reaches the ranks directly (same process group); they stop together after the step
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    failed, pending, said_error = [], b"", False
+    # The launcher and the ranks get a process group of their own, and Ctrl-C / SIGTERM are passed
+    # on to all of them: each rank then stops after the same step (see deferred_interrupt).
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # all ended already
+            pass
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-        while True:
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace"))
-                found = _RANK_EXIT.search(text)
-                if found:
-                    failed.append((int(found.group(1)), None if found.group(2) is None else int(found.group(2))))
-                else:
-                    said_error = said_error or text.startswith("error:")
-                    sys.stderr.buffer.write(line + b"\n")
-            if b"\r" in pending:  # a progress bar redrawing its line: pass it on without waiting for \n
-                head, pending = pending.rsplit(b"\r", 1)
-                sys.stderr.buffer.write(head + b"\r")
-            sys.stderr.flush()
+        failed, said_error = _relay_stderr(proc.stderr.fileno())
         returncode = proc.wait()
+        _wait_for_group(proc.pid)  # a launcher stopped by a signal leaves its ranks finishing a checkpoint
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return {"returncode": returncode, "failed": failed, "said_error": said_error}
+
+
+def _wait_for_group(pgid: int, timeout: float = 300.0) -> None:
+    """Wait until no process of the group is left (or `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+
+
+def _relay_stderr(fd: int) -> tuple[list, bool]:
+    """Copy the launcher's stderr to ours until it closes, without its per-rank exit warnings.
+    Returns ([(rank, exit code or None), ...] from those warnings, whether a rank printed `error:`)."""
+    failed, pending, said_error = [], b"", False
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace"))
+            found = _RANK_EXIT.search(text)
+            if found:
+                failed.append((int(found.group(1)), None if found.group(2) is None else int(found.group(2))))
+            else:
+                said_error = said_error or text.startswith("error:")
+                sys.stderr.buffer.write(line + b"\n")
+        if b"\r" in pending:  # a progress bar redrawing its line: pass it on without waiting for \n
+            head, pending = pending.rsplit(b"\r", 1)
+            sys.stderr.buffer.write(head + b"\r")
+        sys.stderr.flush()
     sys.stderr.buffer.write(pending)
     sys.stderr.flush()
-    return {"returncode": returncode, "failed": failed, "said_error": said_error}
+    return failed, said_error

@@ -46,8 +46,8 @@ from ..backend import policy
 from ..errors import UserError
 from . import data as data_lib
 from . import distributed as dist
-from .args import (DEFAULT_MODEL, DEFAULT_OUT, MAIN_JOB, TrainArgs, check_args, is_main_job,  # noqa: F401
-                   load_config_file, resolve_defaults, train_fields)
+from .args import DEFAULT_OUT, TrainArgs, check_args, resolve_defaults, train_fields
+from .args import load_config_file  # noqa: F401  (the CLI's entry point to config files)
 from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions
 from .run_dir import RunDir
 
@@ -377,7 +377,12 @@ class _Run:
                 raise UserError(f"--resume: the training data differs from the run in {self.dir.path} (its train "
                                 "split hashed differently); pass the same --data and tokenization options, or "
                                 "--force to start over")
-            self.start = self.done = int(self.dir.load_checkpoint(resume_from, self.model, self.optimizer)["step"])
+            state = self.dir.load_checkpoint(resume_from, self.model, self.optimizer)
+            self.start = self.done = int(state["step"])
+            # a validation at the checkpoint's step is not repeated (read from the checkpoint, which
+            # every rank reads alike: the decision to validate must be the same on all of them)
+            if state.get("validated_at") == self.start:
+                self.validated, self.val_loss = self.start, state.get("val_loss")
         config = dict(args.to_dict(), **(extra_config or {}), total_steps=self.total,
                       batches_per_epoch=self.per_epoch, train_records=len(self.train_set),
                       valid_records=len(self.valid_set) if self.valid_set else 0, data_sha256=fingerprint,
@@ -437,8 +442,10 @@ class _Run:
         self.validated, self.val_loss = step, res["loss"]
 
     def checkpoint(self, step: int) -> None:
-        saved = self.dir.save_checkpoint(self.model, self.adapter_config, self.optimizer,
-                                         {"step": step, "total_steps": self.total})
+        state = {"step": step, "total_steps": self.total}
+        if self.validated == step:
+            state.update(validated_at=step, val_loss=self.val_loss)
+        saved = self.dir.save_checkpoint(self.model, self.adapter_config, self.optimizer, state)
         self.result.checkpoint = str(saved)
 
     def interrupted(self, created_dir: bool) -> None:
