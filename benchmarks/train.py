@@ -16,7 +16,11 @@ tokens/s counts real (unpadded) input tokens. Peak memory: MLX's `mx.get_peak_me
 MLX trainers (arrays only, reset before training), and for every process its peak RSS (the OS
 view; for torch the only one, and it includes loading the model).
 
-    python benchmarks/train.py [--steps 8] [--warmup 2] [--batch 4] [--only mlx-gemma,mlx-lm,torch]
+    python benchmarks/train.py [--steps 8] [--warmup 2] [--batch 4] [--only mlx-gemma,mlx-lm,torch,parallel]
+
+`parallel` adds two mlx-gemma rows on the same batches: one process with 2 OpenBLAS threads, and
+2 data-parallel ranks (mlx.launch, ring backend on loopback) with 1 thread each; peak memory is
+the larger rank's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 TRAINERS = ("mlx-gemma", "mlx-lm", "torch")
+# data-parallel rows on this CPU: (row name, ranks, OpenBLAS threads per rank); the same global
+# batch and steps as the mlx-gemma row, its rows shared out over the ranks
+PARALLEL = {"mlx-gemma 1 rank x 2 threads": (1, 2), "mlx-gemma 2 ranks x 1 thread": (2, 1)}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANK, ALPHA, DROPOUT, LR = 16, 32.0, 0.05, 2e-4
 
@@ -88,7 +95,8 @@ def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
     import mlx_gemma  # noqa: F401
     from mlx_gemma import load
     from mlx_gemma.training import data as data_lib
-    from mlx_gemma.training.trainer import TrainArgs, default_data_dir, train
+    from mlx_gemma.training import distributed
+    from mlx_gemma.training.trainer import TrainArgs, default_data_dir, setup, train
 
     model, tok = load("gemma-3-270m", dtype="float32")
     train_set = data_lib.load_dataset(default_data_dir() / "train.jsonl", tok, "train", args.max_seq_len)
@@ -103,12 +111,13 @@ def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
         targs = TrainArgs(out=out, iters=args.warmup + args.steps, batch_size=args.batch, rank=RANK, alpha=ALPHA,
                           dropout=DROPOUT, lr=LR, max_seq_len=args.max_seq_len, eval_every=0, save_every=0,
                           test=False, seed=0)
-        result = train(model, tok, targs, train_set, progress=False, on_step=on_step)
+        result = train(model, tok, targs, train_set, progress=False, on_step=on_step,
+                       adapter_config=setup(model, targs))
     import mlx.core as mx
 
     return {"seconds": times[args.warmup + args.steps] - times[args.warmup],
             "loss": result.train_loss, "peak_gb": result.peak_memory_gb, "rss_gb": peak_rss_gb(),
-            "mlx": mx.__version__}
+            "mlx": mx.__version__, "rank": distributed.rank()}
 
 
 def worker_mlx_lm(args, batches, tokens, pad) -> dict:
@@ -193,14 +202,24 @@ WORKERS = {"mlx-gemma": worker_mlx_gemma, "mlx-lm": worker_mlx_lm, "torch": work
 
 
 def run_worker(name: str, args, batches_path: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--batches", batches_path, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-seq-len", str(args.max_seq_len)]
+    ranks, threads = PARALLEL.get(name, (1, None))
+    cmd = [sys.executable, __file__, "--worker", "mlx-gemma" if name in PARALLEL else name, "--batches",
+           batches_path, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--max-seq-len", str(args.max_seq_len)]
+    env = dict(os.environ, **({"OPENBLAS_NUM_THREADS": str(threads)} if threads else {}))
+    if ranks > 1:
+        from mlx_gemma.training.distributed import free_port_pair
+
+        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring", "-p",
+               str(free_port_pair()), "--env", f"OPENBLAS_NUM_THREADS={threads}", "--", *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    results = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or len(results) != ranks:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "stderr": proc.stderr[-3000:]}
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = next(r for r in results if r.get("rank", 0) == 0)
+    res["peak_gb"] = max(r["peak_gb"] for r in results)  # per rank: the largest
+    res["rss_gb"] = max(r["rss_gb"] for r in results)
     res["wall"] = time.perf_counter() - t0
     return res
 
@@ -211,7 +230,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--only", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS))
+    ap.add_argument("--only", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS)
+                    + " (add 'parallel' for the 1 rank x 2 threads vs 2 ranks x 1 thread rows)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
@@ -224,6 +244,8 @@ def main():
         return
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if "parallel" in names:
+        names = [n for n in names if n != "parallel"] + list(PARALLEL)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batches.npz"
         info = make_batches(path, args.warmup + args.steps, args.batch, args.max_seq_len)

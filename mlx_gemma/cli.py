@@ -75,6 +75,7 @@ class Group(click.Group):
     def _fail(self, ctx, message: str):
         if ctx.obj and ctx.obj.get("debug"):
             raise
+        _later_if_other_rank()
         click.echo(f"error: {message}", err=True)
         sys.exit(1)
 
@@ -95,6 +96,17 @@ def flag_spelling(command):
         return flag if value is NAME_ONLY else f"{flag} {value}"
 
     return spell
+
+
+def _later_if_other_rank() -> None:
+    """In a data-parallel run every rank usually meets the same mistake: ranks other than 0 wait a
+    moment before saying it, and the launcher stops them once rank 0 has exited with it, so the
+    user reads one line. (A mistake only one rank meets is still printed by that rank.)"""
+    import os
+    import time
+
+    if os.environ.get("MLX_RANK", "0") != "0":
+        time.sleep(3)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -135,6 +147,9 @@ def info():
     click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
     click.echo(f"backend       {policy().describe()}")
     click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
+    from .training import distributed
+
+    click.echo(f"distributed   {distributed.describe()}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -470,39 +485,84 @@ def _removed_if_left_empty(out):
                    "write report.md / report.json next to the adapter.")
 @click.option("--report-max-tokens", default=128, type=int,
               help="New tokens per test answer in the report (the <end_of_turn> check uses this limit).")
+@click.option("--ranks", default=1, type=click.IntRange(min=1),
+              help="Train data-parallel on N local processes (through mlx.launch; the cores are shared out as "
+                   "BLAS threads). Several Macs: `mlx.launch --hostfile hosts.json -- mlx-gemma train ...`. "
+                   "No before/after report in data-parallel runs.")
 @_train_options
 @click.pass_context
-def train(ctx, config_file, report, report_max_tokens, **options):
+def train(ctx, config_file, report, report_max_tokens, ranks, **options):
     """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
     train_config.json, metrics.jsonl, loss.png and checkpoints/. Ctrl-C saves a checkpoint;
-    --resume continues from it.
+    `--out DIR --resume` continues from it with the options it was started with.
     """
-    import dataclasses
-
     from click.core import ParameterSource
 
-    from .training.trainer import TrainArgs, load_config_file, run_training
+    from .training.trainer import TrainArgs, load_config_file, restore_options, run_training
 
-    values = load_config_file(config_file) if config_file else {}
+    from_file = load_config_file(config_file) if config_file else {}
+    values, given = {}, set(from_file)  # given: typed or in the file, so never restored by --resume
     for name, value in options.items():
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
-            values[name] = value
-    if values.get("quantize_bits") is not None:
+        typed = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        given |= {name} if typed else set()
+        values[name] = value if typed or name not in from_file else from_file[name]
+    if isinstance(values.get("quantize_bits"), str):  # a click.Choice gives the string
         values["quantize_bits"] = int(values["quantize_bits"])
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
-    args = TrainArgs(**{k: v for k, v in values.items() if k in known})
+    if values.get("resume"):
+        values = restore_options(values, given)
+    args = TrainArgs(**values)
+    if ranks > 1:
+        sys.exit(_train_on_local_ranks(ctx, args, ranks))
+    from .training import distributed
+
+    quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
     with _removed_if_left_empty(args.out):
-        if report and not args.resume:
+        if report and not args.resume and distributed.world_size() == 1:
             from .training.report import run_main_job
 
             result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
         else:
-            result = run_training(args, echo=lambda s: click.echo(s, err=True))
-            click.echo(result.summary())
+            result = run_training(args, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+            if not quiet:
+                click.echo(result.summary())
     if result.interrupted:
         sys.exit(130)
+
+
+def _train_on_local_ranks(ctx, args, ranks: int) -> int:
+    """`train --ranks N`: check the options here, then start N ranks running the same train
+    command; the exit status says how the ranks ended."""
+    from pathlib import Path
+
+    from .training import distributed
+    from .training.trainer import check_args, prepare_out_dir, resolve_defaults, train_argv
+
+    if distributed.launched():
+        raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
+    check_args(resolve_defaults(args))
+    prepare_out_dir(args)  # fail before any rank starts
+    argv = (["--debug"] if ctx.obj.get("debug") else []) + ["train", "--no-report", *train_argv(args)]
+    ended = distributed.launch_local(ranks, argv)
+    codes = dict(ended["failed"])
+    if not codes and ended["returncode"] == 0:
+        return 0
+    ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
+    resume = (f"continue from {ckpts[-1].name} with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
+              if ckpts else "no checkpoint was saved")
+    stopped = (130, 143, -2, -15)  # Ctrl-C, or terminated by the launcher because another rank ended
+    killed = [(r, c) for r, c in sorted(codes.items()) if c is None or c < 0 and c not in stopped]
+    failed = [(r, c) for r, c in sorted(codes.items()) if c is not None and c not in stopped]
+    if not killed and not failed:  # Ctrl-C: every rank stopped after the same step
+        click.echo(f"interrupted; {resume}", err=True)
+        return 130
+    if not killed and ended["said_error"]:
+        return 1  # the failing rank's own one-line message is above
+    rank, code = (killed or failed)[0]
+    how = "was killed" if code is None else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    click.echo(f"error: rank {rank} {how}, so every rank was stopped; {resume}", err=True)
+    return 1
 
 
 @main.command(context_settings=CONTEXT)

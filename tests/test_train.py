@@ -54,6 +54,11 @@ def small_args(out, **kw):
     return T.TrainArgs(**base)
 
 
+def train_tiny(model, tok, args, *splits, **kw):
+    """setup (LoRA, QLoRA) then train, as run_training does."""
+    return T.train(model, tok, args, *splits, adapter_config=T.setup(model, args), **kw)
+
+
 def lora_grads(model, fn, *args):
     loss_and_grad = nn.value_and_grad(model, fn)
     (loss, n), grads = loss_and_grad(model, *args)
@@ -104,7 +109,7 @@ def test_compiled_step_and_numpy_head_step_train_alike(tok, data_dir, tmp_path, 
     for host in (True, False):
         monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host))
         mx.random.seed(0)
-        res = T.train(tiny_model("gemma2"), tok, small_args(tmp_path / f"run-{host}", iters=5, dropout=0.0),
+        res = train_tiny(tiny_model("gemma2"), tok, small_args(tmp_path / f"run-{host}", iters=5, dropout=0.0),
                       splits["train"], splits["valid"], None, progress=False)
         curves[host] = [m["loss"] for m in res.metrics if "loss" in m] + [res.val_loss]
     assert len(curves[True]) == 6
@@ -130,7 +135,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tok, data_dir):
 def test_training_lowers_the_loss_and_writes_the_adapter_dir(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()
-    res = T.train(model, tok, small_args(tmp_path / "run", iters=12), splits["train"], splits["valid"],
+    res = train_tiny(model, tok, small_args(tmp_path / "run", iters=12), splits["train"], splits["valid"],
                   splits["test"], progress=False)
     losses = [m["loss"] for m in res.metrics if "loss" in m]
     vals = [m["val_loss"] for m in res.metrics if "val_loss" in m]
@@ -163,7 +168,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tok, data_dir, tmp_path):
                           eval_every=0, save_every=0, test=False)
         one = D.Dataset("train", splits["train"].examples[:4])
         one.formats = {"chat": 4}
-        res = T.train(model, tok, args, one, progress=False)
+        res = train_tiny(model, tok, args, one, progress=False)
         runs.append((res.metrics[0], dict(tree_flatten(model.trainable_parameters()))))
     # the step loss is the mean over all loss tokens of the 4 rows either way
     assert runs[0][0]["loss_tokens"] == runs[1][0]["loss_tokens"]
@@ -179,7 +184,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tok, data_dir, tm
         def on_step(step, rec):
             if step == stop_at:
                 raise KeyboardInterrupt  # what Ctrl-C does
-        res = T.train(tiny_model(), tok, small_args(out, iters=8, save_every=100, resume=resume),
+        res = train_tiny(tiny_model(), tok, small_args(out, iters=8, save_every=100, resume=resume),
                       splits["train"], splits["valid"], progress=False, on_step=on_step)
         return res
 
@@ -203,7 +208,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tok, data_dir, tm
 def test_qlora_trains_on_a_4bit_base(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()
-    res = T.train(model, tok, small_args(tmp_path / "q", iters=8, quantize_bits=4, quantize_group_size=32),
+    res = train_tiny(model, tok, small_args(tmp_path / "q", iters=8, quantize_bits=4, quantize_group_size=32),
                   splits["train"], splits["valid"], progress=False)
     assert isinstance(model.model.layers[0].self_attn.q_proj.base if hasattr(model.model.layers[0].self_attn.q_proj,
                       "base") else model.model.layers[0].self_attn.q_proj.base, nn.QuantizedLinear)
@@ -220,7 +225,7 @@ def test_lora_trains_on_a_calibrated_mixed_precision_base(tok, data_dir, tmp_pat
     model = tiny_model()
     windows = mx.array(np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 64)).astype(np.int32))
     quantize_model(model, bits=4, group_size=32, recipe="mixed", calibration=windows)
-    res = T.train(model, tok, small_args(tmp_path / "m", iters=8), splits["train"], splits["valid"], progress=False)
+    res = train_tiny(model, tok, small_args(tmp_path / "m", iters=8), splits["train"], splits["valid"], progress=False)
     attn = model.model.layers[5].self_attn  # the last layer: adapted, and its v_proj is 8-bit
     assert isinstance(attn.v_proj.base, nn.QuantizedLinear) and attn.v_proj.base.bits == 8
     assert isinstance(attn.q_proj.base, nn.QuantizedLinear) and attn.q_proj.base.bits == 4
@@ -239,7 +244,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, data_dir, tmp_pa
                 if hasattr(m, "lora_A"):
                     m.lora_A = m.lora_A * float("nan")
     with pytest.raises(T.NonFiniteLoss, match="loss became nan at step 4.*step-000003.*is kept"):
-        T.train(model, tok, small_args(out, iters=8), splits["train"], splits["valid"], progress=False,
+        train_tiny(model, tok, small_args(out, iters=8), splits["train"], splits["valid"], progress=False,
                 on_step=poison)
     saved = mx.load(str(out / "adapter_model.safetensors"))
     ckpt = mx.load(str(out / "checkpoints" / "step-000003" / "adapter_model.safetensors"))

@@ -352,7 +352,8 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     """
     from ..loading import load
     from . import data as data_lib
-    from .trainer import check_args, default_data_dir, load_training_data, prepare_out_dir, resolve_defaults, train
+    from .trainer import (check_args, default_data_dir, load_training_data, prepare_out_dir, resolve_defaults, setup,
+                          train)
 
     t_start = time.perf_counter()
     args = resolve_defaults(args)
@@ -381,7 +382,7 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     extra = {"data_resolved": str(data_path),
              "data_summary": {k: v.summary() for k, v in splits.items() if v is not None}}
     result = train(model, tokenizer, args, splits["train"], splits["valid"], None, progress=progress,
-                   extra_config=extra)
+                   adapter_config=setup(model, args), extra_config=extra)
     t_trained = time.perf_counter()
     if result.interrupted:
         echo(result.summary())

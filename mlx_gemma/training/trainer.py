@@ -1,34 +1,34 @@
-"""LoRA / QLoRA fine-tuning: TrainArgs, the training loop, evaluation, checkpoints and resume.
+"""LoRA / QLoRA fine-tuning: set-up, the training step, evaluation and the loop.
 
-`train(model, tokenizer, args, train_set, valid_set)` is the library entry point (the CLI's
-`mlx-gemma train` calls `run_training(args)`, which loads the model and data, then `train`).
+    adapter_config = setup(model, args)          # QLoRA quantization, LoRA layers, grad checkpointing
+    result = train(model, tokenizer, args, train_set, valid_set, test_set,
+                   adapter_config=adapter_config, optimizer=None, loss=None)
 
-The loop: AdamW with linear warmup + cosine decay; gradient accumulation (the loss is the mean
-over every loss token of the effective batch, so batch 4 == batch 2 x accumulation 2); an
-`mx.compile`d step with the model / optimizer / RNG state as inputs and outputs (on a GPU; on
-the CPU the LM-head loss runs in numpy between the forward and backward halves and only the
-optimizer update is compiled); the chunked LM-head loss of train/loss.py; optional per-layer
-gradient checkpointing.
+`train` takes its parts as mlx-lm's trainer does: the optimizer (default: AdamW with linear
+warmup + cosine decay, `make_optimizer`) and the loss (default: the chunked LM-head loss of
+training/loss.py). `run_training(args)` is the whole job for the CLI: load, set up, train.
+
+The step (`make_step`, one function for every variant): each of the `grad_accum` micro-batches
+gives the gradient of the *sum* of its token losses; the sums are added, summed over the ranks of
+a data-parallel run (training/distributed.py), divided by the global number of loss tokens, clipped
+and applied. So batch 4 == batch 2 x accumulation 2 == 2 ranks x batch 2. On a GPU the gradient
+and the update are `mx.compile`d with the model / optimizer / RNG state as inputs and outputs; on
+the CPU (`policy().host_loss`) the LM-head loss runs in numpy between the forward and backward
+halves, which cannot be traced, so only the update is compiled.
 
 Reproducibility and resume: the batch order is a function of (seed, epoch) and the dropout RNG is
 reseeded from (seed, micro-batch index) before every micro-batch, so a run resumed from a
 checkpoint (adapter + optimizer state + step) replays exactly the steps the uninterrupted run
-would have taken.
-
-Adapter dir layout (`args.out`):
-    adapter_model.safetensors, adapter_config.json   the latest adapter, PEFT format
-    train_config.json                                 the TrainArgs used (+ data summary)
-    metrics.jsonl                                     one JSON object per step / evaluation
-    loss.png                                          train and validation loss curves
-    checkpoints/step-000100/                          adapter + optimizer.safetensors + trainer_state.json
+would have taken. A Ctrl-C that lands inside a step (Python raises it once the step's `mx.eval`
+returns) rolls the weights and optimizer state back to the step's start, so the checkpoint never
+holds an update under the previous step's number. The run directory is training/run_dir.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import hashlib
 import math
-import shutil
+from contextlib import contextmanager
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,150 +40,24 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
-from ..errors import UserError
-from ..files import atomic_output_dir, write_json_atomic
-from . import data as data_lib
 from ..backend import policy
+from ..errors import UserError
+from . import data as data_lib
+from . import distributed as dist
+from .args import DEFAULT_OUT, TrainArgs, check_args, resolve_defaults, train_fields
+from .args import load_config_file  # noqa: F401  (the CLI's entry point to config files)
 from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions
-from ..loading import DEFAULT_MODEL
-DEFAULT_OUT = "adapters/gemma-3-270m-zh"
-KEEP_CHECKPOINTS = 3
+from .run_dir import RunDir
+
+# ---- set-up -----------------------------------------------------------------------------------
 
 
-def _opt(default, help, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
-@dataclass
-class TrainArgs:
-    """Every training option; `mlx-gemma train` builds its options (and their help) from these fields."""
-
-    model: str = _opt(DEFAULT_MODEL, "Base model: dir, .gguf, HF repo id or alias.")
-    data: Optional[str] = _opt(None, "JSONL/JSON file, or dir with train/valid/test files "
-                                     "(default: the bundled zh_baike chat splits).")
-    out: str = _opt(DEFAULT_OUT, "Adapter dir to write (adapter, checkpoints, metrics, loss curve).")
-    rank: int = _opt(16, "LoRA rank r.")
-    alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r).")
-    dropout: float = _opt(0.05, "LoRA dropout.")
-    targets: str = _opt("q_proj,k_proj,v_proj,o_proj", "Comma-separated modules to adapt, or all-linear.")
-    num_layers: Optional[int] = _opt(None, "Adapt only the last N decoder layers (default: all).")
-    quantize_bits: Optional[int] = _opt(None, "Quantize the base to 4 or 8 bits first (QLoRA).", choices=(4, 8))
-    quantize_group_size: int = _opt(64, "Group size for --quantize-bits.")
-    lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
-    min_lr: float = _opt(0.0, "Learning rate at the end of the cosine decay.")
-    warmup: Optional[int] = _opt(None, "Linear warmup steps (default: 5% of the steps).")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _opt(1.0, "Clip the gradient to this global norm (0: off).")
-    epochs: Optional[int] = _opt(None, "Passes over the training set (default 1; the main job, on the bundled "
-                                       "data without --epochs/--iters: 160 steps).")
-    iters: Optional[int] = _opt(None, "Optimizer steps (overrides --epochs).")
-    batch_size: Optional[int] = _opt(None, "Rows per micro-batch (default 4; 2 in the main job).")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
-    max_seq_len: int = _opt(512, "Tokens per record; longer records are truncated (or dropped with --drop-long).")
-    drop_long: bool = _opt(False, "Drop records longer than --max-seq-len instead of truncating them.")
-    pack: bool = _opt(False, "Pack short records into rows of --max-seq-len (attention stays inside each).")
-    train_on_prompt: bool = _opt(False, "Put loss on prompt tokens too (default: assistant answers only).")
-    grad_checkpoint: bool = _opt(False, "Recompute each layer's activations in the backward pass (less memory).")
-    eval_every: Optional[int] = _opt(None, "Validate every N steps (0: only at the end; default 50, 0 in the main job).")
-    eval_batches: Optional[int] = _opt(None, "Validation batches per evaluation (default: the whole split).")
-    save_every: int = _opt(100, "Checkpoint every N steps (0: only at the end).")
-    seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
-    dtype: str = _opt("auto", "Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
-    loss_chunk: int = _opt(DEFAULT_CHUNK, "Vocabulary chunk of the cross-entropy.")
-    test: bool = _opt(True, "Evaluate on the test split at the end (when there is one).")
-    resume: bool = _opt(False, "Continue from the latest checkpoint in --out.")
-    force: bool = _opt(False, "Start over in an --out dir that holds another run.")
-
-    # options that shape the adapter or the step sequence: a resumed run must keep them
-    RESUME_KEYS = ("model", "rank", "alpha", "targets", "num_layers", "quantize_bits", "quantize_group_size",
-                   "batch_size", "grad_accum", "max_seq_len", "pack", "seed", "lr", "train_on_prompt")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def train_fields() -> list:
-    return dataclasses.fields(TrainArgs)
-
-
-def load_config_file(path) -> dict:
-    """A YAML or JSON file of TrainArgs fields -> dict (UserError naming an unknown key or bad file)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"config file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as exc:  # json / yaml parse errors
-        raise UserError(f"{path}: cannot parse ({str(exc).splitlines()[0]})") from None
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a config file must be a mapping of option: value")
-    names = {f.name for f in train_fields()}
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise UserError(f"{path}: unknown key {key!r}; valid keys are the `mlx-gemma train` options "
-                            f"({', '.join(sorted(names))})")
-        out[name] = value
-    return out
-
-
-# The main job: `mlx-gemma train` on the bundled data without --epochs/--iters. Sized so that the
-# evaluation before and after plus training fit in 15 minutes on a 2-core CPU (see README):
-# batch 2 gives twice the optimizer steps of batch 4 for the same tokens (measured: what teaches
-# the base model to stop in so short a run); one validation, at the end.
-MAIN_JOB = {"iters": 160, "batch_size": 2, "eval_every": 0}
-DEFAULTS = {"batch_size": 4, "eval_every": 50}
-
-
-def is_main_job(args: TrainArgs) -> bool:
-    return args.data is None and args.epochs is None and args.iters is None
-
-
-def resolve_defaults(args: TrainArgs) -> TrainArgs:
-    """A copy with the options left at None filled: the main job's preset (only where the user
-    gave no value) on the bundled data without --epochs/--iters, the usual defaults otherwise."""
-    preset = MAIN_JOB if is_main_job(args) else {}
-    changes = {name: preset.get(name, DEFAULTS.get(name)) for name in ("iters", "batch_size", "eval_every")
-               if getattr(args, name) is None}
-    return dataclasses.replace(args, **changes)
-
-
-def check_args(args: TrainArgs) -> None:
-    """Reject impossible values with one line naming the option."""
-    positive = ("rank", "batch_size", "grad_accum", "max_seq_len", "loss_chunk")
-    for name in positive:
-        if getattr(args, name) is None or int(getattr(args, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("epochs", "iters", "num_layers"):
-        v = getattr(args, name)
-        if v is not None and int(v) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if args.quantize_bits not in (None, 4, 8):
-        raise UserError(f"--quantize-bits must be 4 or 8, got {args.quantize_bits}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.max_seq_len < 2:
-        raise UserError("--max-seq-len must be at least 2")
-
-
-# ---- model setup ------------------------------------------------------------------------------
-
-
-def prepare_model(model, args: TrainArgs) -> dict:
-    """Quantize the base (QLoRA, when args.quantize_bits) and wrap the targets in LoRA.
-
-    Seeds MLX's RNG with args.seed first, so the LoRA init is reproducible. Returns the adapter config.
-    """
+def setup(model, args: TrainArgs) -> dict:
+    """Make `model` trainable as `args` says: quantize the base (QLoRA, when args.quantize_bits),
+    wrap the targets in LoRA (MLX's RNG seeded with args.seed first, so the init is reproducible),
+    and turn on per-layer gradient checkpointing (args.grad_checkpoint). Returns the adapter config."""
     from ..lora import apply_lora
 
     if args.quantize_bits:
@@ -192,8 +66,12 @@ def prepare_model(model, args: TrainArgs) -> dict:
         quantize_model(model, bits=int(args.quantize_bits), group_size=int(args.quantize_group_size))
     mx.random.seed(args.seed)
     targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    return apply_lora(model, targets=targets, rank=int(args.rank), alpha=float(args.alpha),
-                      dropout=float(args.dropout), num_layers=args.num_layers, base_model=str(args.model))
+    config = apply_lora(model, targets=targets, rank=int(args.rank), alpha=float(args.alpha),
+                        dropout=float(args.dropout), num_layers=args.num_layers, base_model=str(args.model))
+    if args.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    return config
+
 
 
 def _checkpointed_class(cls):
@@ -217,7 +95,23 @@ def enable_grad_checkpoint(model) -> None:
         layer.__class__ = _checkpointed_class(type(layer))
 
 
-# ---- steps ------------------------------------------------------------------------------------
+def make_schedule(args: TrainArgs, total_steps: int):
+    """Linear warmup to args.lr (default 5% of the steps), then cosine decay to args.min_lr."""
+    warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
+    warmup = min(int(warmup), total_steps)
+    decay = optim.cosine_decay(args.lr, max(total_steps - warmup, 1), end=args.min_lr)
+    if warmup == 0:
+        return decay
+    ramp = optim.linear_schedule(args.lr / warmup, args.lr, warmup - 1) if warmup > 1 else (lambda s: args.lr)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(args: TrainArgs, total_steps: int) -> optim.Optimizer:
+    """The default optimizer: AdamW with `make_schedule` and args.weight_decay."""
+    return optim.AdamW(learning_rate=make_schedule(args, total_steps), weight_decay=args.weight_decay)
+
+
+# ---- the step ---------------------------------------------------------------------------------
 
 
 def _device_batch(batch: dict):
@@ -225,6 +119,72 @@ def _device_batch(batch: dict):
     seg = batch["segment_ids"]
     return (mx.array(batch["inputs"]), mx.array(batch["targets"]), mx.array(idx), mx.array(w),
             None if seg is None else mx.array(seg))
+
+
+def make_step(model, optimizer, loss: Optional[Callable] = None, *, loss_chunk: int = DEFAULT_CHUNK,
+              max_grad_norm: float = 0.0) -> Callable:
+    """The training step: `step(micro_batches) -> (sum of token losses, loss tokens)`, both summed
+    over the ranks, after applying one optimizer update.
+
+    micro_batches: (dropout seed, arrays from `_device_batch`, or None when this rank holds no
+    row of that micro-batch). loss: fn(model, inputs, targets, idx, w, segment_ids) -> (sum of
+    token losses, number of loss tokens); default the chunked LM-head loss (numpy head on the CPU).
+    """
+    if loss is None:
+        grad_fn = loss_and_grad(model, loss_chunk)
+    else:
+        grad_fn = partial(nn.value_and_grad(model, loss), model)
+    state = [model.state, optimizer.state, mx.random.state]
+    compiled = partial(mx.compile, inputs=state, outputs=state)
+    if not policy().host_loss:
+        grad_fn = compiled(grad_fn)
+
+    @compiled
+    def update(grads, ntok):
+        grads = tree_map(lambda g: g / ntok, grads)  # sum of token losses -> mean
+        if max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(model, grads)
+
+    def step(micro_batches):
+        grads, loss_sum, ntok = None, mx.array(0.0), mx.array(0.0)
+        for seed, arrays in micro_batches:
+            mx.random.seed(seed)  # dropout: the same masks on resume
+            if arrays is None:
+                g = tree_map(mx.zeros_like, model.trainable_parameters())
+            else:
+                (l, n), g = grad_fn(*arrays)
+                loss_sum, ntok = loss_sum + l, ntok + n
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            if len(micro_batches) > 1:
+                mx.eval(grads, loss_sum, ntok)  # one micro-batch's activations alive at a time
+        grads, loss_sum, ntok = dist.all_sum_tree(grads), dist.all_sum(loss_sum), dist.all_sum(ntok)
+        update(grads, ntok)
+        mx.eval(state, loss_sum, ntok)
+        return loss_sum, ntok
+
+    return step
+
+
+def _snapshot(model, optimizer):
+    """The trainable weights and the optimizer state (arrays are immutable: copying the trees is enough)."""
+    return model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+
+
+def _restore(model, optimizer, snapshot) -> None:
+    params, opt_state = snapshot
+    model.update(params)
+    _replace_state(optimizer, opt_state)
+
+
+def _replace_state(optimizer, state: dict) -> None:
+    """Put `state` into the optimizer's own state dict: a compiled step captured that dict object,
+    so assigning a new one would leave the step reading the old."""
+    optimizer.state.clear()
+    optimizer.state.update(state)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
 
 
 def eval_loss_fn(model, loss_chunk: int = DEFAULT_CHUNK):
@@ -237,6 +197,7 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
                      max_batches: Optional[int] = None, loss_chunk: int = DEFAULT_CHUNK, _fn=None) -> dict:
     """Mean token loss over a tokenized Dataset (loss positions as in training), in eval mode.
 
+    In a data-parallel run each rank evaluates its share of the batches and the sums are reduced.
     Returns {"loss", "perplexity", "tokens"} (tokens: loss-carrying tokens counted).
     """
     was_training = model.training
@@ -248,24 +209,18 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
         plan = plan[:max_batches]
     total, count = 0.0, 0.0
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    for rows in plan:
+    for rows in plan[dist.rank()::dist.world_size()]:
         loss, n = fn(*_device_batch(data_lib.make_batch(dataset, rows, pad, max_seq_len)))
         mx.eval(loss, n)
         total += loss.item()
         count += n.item()
+    total, count = dist.sum_scalars(total, count)
     model.train(was_training)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
 
-def make_schedule(args: TrainArgs, total_steps: int):
-    warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
-    warmup = min(int(warmup), total_steps)
-    decay = optim.cosine_decay(args.lr, max(total_steps - warmup, 1), end=args.min_lr)
-    if warmup == 0:
-        return decay
-    ramp = optim.linear_schedule(args.lr / warmup, args.lr, warmup - 1) if warmup > 1 else (lambda s: args.lr)
-    return optim.join_schedules([ramp, decay], [warmup])
+# ---- results and progress ---------------------------------------------------------------------
 
 
 class NonFiniteLoss(UserError):
@@ -288,6 +243,7 @@ class TrainResult:
     peak_memory_gb: float = 0.0
     trainable: int = 0
     interrupted: bool = False
+    checkpoint: Optional[str] = None  # the latest checkpoint dir, None when none was saved
     metrics: list = field(default_factory=list)
 
     @property
@@ -302,129 +258,53 @@ class TrainResult:
                  f"{self.tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_second:.0f} tok/s), "
                  f"peak memory {self.peak_memory_gb:.2f} GB",
                  f"loss: train {f(self.train_loss)}  valid {f(self.val_loss)}  test {f(self.test_loss)}"
-                 + (f" (perplexity {self.test_perplexity:.2f})" if self.test_perplexity else ""),
-                 f"adapter: {self.out}"]
-        if self.interrupted:
+                 + (f" (perplexity {self.test_perplexity:.2f})" if self.test_perplexity else "")]
+        if self.interrupted and self.checkpoint is None:
+            lines.append("no step finished, nothing was saved; run the command again to start")
+        elif self.interrupted:
+            lines.append(f"checkpoint: {self.checkpoint}")
             lines.append(f"continue with: mlx-gemma train --out {self.out} --resume")
+        else:
+            lines.append(f"adapter: {self.out}")
         return "\n".join(lines)
 
 
 class Progress:
-    """One status line on stderr: step, loss, learning rate, tok/s, peak memory, ETA."""
+    """A tqdm bar on stderr (steps, loss, learning rate, tok/s, peak memory, rate and ETA) and
+    messages printed above it. Off on ranks other than 0."""
 
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled = total, enabled
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.last = 0.0
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
+        from tqdm.auto import tqdm
 
-    def update(self, step: int, loss: float, lr: float, tok_s: float, peak_gb: float, eta_s: float) -> None:
-        if not self.enabled:
-            return
-        width = 20
-        done = int(width * step / max(self.total, 1))
-        eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if eta_s == eta_s else "?"
-        line = (f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"{tok_s:.0f} tok/s peak {peak_gb:.2f} GB ETA {eta}")
-        now = time.time()
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")
-            self.stream.flush()
-        elif step == self.total or now - self.last > 10 or step == 1:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last = now
+        stream = stream or sys.stderr
+        tty = getattr(stream, "isatty", lambda: False)()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=start, unit="step", file=stream, disable=not enabled,
+                        dynamic_ncols=True, mininterval=0.5 if tty else 10.0, smoothing=0.1)
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float, peak_gb: float) -> None:
+        with self._quiet_if_gone():
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s peak {peak_gb:.2f} GB",
+                                     refresh=False)
+            self.bar.update(step - self.bar.n)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
-        self.stream.flush()
+        if self.enabled:
+            with self._quiet_if_gone():
+                self.bar.write(text, file=self.bar.fp)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        with self._quiet_if_gone():
+            self.bar.close()
 
-
-# ---- output dir, checkpoints ------------------------------------------------------------------
-
-
-def _checkpoints(out: Path) -> list:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
-    """Check the output dir; return the checkpoint to resume from (or None for a fresh run).
-
-    A dir holding another run is an error unless --resume (continue) or --force (start over).
-    """
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    has_run = out.is_dir() and any(out.iterdir())
-    if args.resume:
-        ckpts = _checkpoints(out)
-        if not ckpts:
-            raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start a new run without --resume")
-        previous = out / "train_config.json"
-        if previous.exists():
-            old = json.loads(previous.read_text())
-            for key in TrainArgs.RESUME_KEYS:
-                if key in old and old[key] != getattr(args, key):
-                    raise UserError(f"--resume: {key} was {old[key]!r} in {previous}, now {getattr(args, key)!r}; "
-                                    "use the same value, or --force to start over")
-        return ckpts[-1]
-    if has_run and not args.force:
-        raise UserError(f"--out {out} already holds files (another run?); pass --resume to continue it or "
-                        "--force to start over")
-    return None
-
-
-def _clean_out_dir(out: Path) -> None:
-    """--force: remove what a previous run wrote (only our files, never the whole dir)."""
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json", "metrics.jsonl", "loss.png",
-                 "report.md", "report.json"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
-def save_checkpoint(out: Path, model, adapter_config: dict, optimizer, state: dict) -> Path:
-    """checkpoints/step-N/ (adapter, optimizer state, trainer state) written into a temp dir and
-    renamed; then the top-level adapter is updated. Keeps the last KEEP_CHECKPOINTS."""
-    from ..lora import save_adapter
-
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state['step']:06d}"
-    with atomic_output_dir(final, force=True) as tmp:
-        save_adapter(model, tmp, adapter_config)
-        opt = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
-        write_json_atomic(tmp / "trainer_state.json", state)
-    save_adapter(model, out, adapter_config)
-    for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Restore LoRA weights and optimizer state from a checkpoint dir; return its trainer state."""
-    from ..convert import peft as peft_format
-    from ..lora import lora_parameters
-
-    weights = peft_format.from_peft(mx.load(str(ckpt / "adapter_model.safetensors")), str(ckpt))
-    current = lora_parameters(model)
-    if set(weights) != set(current):
-        raise UserError(f"{ckpt}: the checkpoint's LoRA tensors do not match this model's; use --force to start over")
-    model.update(tree_unflatten(list(weights.items())))
-    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    @contextmanager
+    def _quiet_if_gone(self):
+        """A closed stderr (the launcher that piped it ended on Ctrl-C) must not cost the checkpoint."""
+        try:
+            yield
+        except OSError:
+            self.enabled = False
+            self.bar.disable = True
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -436,211 +316,235 @@ def _total_steps(args: TrainArgs, batches: int) -> int:
     return max(1, math.ceil((args.epochs or 1) * batches / args.grad_accum))
 
 
-def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set=None, *,
-          adapter_config: Optional[dict] = None, on_step: Optional[Callable] = None, progress: bool = True,
-          extra_config: Optional[dict] = None) -> TrainResult:
-    """Fine-tune `model` with LoRA on tokenized datasets (train/data.py `Dataset`s), writing `args.out`.
+def data_fingerprint(dataset) -> str:
+    """sha256 of a tokenized split (ids and loss masks): what --resume compares."""
+    h = hashlib.sha256()
+    for ids, mask in dataset.examples:
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(np.ascontiguousarray(ids, np.int32).tobytes())
+        h.update(np.ascontiguousarray(mask, np.int32).tobytes())
+    return h.hexdigest()
 
-    If the model has no LoRA layers yet, `prepare_model` adds them (and quantizes for QLoRA);
-    otherwise pass the `adapter_config` that apply_lora returned. `on_step(step, record)` is called
-    after every optimizer step (a KeyboardInterrupt raised there acts like Ctrl-C: checkpoint and
-    return with `interrupted=True`). Raises NonFiniteLoss (a UserError) when the loss becomes NaN/inf;
-    the last checkpoint is kept as it was. Returns a TrainResult.
+
+def _rank_batches(dataset, args: TrainArgs, pad: int, start: int):
+    """(epoch, this rank's share of the micro-batch or None) from global micro-batch `start` on.
+
+    Every rank plans the same batches (a function of the seed and epoch), so the rows split the
+    same way whatever the number of ranks, and a resumed run continues exactly."""
+    per_epoch = data_lib.batches_per_epoch(dataset, args.batch_size, args.max_seq_len, args.pack)
+    epoch, pos = divmod(start, per_epoch)
+    while True:
+        plan = data_lib.plan_batches(dataset, args.batch_size, args.seed, epoch, args.max_seq_len, args.pack)
+        for k in range(pos, len(plan)):
+            rows = dist.share(plan[k])
+            yield epoch, (data_lib.make_batch(dataset, rows, pad, args.max_seq_len) if rows else None)
+        epoch, pos = epoch + 1, 0
+
+
+def _dropout_seed(args: TrainArgs, micro: int) -> int:
+    # rank 0 (and a single process) keeps the seed it always had; other ranks draw other masks
+    return (args.seed * 1_000_003 + micro + 104_729 * dist.rank()) % (2 ** 32)
+
+
+class _Run:
+    """One training run's moving parts: the run dir, optimizer, step function, progress and result.
+    `train` below is the loop that drives it."""
+
+    def __init__(self, model, tokenizer, args: TrainArgs, run: RunDir, adapter_config: dict, train_set, valid_set,
+                 optimizer, loss, progress: bool):
+        from ..lora import count_parameters
+
+        self.model, self.tokenizer, self.args, self.dir = model, tokenizer, args, run
+        self.adapter_config, self.train_set, self.valid_set = adapter_config, train_set, valid_set
+        self.per_epoch = data_lib.batches_per_epoch(train_set, args.batch_size, args.max_seq_len, args.pack)
+        self.total = _total_steps(args, self.per_epoch)
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(args, self.total)
+        self.optimizer.init(model.trainable_parameters())
+        self.step_fn = make_step(model, self.optimizer, loss, loss_chunk=args.loss_chunk,
+                                 max_grad_norm=args.max_grad_norm)
+        self.eval_fn = partial(loss, model) if loss is not None else eval_loss_fn(model, args.loss_chunk)
+        self.params = count_parameters(model)
+        self.progress = progress and run.writer
+        self.done = self.start = 0  # done: the last step whose update is in the weights
+        self.validated, self.val_loss = None, None
+
+    def begin(self, resume_from: Optional[Path], extra_config: Optional[dict]) -> None:
+        """Restore the checkpoint (refusing other data), write the run's config, start the clock."""
+        args, fingerprint = self.args, data_fingerprint(self.train_set)
+        if resume_from:
+            previous = self.dir.read_config() or {}
+            if previous.get("data_sha256", fingerprint) != fingerprint:
+                raise UserError(f"--resume: the training data differs from the run in {self.dir.path} (its train "
+                                "split hashed differently); pass the same --data and tokenization options, or "
+                                "--force to start over")
+            state = self.dir.load_checkpoint(resume_from, self.model, self.optimizer)
+            self.start = self.done = int(state["step"])
+            # a validation at the checkpoint's step is not repeated (read from the checkpoint, which
+            # every rank reads alike: the decision to validate must be the same on all of them)
+            if state.get("validated_at") == self.start:
+                self.validated, self.val_loss = self.start, state.get("val_loss")
+        config = dict(args.to_dict(), **(extra_config or {}), total_steps=self.total,
+                      batches_per_epoch=self.per_epoch, train_records=len(self.train_set),
+                      valid_records=len(self.valid_set) if self.valid_set else 0, data_sha256=fingerprint,
+                      world_size=dist.world_size())
+        self.dir.start(config, self.start if resume_from else None)
+        self.bar = Progress(self.total, self.start, self.progress)
+        self.result = TrainResult(out=str(self.dir.path), steps=self.start, total_steps=self.total,
+                                  trainable=self.params["trainable"],
+                                  checkpoint=str(resume_from) if resume_from else None)
+        p = self.params
+        self.bar.message(f"training {p['trainable']:,} of {p['total']:,} parameters ({p['percent']:.3f}%), "
+                         f"{self.total} steps x {args.batch_size * args.grad_accum} rows, {self.per_epoch} batches "
+                         "per epoch" + (f", {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+                         + (f", resuming at step {self.start}" if self.start else ""))
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, micro: list, ctrl_c) -> tuple[dict, bool]:
+        """Run optimizer step `step` on micro = [(global micro-batch index, (epoch, batch or None))];
+        record its metrics. Returns (record, whether some rank asked to stop)."""
+        args, t_step = self.args, time.perf_counter()
+        snapshot = _snapshot(self.model, self.optimizer)
+        try:
+            loss_sum, ntok = self.step_fn([(_dropout_seed(args, k), None if b is None else _device_batch(b))
+                                           for k, (_, b) in micro])
+            self.done = step
+        except (KeyboardInterrupt, RuntimeError):
+            if self.done != step:  # the update may be half-applied: back to the step's start
+                _restore(self.model, self.optimizer, snapshot)
+            raise
+        value = (loss_sum / ntok).item()
+        if not math.isfinite(value):
+            last = self.dir.latest_checkpoint()
+            where = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved yet"
+            raise NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped and "
+                                f"{where}. Lower --lr (now {args.lr:g}) or check the data")
+        tokens, stop = dist.sum_scalars(sum(b["tokens"] for _, (_, b) in micro if b is not None), ctrl_c())
+        res, now = self.result, time.perf_counter()
+        res.tokens += int(tokens)
+        res.train_loss, res.steps = value, step
+        lr, peak = self.optimizer.learning_rate.item(), mx.get_peak_memory() / 1e9
+        rec = {"step": step, "epoch": micro[-1][1][0], "loss": value, "lr": lr, "loss_tokens": int(ntok.item()),
+               "tokens": int(tokens), "tok_s": tokens / (now - t_step), "peak_memory_gb": peak, "time": now - self.t0}
+        self.dir.record(rec)
+        self.bar.update(step, value, lr, res.tokens / (now - self.t0), peak)
+        return rec, bool(stop)
+
+    def validate(self, step: int) -> None:
+        if not self.valid_set:
+            return
+        args = self.args
+        res = evaluate_dataset(self.model, self.tokenizer, self.valid_set, args.batch_size, args.max_seq_len,
+                               args.eval_batches, args.loss_chunk, _fn=self.eval_fn)
+        self.dir.record({"step": step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
+                         "val_tokens": res["tokens"]})
+        self.bar.message(f"step {step}: validation loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f})")
+        self.validated, self.val_loss = step, res["loss"]
+
+    def checkpoint(self, step: int) -> None:
+        state = {"step": step, "total_steps": self.total}
+        if self.validated == step:
+            state.update(validated_at=step, val_loss=self.val_loss)
+        saved = self.dir.save_checkpoint(self.model, self.adapter_config, self.optimizer, state)
+        self.result.checkpoint = str(saved)
+
+    def interrupted(self, created_dir: bool) -> None:
+        """Ctrl-C: checkpoint the last finished step (if one finished in this run)."""
+        self.result.interrupted = True
+        if self.done > self.start:
+            self.checkpoint(self.done)
+        if self.result.checkpoint:
+            self.bar.message(f"interrupted after step {self.done}; checkpoint {self.result.checkpoint}")
+        else:
+            self.bar.message("interrupted before the first step finished; nothing was saved")
+            self.dir.abandon(created_dir)
+
+    def stop_clock(self) -> None:
+        self.bar.close()
+        self.result.seconds = time.perf_counter() - self.t0
+        self.result.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def finish(self, test_set) -> TrainResult:
+        """The final validation, checkpoint and test evaluation (unless interrupted), the figure."""
+        args, res = self.args, self.result
+        if not res.interrupted:
+            if self.valid_set and self.validated != self.done:  # decided alike on every rank (collective)
+                self.validate(self.done)
+            self.checkpoint(self.done)
+            if args.test and test_set:
+                ev = evaluate_dataset(self.model, self.tokenizer, test_set, args.batch_size, args.max_seq_len,
+                                      loss_chunk=args.loss_chunk, _fn=self.eval_fn)
+                res.test_loss, res.test_perplexity = ev["loss"], ev["perplexity"]
+                self.dir.record({"step": self.done, "test_loss": ev["loss"], "test_perplexity": ev["perplexity"],
+                                 "test_tokens": ev["tokens"]})
+        res.val_loss = self.val_loss
+        self.dir.close()
+        res.metrics = self.dir.metrics
+        if self.dir.writer and (res.checkpoint or not res.interrupted):
+            from .plot import write_metrics_figure
+
+            write_metrics_figure(self.dir.path / "loss.png", self.dir.metrics, args.plot_log_scale)
+        return res
+
+
+def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set=None, *,
+          adapter_config: Optional[dict] = None, optimizer: Optional[optim.Optimizer] = None,
+          loss: Optional[Callable] = None, on_step: Optional[Callable] = None, progress: bool = True,
+          extra_config: Optional[dict] = None) -> TrainResult:
+    """Fine-tune a LoRA model (made by `setup`, whose adapter config is `adapter_config`) on
+    tokenized datasets (training/data.py `Dataset`s), writing the run dir `args.out`.
+
+    optimizer: default `make_optimizer(args, total_steps)`. loss: fn(model, inputs, targets, idx,
+    w, segment_ids) -> (sum of token losses, loss tokens); default the chunked LM-head loss.
+    `on_step(step, record)` is called after every optimizer step (a KeyboardInterrupt raised
+    there acts like Ctrl-C: checkpoint and return with `interrupted=True`). Raises NonFiniteLoss
+    (a UserError) when the loss becomes NaN/inf; the last checkpoint is kept as it was.
     """
-    from ..lora import count_parameters, lora_layers
+    from ..lora import lora_layers
 
     args = resolve_defaults(args)
     check_args(args)
-    out = Path(args.out).expanduser()
-    resume_from = prepare_out_dir(args)
-    if adapter_config is None:
-        if lora_layers(model):
-            raise UserError("the model already has LoRA layers; pass the adapter_config apply_lora returned")
-        adapter_config = prepare_model(model, args)
-    if args.grad_checkpoint:
-        enable_grad_checkpoint(model)
+    if adapter_config is None or not lora_layers(model):
+        raise UserError("train() needs a LoRA model and its adapter config: adapter_config = setup(model, args)")
+    run_dir = RunDir(args.out, writer=dist.rank() == 0)
+    created_dir = not run_dir.path.exists()
+    resume_from = run_dir.check(args.resume, args.force)
     model.train()
-    if not resume_from and out.exists():
-        _clean_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    run = _Run(model, tokenizer, args, run_dir, adapter_config, train_set, valid_set, optimizer, loss, progress)
+    run.begin(resume_from, extra_config)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    per_epoch = data_lib.batches_per_epoch(train_set, args.batch_size, args.max_seq_len, args.pack)
-    total = _total_steps(args, per_epoch)
-    optimizer = optim.AdamW(learning_rate=make_schedule(args, total), weight_decay=args.weight_decay)
-    optimizer.init(model.trainable_parameters())
-
-    config = dict(args.to_dict(), **(extra_config or {}), total_steps=total, batches_per_epoch=per_epoch,
-                  train_records=len(train_set), valid_records=len(valid_set) if valid_set else 0)
-    if not resume_from:
-        write_json_atomic(out / "train_config.json", config)
-
-    start = 0
-    metrics: list = []
-    if resume_from:
-        state = load_checkpoint(resume_from, model, optimizer)
-        start = int(state["step"])
-        if (out / "metrics.jsonl").exists():
-            for line in (out / "metrics.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= start:
-                    metrics.append(rec)
-    log = open(out / "metrics.jsonl", "w")
-    for rec in metrics:
-        log.write(json.dumps(rec) + "\n")
-    log.flush()
-
-    def record(rec: dict) -> None:
-        metrics.append(rec)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-
-    # -- compiled functions: model, optimizer and RNG state go in and come out
-    batch_loss_and_grad = loss_and_grad(model, args.loss_chunk)
-    state_io = [model.state, optimizer.state, mx.random.state]
-
-    def clip_and_update(grads, ntok):
-        grads = tree_map(lambda g: g / ntok, grads)  # sum of token losses -> mean
-        if args.max_grad_norm:
-            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
-        optimizer.update(model, grads)
-
-    # On the CPU the LM-head loss runs in numpy between the forward and the backward half
-    # (train/loss.py), which mx.compile cannot trace: there only the update is compiled.
-    compiled = partial(mx.compile, inputs=state_io, outputs=state_io)
-    host_head = policy().host_loss
-    whole_step = (lambda fn: fn) if host_head else compiled
-
-    def micro_step(inputs, targets, idx, w, seg):
-        (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
-        return loss, n, grads
-
-    @compiled
-    def apply_update(grads, ntok):
-        clip_and_update(grads, ntok)
-
-    @whole_step
-    def step_fused(inputs, targets, idx, w, seg):
-        (loss, n), grads = batch_loss_and_grad(inputs, targets, idx, w, seg)
-        if host_head:
-            apply_update(grads, n)
-        else:
-            clip_and_update(grads, n)
-        return loss, n
-
-    micro_step = whole_step(micro_step)
-    eval_fn = eval_loss_fn(model, args.loss_chunk)
-
-    def validate(step: int) -> Optional[float]:
-        if not valid_set:
-            return None
-        res = evaluate_dataset(model, tokenizer, valid_set, args.batch_size, args.max_seq_len, args.eval_batches,
-                               args.loss_chunk, _fn=eval_fn)
-        record({"step": step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
-                "val_tokens": res["tokens"]})
-        bar.message(f"step {step}: validation loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f})")
-        return res["loss"]
-
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(out, model, adapter_config, optimizer, {"step": step, "total_steps": total})
-
-    bar = Progress(total, progress)
-    params = count_parameters(model)
-    bar.message(f"training {params['trainable']:,} of {params['total']:,} parameters ({params['percent']:.3f}%), "
-                f"{total} steps x {args.batch_size * args.grad_accum} rows, {per_epoch} batches per epoch"
-                + (f", resuming at step {start}" if start else ""))
-    batches = data_lib.iterate_batches(train_set, args.batch_size, args.max_seq_len, pad, args.seed, args.pack,
-                                       start=start * args.grad_accum)
-    result = TrainResult(out=str(out), steps=start, total_steps=total, trainable=params["trainable"])
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    step = start
-    val_loss = None
+    batches = _rank_batches(train_set, args, pad, run.start * args.grad_accum)
+    ctrl_c = dist.deferred_interrupt()
     try:
-        if start == 0 and args.eval_every and valid_set:
-            validate(0)
-        while step < total:
-            t_step = time.perf_counter()
-            loss_sum = ntok = 0.0
-            tokens = 0
-            epoch = 0
-            grads = None
-            for k in range(args.grad_accum):
-                epoch, _, batch = next(batches)
-                micro = step * args.grad_accum + k
-                mx.random.seed((args.seed * 1_000_003 + micro) % (2 ** 32))  # dropout: same masks on resume
-                arrays = _device_batch(batch)
-                if args.grad_accum == 1:
-                    loss, n = step_fused(*arrays)
-                else:
-                    loss, n, g = micro_step(*arrays)
-                    grads = g if grads is None else tree_map(mx.add, grads, g)
-                    mx.eval(loss, n, grads)
-                loss_sum, ntok, tokens = loss_sum + loss, ntok + n, tokens + batch["tokens"]
-            if args.grad_accum > 1:
-                apply_update(grads, ntok)
-            mx.eval(state_io, loss_sum, ntok)
-            step += 1
-            value = (loss_sum / ntok).item()
-            if not math.isfinite(value):
-                last = _checkpoints(out)
-                where = f"the last good checkpoint, {last[-1]}, is kept" if last else "no checkpoint was saved yet"
-                raise NonFiniteLoss(f"the training loss became {value} at step {step}; training stopped and "
-                                    f"{where}. Lower --lr (now {args.lr:g}) or check the data")
-            dt = time.perf_counter() - t_step
-            result.tokens += tokens
-            elapsed = time.perf_counter() - t0
-            lr = optimizer.learning_rate.item()
-            peak = mx.get_peak_memory() / 1e9
-            rec = {"step": step, "epoch": epoch, "loss": value, "lr": lr, "loss_tokens": int(ntok.item()),
-                   "tokens": tokens, "tok_s": tokens / dt, "peak_memory_gb": peak, "time": elapsed}
-            record(rec)
-            result.train_loss = value
-            result.steps = step
-            bar.update(step, value, lr, result.tokens / elapsed, peak, elapsed / (step - start) * (total - step))
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                val_loss = validate(step)
-            if args.save_every and step % args.save_every == 0 and step < total:
-                checkpoint(step)
+        if run.start == 0 and args.eval_every:
+            run.validate(0)
+        for step in range(run.start + 1, run.total + 1):
+            micro = [(k, next(batches)) for k in range((step - 1) * args.grad_accum, step * args.grad_accum)]
+            rec, stop = run.step(step, micro, ctrl_c)
+            if args.eval_every and step % args.eval_every == 0 and step < run.total:
+                run.validate(step)
+            if args.save_every and step % args.save_every == 0 and step < run.total:
+                run.checkpoint(step)
             if on_step is not None:
                 on_step(step, rec)
+            if stop:  # a rank got Ctrl-C: every rank stops after the same step
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        result.interrupted = True
-        if step > start:
-            checkpoint(step)
-        bar.message(f"interrupted at step {step}; checkpoint saved in {out}/checkpoints")
+        run.interrupted(created_dir)
+    except RuntimeError as exc:
+        if not dist.peer_lost(exc):
+            run_dir.close()
+            raise
+        run.interrupted(created_dir)  # the weights are the last finished step's: save them
+        kept = f"checkpoint {run.result.checkpoint} is kept" if run.result.checkpoint else "no checkpoint was saved"
+        raise UserError(f"another rank stopped ({exc}); {kept}") from None
     except BaseException:
-        log.close()
+        run_dir.close()
         raise
     finally:
-        bar.close()
-        result.seconds = time.perf_counter() - t0
-        result.peak_memory_gb = mx.get_peak_memory() / 1e9
-    if not result.interrupted:
-        if valid_set:
-            val_loss = validate(step) if not (metrics and "val_loss" in metrics[-1] and metrics[-1]["step"] == step) \
-                else metrics[-1]["val_loss"]
-        checkpoint(step)
-        if args.test and test_set:
-            res = evaluate_dataset(model, tokenizer, test_set, args.batch_size, args.max_seq_len,
-                                   loss_chunk=args.loss_chunk, _fn=eval_fn)
-            result.test_loss, result.test_perplexity = res["loss"], res["perplexity"]
-            record({"step": step, "test_loss": res["loss"], "test_perplexity": res["perplexity"],
-                    "test_tokens": res["tokens"]})
-    result.val_loss = val_loss
-    log.close()
-    result.metrics = metrics
-    _plot(out, metrics)
-    return result
-
-
-def _plot(out: Path, metrics: list) -> None:
-    from .plot import write_loss_curve
-
-    train_pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val_pts = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if train_pts or val_pts:
-        write_loss_curve(out / "loss.png", train_pts, val_pts)
+        ctrl_c.release()
+        run.stop_clock()
+    return run.finish(test_set)
 
 
 # ---- the whole job, for the CLI ---------------------------------------------------------------
@@ -658,8 +562,38 @@ def load_training_data(args: TrainArgs, tokenizer) -> dict:
     return data_lib.load_splits(path, tokenizer, args.max_seq_len, args.drop_long, args.train_on_prompt)
 
 
+def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
+    """Check --out before slow work; the checkpoint to resume from, or None (see RunDir.check)."""
+    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force)
+
+
+def restore_options(values: dict, given: set) -> dict:
+    """--resume: the options of the run in values["out"] (its train_config.json) for every field
+    not in `given` (what the user typed or a config file set); `values` otherwise unchanged."""
+    previous = RunDir(values.get("out") or DEFAULT_OUT).read_config()
+    if previous is None:
+        return values
+    merged = dict(values)
+    for f in train_fields():
+        if f.name in previous and f.name not in given and f.name not in TrainArgs.PER_RUN_KEYS:
+            merged[f.name] = previous[f.name]
+    return merged
+
+
+def train_argv(args: TrainArgs) -> list:
+    """`args` as `mlx-gemma train` options (what each rank of `--ranks N` is started with)."""
+    argv = []
+    for f in train_fields():
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else ([f"--no-{flag[2:]}"] if f.default else [])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def run_training(args: TrainArgs, progress: bool = True, echo=print) -> TrainResult:
-    """Load the model and data named by `args`, train, and return the result (the CLI's `train`)."""
+    """Load the model and data named by `args`, set up LoRA, train, and return the result (the CLI's `train`)."""
     from ..loading import load
 
     args = resolve_defaults(args)
@@ -672,5 +606,6 @@ def run_training(args: TrainArgs, progress: bool = True, echo=print) -> TrainRes
             echo(splits[split].summary())
     extra = {"data_resolved": str(Path(args.data).expanduser() if args.data else default_data_dir()),
              "data_summary": {k: v.summary() for k, v in splits.items() if v is not None}}
+    adapter_config = setup(model, args)
     return train(model, tokenizer, args, splits["train"], splits["valid"], splits["test"], progress=progress,
-                 extra_config=extra)
+                 adapter_config=adapter_config, extra_config=extra)
