@@ -488,7 +488,7 @@ def _removed_if_left_empty(out):
 @click.option("--ranks", default=1, type=click.IntRange(min=1),
               help="Train data-parallel on N local processes (through mlx.launch; the cores are shared out as "
                    "BLAS threads). Several Macs: `mlx.launch --hostfile hosts.json -- mlx-gemma train ...`. "
-                   "No before/after report in data-parallel runs.")
+                   "The report's evaluation is shared out among the ranks too.")
 @_train_options
 @click.pass_context
 def train(ctx, config_file, report, report_max_tokens, ranks, **options):
@@ -514,12 +514,12 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
         values = restore_options(values, given)
     args = TrainArgs(**values)
     if ranks > 1:
-        sys.exit(_train_on_local_ranks(ctx, args, ranks))
+        sys.exit(_train_on_local_ranks(ctx, args, ranks, report, report_max_tokens))
     from .training import distributed
 
     quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
     with _removed_if_left_empty(args.out):
-        if report and not args.resume and distributed.world_size() == 1:
+        if report and not args.resume:
             from .training.report import run_main_job
 
             result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
@@ -531,7 +531,7 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
         sys.exit(130)
 
 
-def _train_on_local_ranks(ctx, args, ranks: int) -> int:
+def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens: int) -> int:
     """`train --ranks N`: check the options here, then start N ranks running the same train
     command; the exit status says how the ranks ended."""
     from pathlib import Path
@@ -543,7 +543,9 @@ def _train_on_local_ranks(ctx, args, ranks: int) -> int:
         raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
     check_args(resolve_defaults(args))
     prepare_out_dir(args)  # fail before any rank starts
-    argv = (["--debug"] if ctx.obj.get("debug") else []) + ["train", "--no-report", *train_argv(args)]
+    argv = (["--debug"] if ctx.obj.get("debug") else []) + [
+        "train", "--report" if report else "--no-report", "--report-max-tokens", str(report_max_tokens),
+        *train_argv(args)]
     ended = distributed.launch_local(ranks, argv)
     codes = dict(ended["failed"])
     if not codes and ended["returncode"] == 0:

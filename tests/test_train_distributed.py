@@ -14,9 +14,11 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 from test_train import tiny_model
 from test_train_data import random_chat, tiny_tokenizer, write_jsonl
+from tiny import TINY
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="mlx.launch ring backend")
 
@@ -197,6 +199,59 @@ def _rank_pid(rank, out):
         if f"MLX_RANK={rank}".encode() in env and str(out).encode() in cmd and b"mlx_gemma.cli" in cmd:
             return int(pid)
     raise AssertionError(f"no rank {rank} process")
+
+
+@pytest.fixture(scope="module")
+def report_data(root):
+    """The training data of `root` plus a test split of 11 questions: 2 test-loss batches (one per
+    rank) and a 6 / 5 share of the questions."""
+    from mlx_gemma.config import GemmaConfig
+    from mlx_gemma.loading import save_model
+    from mlx_gemma.model import Gemma
+
+    data = root / "report-data"
+    shutil.copytree(root / "data", data)
+    rng = np.random.default_rng(2)
+    write_jsonl(data / "test.jsonl", [random_chat(rng) if i % 2 else short_chat(rng) for i in range(11)])
+    tok = tiny_tokenizer()
+    mx.random.seed(3)  # generation needs every id the model can pick to be in the tokenizer's vocabulary
+    model = Gemma(GemmaConfig.from_dict(dict(TINY["gemma"], model_type="gemma", vocab_size=tok.vocab_size)))
+    # larger weights than the init's (which answer "\n" to everything) and a longer <end_of_turn>
+    # row of the tied embedding / head: answers that differ, some stopping and some cut at the limit
+    model.update(tree_map(lambda p: 4 * p, model.parameters()))
+    embed = model.model.embed_tokens
+    embed.weight = embed.weight.at[tok.end_of_turn_id].multiply(2.0)
+    save_model(model, tok, root / "report-model")
+    return data
+
+
+def test_the_report_on_two_ranks_has_the_numbers_of_one_process(root, report_data, tmp_path):
+    """`train --ranks 2` with its report: the ranks share the test loss batches and the questions;
+    rank 0's report.json holds what one process computes on the same base model and adapter."""
+    from mlx_gemma.loading import load
+    from mlx_gemma.training import data as D
+    from mlx_gemma.training import report as R
+
+    out = tmp_path / "two"
+    _, err = cli(["train", "--model", str(root / "report-model"), "--data", str(report_data), "--out", str(out),
+                  "--iters", "2", "--batch-size", "8", "--max-seq-len", "160", "--lr", "3e-3", "--dropout", "0",
+                  "--save-every", "2", "--report-max-tokens", "12", "--ranks", "2"])
+    assert "2 ranks" in err and err.count("evaluating the base model") == 1, err[-3000:]  # rank 0 speaks
+    written = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").is_file()
+    records = [json.loads(line) for line in (report_data / "test.jsonl").read_text().splitlines()]
+    for when, adapter_dir in (("before", None), ("after", out)):
+        model, tok = load(str(root / "report-model"), adapter=None if adapter_dir is None else str(adapter_dir))
+        test_set = D.load_splits(report_data, tok, 160)["test"]
+        one = R.evaluate_model(model, tok, test_set, records, 12, R.LOSS_BATCH, 160)
+        two = written[when]
+        assert two["answers"] == one["answers"], when  # per question: text, token count, finish reason
+        if when == "before":  # the answers differ, so a wrong order of the questions would show
+            assert len({a["answer"] for a in one["answers"]}) > 5, one["answers"]
+            assert {a["finish_reason"] for a in one["answers"]} == {"end_of_turn", "length"}, one["answers"]
+        for key in ("n", "loss", "perplexity", "loss_tokens", "end_of_turn_share", "cjk_share",
+                    "repeated_4gram_share", "mean_tokens"):
+            assert two[key] == one[key], (when, key, two[key], one[key])
 
 
 def test_info_under_mlx_launch_shows_rank_and_world_size():

@@ -13,6 +13,7 @@ its input unchanged and the single-process path runs exactly as before.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -90,6 +91,42 @@ def sum_scalars(*values: float) -> list:
         return list(values)
     total = all_sum(mx.array(np.array(values, np.float64).astype(np.float32)))
     return [float(v) for v in np.array(total)]
+
+
+def sum_rows(rows: dict, n: int, width: int) -> np.ndarray:
+    """An (n, width) float32 table whose row i is `rows[i]` on whichever rank holds it, every rank
+    given the whole table (one all_sum; the other ranks add zeros, so the values arrive exact).
+
+    For per-item results (a batch's loss sum and token count) that a caller then adds up in item
+    order: the total is bit-for-bit what one process adding the same items in the same order gets,
+    which a sum of per-rank partial sums is not."""
+    table = np.zeros((n, width), np.float32)
+    for i, values in rows.items():
+        table[i] = values
+    if world_size() == 1:
+        return table
+    return np.array(all_sum(mx.array(table)))
+
+
+def gather_json(obj) -> list:
+    """Every rank's `obj` (anything JSON can write, e.g. a rank's generated answers), as a list in
+    rank order, on every rank.
+
+    Variable-sized data over a sum-only collective: the JSON sizes are summed first, then each
+    rank writes its bytes into its own slice of one buffer and the buffers are summed (as int32,
+    a type every backend sums; a byte plus zeros stays that byte)."""
+    if world_size() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.zeros(world_size(), np.int32)
+    sizes[rank()] = data.size
+    sizes = np.array(all_sum(mx.array(sizes)))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    buf = np.zeros(int(ends[-1]), np.int32)
+    buf[starts[rank()]:ends[rank()]] = data
+    buf = np.array(all_sum(mx.array(buf))).astype(np.uint8)
+    return [json.loads(buf[a:b].tobytes()) for a, b in zip(starts, ends)]
 
 
 def peer_lost(exc: BaseException) -> bool:

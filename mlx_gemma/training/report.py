@@ -29,6 +29,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..files import write_atomic, write_json_atomic
+from . import distributed as dist
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -141,22 +142,20 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
     "mean_tokens", "answers": [{"question", "answer", "tokens", "finish_reason"}]}.
     cjk_share pools the characters of every answer; repeated_4gram_share pools the 4-grams of
     every answer's token ids (stop token excluded).
-    """
-    prompts = [tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True)
-               for r in records]
-    from ..generation import batch_generate
 
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for a in range(0, len(prompts), batch_size):
-        outputs += batch_generate(model, tokenizer, prompts[a:a + batch_size], max_tokens=max_tokens, details=True)
-    model.train(was_training)
+    In a data-parallel run each rank answers its contiguous share of the records and every rank
+    gets all the answers back (greedy rows do not depend on their batch neighbours, so the
+    numbers are one process's).
+    """
+    messages = [prompt_messages(r) for r in records]  # every rank checks every record: they fail alike
+    mine = _answer(model, tokenizer, dist.share(messages), max_tokens, batch_size)
+    outputs = [row for part in dist.gather_json(mine) for row in part]  # in record order
     answers = []
     cjk = chars = reps = grams = tokens = 0
     for record, out in zip(records, outputs):
-        reason = finish_reason(out.tokens + ([out.stop_token] if out.stop_token is not None else []), tokenizer)
-        body, text = out.tokens, out.text
+        reason = finish_reason(out["tokens"] + ([out["stop_token"]] if out["stop_token"] is not None else []),
+                               tokenizer)
+        body, text = out["tokens"], out["text"]
         c, t = cjk_counts(text)
         r, g = ngram_counts(body, NGRAM)
         cjk, chars, reps, grams, tokens = cjk + c, chars + t, reps + r, grams + g, tokens + len(body)
@@ -171,6 +170,23 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
         "mean_tokens": tokens / n if n else 0.0,
         "answers": answers,
     }
+
+
+def _answer(model, tokenizer, messages: list, max_tokens: int, batch_size: int) -> list:
+    """Greedy answers to the prompts `messages` (chat turns up to the answer), in eval mode, as
+    JSON-ready rows {"text", "tokens", "stop_token"} (see generation.BatchOutput)."""
+    from ..generation import batch_generate
+
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in messages]
+    was_training = model.training
+    model.eval()
+    rows = []
+    for a in range(0, len(prompts), batch_size):
+        for out in batch_generate(model, tokenizer, prompts[a:a + batch_size], max_tokens=max_tokens, details=True):
+            rows.append({"text": out.text, "tokens": [int(t) for t in out.tokens],
+                         "stop_token": None if out.stop_token is None else int(out.stop_token)})
+    model.train(was_training)
+    return rows
 
 
 def reference_metrics(tokenizer, records: Sequence[dict]) -> dict:
@@ -190,7 +206,10 @@ def reference_metrics(tokenizer, records: Sequence[dict]) -> dict:
 def evaluate_model(model, tokenizer, test_set, records: Sequence[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
                    batch_size: int = 4, max_seq_len: Optional[int] = None) -> dict:
     """Test loss / perplexity over the whole tokenized `test_set` and generation metrics on
-    the chat `records` (see evaluate_generation), with the seconds each took."""
+    the chat `records` (see evaluate_generation), with the seconds each took.
+
+    In a data-parallel run both halves are shared out among the ranks and gathered, and every
+    rank returns the numbers one process would (the seconds are this rank's)."""
     from .trainer import evaluate_dataset
 
     t0 = time.perf_counter()
@@ -349,6 +368,9 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
 
     args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
     the test loss always covers the whole split. Returns (TrainResult, path of report.md).
+
+    Under mlx.launch every rank runs this: the ranks share the training steps and the evaluation
+    work (see evaluate_model); only rank 0 speaks and writes, the others return (result, None).
     """
     from ..loading import load
     from . import data as data_lib
@@ -356,9 +378,11 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
                           train)
 
     t_start = time.perf_counter()
+    writer = dist.rank() == 0
+    echo = echo if writer else (lambda s: None)
     args = resolve_defaults(args)
     check_args(args)
-    if prepare_out_dir(args) is None and args.force:  # fail before the slow model load
+    if prepare_out_dir(args) is None and args.force and writer:  # fail before the slow model load
         for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
             (Path(args.out).expanduser() / name).unlink(missing_ok=True)
     model, tokenizer = load(args.model, dtype=args.dtype)
@@ -392,6 +416,8 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
                            args.max_seq_len)
     result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
     t_after = time.perf_counter()
+    if not writer:
+        return result, None
 
     out = Path(result.out)
     samples = [{"question": question(r), "before": b["answer"], "after": a["answer"],

@@ -197,7 +197,8 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
                      max_batches: Optional[int] = None, loss_chunk: int = DEFAULT_CHUNK, _fn=None) -> dict:
     """Mean token loss over a tokenized Dataset (loss positions as in training), in eval mode.
 
-    In a data-parallel run each rank evaluates its share of the batches and the sums are reduced.
+    In a data-parallel run each rank evaluates every world_size-th batch; the per-batch sums are
+    gathered and added in batch order on every rank, so the result is exactly one process's.
     Returns {"loss", "perplexity", "tokens"} (tokens: loss-carrying tokens counted).
     """
     was_training = model.training
@@ -207,14 +208,16 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
     plan = data_lib.plan_batches(dataset, batch_size, 0, 0, max_seq_len, shuffle=False)
     if max_batches:
         plan = plan[:max_batches]
-    total, count = 0.0, 0.0
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    for rows in plan[dist.rank()::dist.world_size()]:
-        loss, n = fn(*_device_batch(data_lib.make_batch(dataset, rows, pad, max_seq_len)))
+    mine = {}
+    for i in range(dist.rank(), len(plan), dist.world_size()):
+        loss, n = fn(*_device_batch(data_lib.make_batch(dataset, plan[i], pad, max_seq_len)))
         mx.eval(loss, n)
-        total += loss.item()
-        count += n.item()
-    total, count = dist.sum_scalars(total, count)
+        mine[i] = (loss.item(), n.item())
+    total, count = 0.0, 0.0
+    for loss, n in dist.sum_rows(mine, len(plan), 2).tolist():  # float32 values, added in float64
+        total += loss
+        count += n
     model.train(was_training)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
