@@ -64,6 +64,16 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend_policy():
+    """A test that forces a backend path (`backend.configure`) does not leak it into the next test."""
+    from mlx_gemma import backend
+
+    saved = backend._current
+    yield
+    backend._current = saved
+
+
 @pytest.fixture(scope="session")
 def session_home():
     """The MLX_GEMMA_HOME every test of this session runs with."""
