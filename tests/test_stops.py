@@ -140,3 +140,47 @@ def test_chat_prompt_answer_stops_at_end_of_turn(scripted, tok, chains):
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True) + [eot[0]]
     out = batch_generate(scripted, tok, [ids], max_tokens=20, details=True)[0]
     assert out.text == " bravo charlie" and out.stop_token == tok.end_of_turn_id
+
+
+# ---- the same through the command line: --stop, --system and sampling on a successful run ----
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(scripted, tok, tmp_path_factory):
+    from mlx_gemma.loading import save_model
+
+    return save_model(scripted, tok, tmp_path_factory.mktemp("scripted_cli") / "model")
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from mlx_gemma.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_stop_string_and_sampling(scripted_dir, tok, chains):
+    assert tok.decode(chains["string"][:1]) == " Hotel"  # --raw " Hotel" is <bos> + that one token
+    result = cli("generate", "--model", str(scripted_dir), "--raw", "--prompt", " Hotel", "--stop", "STOP",
+                 "--temp", "0.7", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    # stdout: the text cut before the stop string, then the stats line (stderr, mixed in by CliRunner).
+    assert result.output.startswith(" india \n")
+    assert "STOP" not in result.output and "juliet" not in result.output
+    # The row ends with the token that completes "STOP": india, STOP.
+    n = chains["string"].index(words(tok, " STOP")[-1])
+    assert "prompt: 2 tokens" in result.output and f"generation: {n} tokens" in result.output
+
+
+def test_cli_system_prompt_goes_into_the_template(scripted_dir, tok, chains):
+    """--system is folded into the first user turn: the prompt token count says it was sent."""
+    system, user = "Answer briefly.", "hi"
+    result = cli("generate", "--model", str(scripted_dir), "--system", system, "--prompt", user,
+                 "--max-tokens", "3")
+    assert result.exit_code == 0, result.output
+    expected = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                       add_generation_prompt=True, tokenize=True)
+    without = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
+    assert len(expected) > len(without)
+    assert f"prompt: {len(expected)} tokens" in result.output and "generation: 3 tokens" in result.output
