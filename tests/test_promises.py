@@ -1,0 +1,85 @@
+"""Promises README makes that no other test held: the CLI's --debug, adapter refusals with configs
+written by peft itself, and the MLX_GEMMA_* switches of the Linux set-up."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Gemma 3 dir with the real tokenizer (fast CLI runs)."""
+    from mlx_gemma.convert import hf as hf_convert
+    from mlx_gemma.loading import build_model, read_config, resolve, save_model
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    from tiny import make_hf_model, save_hf_model
+
+    src = save_hf_model(make_hf_model("gemma3_text", vocab_size=262144), tmp_path_factory.mktemp("hf"))
+    model = build_model(read_config(src), hf_convert.load_safetensors(hf_convert.safetensors_files(src)),
+                        str(src), "float32")
+    return save_model(model, GemmaTokenizer(resolve("gemma-3-270m")), tmp_path_factory.mktemp("m") / "tiny")
+
+
+def peft_adapter_dir(path, **config):
+    """An adapter dir whose adapter_config.json is what peft's own LoraConfig writes."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **config).to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(cfg, default=str))
+    return path
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(use_dora=True), "use_dora"),
+    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(alpha_pattern={"q_proj": 16}), "alpha_pattern"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+])
+def test_unsupported_peft_features_are_refused_in_one_line(tiny_dir, tmp_path, config, field):
+    adapter = peft_adapter_dir(tmp_path / "adapter", **config)
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_dir), "--adapter", str(adapter),
+                                       "--prompt", "hi", "--max-tokens", "1"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], result.output
+    assert str(adapter / "adapter_config.json") in lines[0]
+
+
+def test_debug_shows_the_traceback_and_without_it_one_line(tiny_dir, tmp_path):
+    adapter = peft_adapter_dir(tmp_path / "adapter", use_dora=True)
+    args = ["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "hi"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    plain = subprocess.run([sys.executable, "-m", "mlx_gemma.cli", *args], capture_output=True, text=True, env=env)
+    debug = subprocess.run([sys.executable, "-m", "mlx_gemma.cli", "--debug", *args], capture_output=True, text=True,
+                           env=env)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "UserError" in debug.stderr and "use_dora" in debug.stderr
+
+
+def _info(**env):
+    proc = subprocess.run([sys.executable, "-m", "mlx_gemma.cli", "info"], capture_output=True, text=True,
+                          env={**os.environ, **env}, check=True)
+    return {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the OpenBLAS set-up is Linux-only")
+def test_openblas_switches():
+    """MLX_GEMMA_NO_OPENBLAS=1 turns the OpenBLAS preload off; MLX_GEMMA_OPENBLAS picks the library."""
+    default = _info()["blas"]
+    assert "openblas" in default.lower() and "loaded before mlx.core" in default
+    off = _info(MLX_GEMMA_NO_OPENBLAS="1")["blas"]
+    assert "loaded before" not in off and off != default
+    path = default.split()[1]
+    chosen = _info(MLX_GEMMA_OPENBLAS=path)["blas"]
+    assert path in chosen and "loaded before mlx.core" in chosen
