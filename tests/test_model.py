@@ -207,3 +207,29 @@ def test_wrong_shape_missing_tensor_and_corrupt_file(tmp_path):
     f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(UserError, match="model.safetensors: cannot read safetensors"):
         load_dir(tmp_path)
+
+
+def test_float16_residual_stream_is_clipped_not_inf(tmp_path, monkeypatch):
+    """README: in float16 the residual stream is clipped to ±65504 (Gemma 3 activations exceed it).
+
+    A tiny Gemma 3 whose post-feed-forward norms scale by 2e4 pushes the residual past 65504 in
+    a few layers. Computed in float16 its logits stay finite; the same model with a plain
+    (unclipped) residual add gives inf/NaN, which shows the case really overflows."""
+    from mlx_gemma import model as model_module
+
+    clipped_add = model_module.residual_add
+    half = mx.array([60000.0, -60000.0], mx.float16)
+    assert clipped_add(half, half).tolist() == [65504.0, -65504.0]
+    full = half.astype(mx.float32)
+    assert clipped_add(full, full).tolist() == [120000.0, -120000.0]  # float32 is never clipped
+    hf = make_hf_model("gemma3_text")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.post_feedforward_layernorm.weight.fill_(2e4)
+    save_hf_model(hf, tmp_path)
+    ids = mx.array(random_ids(512, (1, 16)))
+    m16 = load_dir(tmp_path, dtype="float16")
+    logits = np.array(m16(ids).astype(mx.float32))
+    assert np.isfinite(logits).all()
+    monkeypatch.setattr(model_module, "residual_add", lambda x, y: x + y)
+    assert not np.isfinite(np.array(load_dir(tmp_path, dtype="float16")(ids).astype(mx.float32))).all()
