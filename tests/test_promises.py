@@ -83,3 +83,46 @@ def test_openblas_switches():
     path = default.split()[1]
     chosen = _info(MLX_GEMMA_OPENBLAS=path)["blas"]
     assert path in chosen and "loaded before mlx.core" in chosen
+
+
+def _load(path):
+    from mlx_gemma.loading import load
+
+    return load(str(path), dtype="float32")[0]
+
+
+def test_quantize_keep_embedding_keeps_the_float_embedding(tiny_dir, tmp_path):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    out = tmp_path / "q4e"
+    result = CliRunner().invoke(main, ["quantize", str(tiny_dir), str(out), "--bits", "4", "--keep-embedding",
+                                       "--calibration", "none", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    original, quantized = _load(tiny_dir), _load(out)
+    emb = quantized.model.embed_tokens
+    assert type(emb) is nn.Embedding  # not quantized
+    np.testing.assert_array_equal(np.array(emb.weight), np.array(original.model.embed_tokens.weight))
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == 4
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert mx.all(mx.isfinite(quantized(mx.array([[2, 300, 301]])))).item()
+
+
+def test_convert_q_mixed_recipe_puts_the_chosen_layers_at_8_bits(tiny_dir, tmp_path):
+    from mlx_gemma.quantize import mixed_recipe_upgrades
+
+    out = tmp_path / "mixed"
+    result = CliRunner().invoke(main, ["convert", str(tiny_dir), str(out), "-q", "--bits", "4", "--group-size", "32",
+                                       "--recipe", "mixed", "--calibration", "none"])
+    assert result.exit_code == 0, result.output
+    model = _load(out)
+    n = len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        for name, module in (("self_attn.v_proj", layer.self_attn.v_proj), ("mlp.down_proj", layer.mlp.down_proj),
+                             ("self_attn.q_proj", layer.self_attn.q_proj)):
+            want = 8 if mixed_recipe_upgrades(f"model.layers.{i}.{name}", n) else 4
+            assert module.bits == want, f"layer {i} {name}"
+    assert model.model.embed_tokens.bits == 8  # the embedding / LM head is always upgraded
+    assert any(mixed_recipe_upgrades(f"model.layers.{i}.self_attn.v_proj", n) for i in range(n))
