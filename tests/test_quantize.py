@@ -199,6 +199,7 @@ def quantized_perplexity(bits, text):
     return perplexity(model, tok, text, max_seq_len=512)["perplexity"]
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_8bit_perplexity_within_1_percent(heldout_baseline):
     """Measured (full data/heldout_zh_en.txt, 2883 tokens, 1024-token windows): fp32 29.41,
     8-bit g64 29.45 (+0.1%); README, Benchmarks."""
@@ -207,6 +208,7 @@ def test_8bit_perplexity_within_1_percent(heldout_baseline):
     assert ppl != base and abs(ppl / base - 1) <= 0.01
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_4bit_perplexity_within_10_percent(heldout_baseline):
     """The 4-bit recipe that meets the bound: calibrated (GPTQ on the bundled calibration text),
     group size 32, the embedding and the sensitive v_proj / down_proj layers at 8 bits ("mixed").
@@ -268,6 +270,7 @@ def greedy_ids(model, prompt_ids, n):
     return [t.item() for t in generate_step(model, mx.array([prompt_ids]), max_tokens=n)]
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_our_quantized_dir_loads_in_mlx_lm_with_same_greedy_text(real_model, tmp_path):
     mlx_lm = pytest.importorskip("mlx_lm")
     from mlx_gemma.loading import load
