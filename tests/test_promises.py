@@ -126,3 +126,30 @@ def test_convert_q_mixed_recipe_puts_the_chosen_layers_at_8_bits(tiny_dir, tmp_p
             assert module.bits == want, f"layer {i} {name}"
     assert model.model.embed_tokens.bits == 8  # the embedding / LM head is always upgraded
     assert any(mixed_recipe_upgrades(f"model.layers.{i}.self_attn.v_proj", n) for i in range(n))
+
+
+_MALLOC_PROBE = """
+import ctypes, os, mlx_gemma
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before = rss()
+p = libc.malloc(200 << 20)
+ctypes.memset(p, 1, 200 << 20)
+libc.free(ctypes.c_void_p(p))
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_tuning_keeps_freed_blocks_and_the_switch_turns_it_off():
+    """README: freed blocks up to 1 GiB stay in the heap for reuse; MLX_GEMMA_NO_MALLOPT=1 keeps
+    glibc's defaults (a 200 MB block is mmap'ed and returned to the system on free)."""
+    def kept_mb(**env):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout
+        return int(out.split()[-1])
+
+    assert kept_mb() >= 150
+    assert kept_mb(MLX_GEMMA_NO_MALLOPT="1") <= 50
