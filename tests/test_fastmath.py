@@ -1,4 +1,9 @@
-"""fastmath: the CPU float32 exp / tanh / GELU / softmax against float64 numpy references."""
+"""fastmath: the CPU float32 exp / tanh / GELU / softmax against float64 numpy references.
+
+The polynomial path is what the backend policy turns on for MLX's CPU backend; a GPU keeps MLX's
+own kernels. The accuracy tests force the polynomial on (`backend.override(fast_math=True)`), so
+they test it on every device; the first test checks which path the policy picks here.
+"""
 
 import math
 
@@ -6,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma import fastmath
+from mlx_gemma import backend, fastmath
 
 X = np.concatenate([np.linspace(-90, 90, 20001), np.linspace(-3, 3, 4001)]).astype(np.float32)
 
@@ -16,9 +21,22 @@ def _ref_gelu(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def test_runs_the_polynomial_path_here():
-    assert mx.default_device().type == mx.DeviceType.cpu
-    assert fastmath._use_fast(mx.array(X))
+@pytest.fixture(autouse=True)
+def polynomial():
+    with backend.override(fast_math=True):
+        yield
+
+
+def test_the_policy_picks_the_polynomial_on_the_cpu_only():
+    cpu = mx.default_device().type == mx.DeviceType.cpu
+    with backend.override(**{f: getattr(backend._detect(), f) for f in ("fast_math", "device")}):
+        assert backend.policy().fast_math is cpu
+        assert fastmath._use_fast(mx.array(X)) is cpu
+        assert not fastmath._use_fast(mx.array(X).astype(mx.bfloat16))  # float32 only, everywhere
+        x = mx.array(X[:100])
+        # Off the polynomial path the functions are MLX's own, bit for bit.
+        if not cpu:
+            np.testing.assert_array_equal(np.array(fastmath.exp(x)), np.array(mx.exp(x)))
 
 
 def test_exp_relative_error():

@@ -330,6 +330,7 @@ def real():
     return load("gemma-3-270m", dtype="float32")
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_greedy_matches_transformers_generate_64_tokens(real):
     from transformers import AutoModelForCausalLM
 
@@ -344,6 +345,7 @@ def test_greedy_matches_transformers_generate_64_tokens(real):
     assert got == out[0, len(ids):].tolist()
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_chat_repl_piped_stdin_reuses_the_cache(real):
     _, tok = real
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -193,7 +193,8 @@ def write_raw_gguf(path, model_type, config, sd, types, *, arch=None, drop_token
         is_norm = gguf_name.endswith("norm.weight")
         qtype = QT.F32 if t.ndim == 1 else types[matrices % len(types)]
         matrices += t.ndim == 2
-        if qtype in (QT.Q2_K, QT.Q4_K, QT.Q5_K, QT.Q6_K):  # gguf-py cannot quantise k-quants: random blocks
+        if qtype in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):
+            # gguf-py cannot quantise k-quants and IQ types: random blocks
             raw = random_raw(qtype, t.size, rng)
         elif qtype == QT.F32:
             raw = (t + 1 if is_norm else t).astype(np.float32).view(np.uint8)
@@ -369,11 +370,13 @@ def test_unsupported_architecture(tmp_path, hf_tiny):
     _raises_naming(p, "'llama'", "not supported")
 
 
-def test_unsupported_tensor_type(tmp_path, hf_tiny):
+@pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS])
+def test_unsupported_tensor_type(tmp_path, hf_tiny, qtype):
+    """README: IQ-type, Q2_K and Q3_K tensors are refused, naming the tensor and its type."""
     config, sd, _ = hf_tiny["gemma"]
-    p = tmp_path / "q2k.gguf"
-    write_raw_gguf(p, "gemma", config, sd, [QT.Q2_K])
-    _raises_naming(p, "token_embd.weight", "Q2_K", "cannot dequantize")
+    p = tmp_path / f"{qtype.name}.gguf"
+    write_raw_gguf(p, "gemma", config, sd, [qtype])
+    _raises_naming(p, "token_embd.weight", qtype.name, "cannot dequantize")
 
 
 def test_missing_tokenizer_metadata(tmp_path, hf_tiny):

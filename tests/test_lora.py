@@ -441,6 +441,7 @@ def test_cli_fuse_with_an_adapter_for_another_model_is_one_line(cli_model, tmp_p
 # ---- the real Gemma 3 270M ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_real_270m_adapter_matches_peft_and_fuses(gguf_path, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -141,6 +141,7 @@ def _test_records(n):
     return [json.loads(line) for line in lines[:n]]
 
 
+@pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_batched_answers_equal_one_by_one_generation(real_model):
     """evaluate_generation decodes the prompts as one left-padded batch; each answer must be what
     greedy `generate` gives for that prompt alone, and the metrics must be those of the answers."""

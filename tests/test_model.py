@@ -116,6 +116,29 @@ def test_bf16_checkpoint_and_embedding_scale_rounding(tmp_path):
     assert np.abs(got - hf_logits(hf, ids)).max() < 0.25  # bf16 end to end
 
 
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+def test_bf16_default_path_is_as_accurate_as_transformers_in_bf16(model_type, tmp_path):
+    """The GPU default (dtype "auto" -> bfloat16), run here by setting the policy's compute dtype.
+
+    Reference: transformers in float32 on the same bf16-rounded weights. Peer: transformers
+    itself computing in bf16. Ours must be within 2x the peer's error (max and mean): measured
+    1.1x / 0.6x / 1.4x (max) on gemma / gemma2 / gemma3_text. A bf16 bug (a norm or softmax in
+    bf16, an unrounded embedding scale) costs several times that.
+    """
+    from mlx_gemma import backend
+
+    hf = make_hf_model(model_type)
+    save_hf_model(hf, tmp_path, dtype=torch.bfloat16)
+    with backend.override(compute_dtype=mx.bfloat16):
+        ours = load_dir(tmp_path, dtype="auto")
+    assert ours.model.embed_tokens.weight.dtype == mx.bfloat16
+    ids = random_ids(512, (2, 24))
+    ref = hf_logits(hf.to(torch.bfloat16).to(torch.float32), ids)
+    peer = np.abs(hf_logits(hf.to(torch.bfloat16), ids) - ref)
+    err = np.abs(np.array(ours(mx.array(ids)).astype(mx.float32)) - ref)
+    assert err.max() <= 2 * peer.max() and err.mean() <= 2 * peer.mean(), (err.max(), peer.max())
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     hf = make_hf_model("gemma")
     save_hf_model(hf, tmp_path, max_shard_size="100KB")
@@ -184,3 +207,29 @@ def test_wrong_shape_missing_tensor_and_corrupt_file(tmp_path):
     f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(UserError, match="model.safetensors: cannot read safetensors"):
         load_dir(tmp_path)
+
+
+def test_float16_residual_stream_is_clipped_not_inf(tmp_path, monkeypatch):
+    """README: in float16 the residual stream is clipped to ±65504 (Gemma 3 activations exceed it).
+
+    A tiny Gemma 3 whose post-feed-forward norms scale by 2e4 pushes the residual past 65504 in
+    a few layers. Computed in float16 its logits stay finite; the same model with a plain
+    (unclipped) residual add gives inf/NaN, which shows the case really overflows."""
+    from mlx_gemma import model as model_module
+
+    clipped_add = model_module.residual_add
+    half = mx.array([60000.0, -60000.0], mx.float16)
+    assert clipped_add(half, half).tolist() == [65504.0, -65504.0]
+    full = half.astype(mx.float32)
+    assert clipped_add(full, full).tolist() == [120000.0, -120000.0]  # float32 is never clipped
+    hf = make_hf_model("gemma3_text")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.post_feedforward_layernorm.weight.fill_(2e4)
+    save_hf_model(hf, tmp_path)
+    ids = mx.array(random_ids(512, (1, 16)))
+    m16 = load_dir(tmp_path, dtype="float16")
+    logits = np.array(m16(ids).astype(mx.float32))
+    assert np.isfinite(logits).all()
+    monkeypatch.setattr(model_module, "residual_add", lambda x, y: x + y)
+    assert not np.isfinite(np.array(load_dir(tmp_path, dtype="float16")(ids).astype(mx.float32))).all()

@@ -79,10 +79,10 @@ def _checkpointed_class(cls):
     if getattr(cls, "_grad_checkpointed", False):
         return cls
 
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, mask, cache=None, pos=None):
         def inner(params, x):
             self.update(params)
-            return cls.__call__(self, x, mask, cache)
+            return cls.__call__(self, x, mask, cache, pos)
 
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
