@@ -68,7 +68,7 @@ ALWAYS_NOT_RUN = {
     "mlx-gemma serve": "a server runs until stopped; test_serve runs it with the openai client",
 }
 # Lines in shell blocks that are not mlx-gemma commands and are never run (set-up, other tools).
-OTHER_TOOLS = ("pip ", "huggingface-cli ", "python ", "SYS=", "time ")
+OTHER_TOOLS = ("pip ", "huggingface-cli ", "python ", "SYS=", "time ", "curl ", "mlx.launch ", "cat ")
 
 # Python blocks that are not run, by a distinctive line in them, with why.
 PY_NOT_RUN = {
