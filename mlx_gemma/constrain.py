@@ -111,7 +111,10 @@ def _checked(kind: str, source: str, grammar: str, what: str) -> Constraint:
 
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        detail = messages[0].strip().splitlines()[0] if messages else "rejected by the grammar engine"
+        lines = [l.strip() for l in (messages[0] if messages else "").splitlines() if l.strip()]
+        # llguidance's regex errors put the reason on an "error: ..." line below the position.
+        reason = next((l[len("error:"):].strip() for l in lines if l.startswith("error:")), None)
+        detail = reason or (lines[0] if lines else "rejected by the grammar engine")
         raise UserError(f"{what} is not supported: {detail}")
     return Constraint(kind, source, grammar)
 
