@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 # Compact JSON (no free whitespace): a small model left free to emit whitespace can loop on it.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-_BITS = mx.arange(32, dtype=mx.uint32)
 
 _tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -226,7 +225,9 @@ def apply_bitmask(logits: mx.array, words: np.ndarray) -> mx.array:
     """logits (B, V) with the tokens whose bit is 0 in words (B, ceil(V/32)) set to -inf."""
     V = logits.shape[-1]
     packed = mx.array(words.view(np.uint32))
-    bits = ((packed[:, :, None] >> _BITS) & 1).reshape(packed.shape[0], -1)
+    # Made per call: an array built at import would belong to the importing thread's stream, and
+    # the server's engine thread has a stream of its own.
+    bits = ((packed[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1).reshape(packed.shape[0], -1)
     if bits.shape[-1] < V:  # logits wider than the tokenizer: the extra ids are never allowed
         bits = mx.pad(bits, [(0, 0), (0, V - bits.shape[-1])])
     return mx.where(bits[:, :V].astype(mx.bool_), logits, mx.array(-mx.inf, logits.dtype))
