@@ -204,8 +204,9 @@ class GrammarMask:
         if self.matcher.is_error():
             # Never leave a row with nothing to sample: end it at once.
             self.words[:] = 0
+            bits = self.words.view(np.uint32)
             for i in self.stop_ids:
-                self.words[0, i // 32] |= np.int32(np.uint32(1 << (i % 32)).view(np.int32))
+                bits[0, i // 32] |= np.uint32(1 << (i % 32))
             return self.words
         fill_next_token_bitmask(self.matcher, self.words)
         return self.words

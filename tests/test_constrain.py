@@ -127,6 +127,14 @@ def test_json_mask_agrees_with_the_matcher_and_stop_ids_follow_acceptance(tokeni
     jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_a_rejected_token_ends_the_row_instead_of_masking_everything(tokenizer):
+    mask = GrammarMask(regex_constraint("[0-9]+"), tokenizer)
+    mask(mx.array([[2]]), mx.zeros((1, mask.vocab)))
+    out = mask(mx.array([[2, tokenizer.encode("x", add_bos=False)[0]]]), mx.zeros((1, mask.vocab)))  # not allowed
+    assert mask.matcher.is_error()
+    assert sorted(np.nonzero(np.isfinite(np.array(out[0])))[0].tolist()) == sorted(tokenizer.stop_ids)
+
+
 def test_apply_bitmask_sets_exactly_the_cleared_bits_to_minus_inf():
     V = 100
     rng = np.random.default_rng(1)
