@@ -212,8 +212,8 @@ class GrammarMask:
         return self.words
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        self._feed(history)  # reads history first: after async_eval it would wait for the forward pass
         mx.async_eval(logits)  # the forward pass runs while llguidance computes the mask
-        self._feed(history)
         return apply_bitmask(logits, self.allowed())
 
     @property
