@@ -8,10 +8,12 @@ removed, a training run checkpointed) and exit 130 / 143.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 import click
 
@@ -275,9 +277,13 @@ def _read_stdin_text(flag: str) -> str:
 @click.option("--prompt", "-p", required=True, help="The prompt text; '-' reads it from stdin.")
 @click.option("--system", default=None, help="System instructions (folded into the first user turn).")
 @click.option("--raw", is_flag=True, help="Send the prompt as is (base-model continuation), no chat template.")
+@click.option("--json-schema", "json_schema", default=None, metavar="FILE",
+              help="Constrain the answer to JSON valid under the JSON Schema in FILE.")
+@click.option("--regex", default=None, metavar="PATTERN", help="Constrain the answer to match PATTERN (whole answer).")
 @sampling_options
-def generate(model, prompt, system, raw, adapter, dtype, **kw):
+def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, **kw):
     """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
+    from .constrain import GrammarMask
     from .generation import stream_generate
     from .loading import load
 
@@ -290,15 +296,39 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
         raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - with text on stdin)")
     if raw and system is not None:
         raise UserError("--system needs the chat template; drop --raw or --system")
+    constraint = _constraint_options(json_schema, regex)
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
-    for chunk in stream_generate(net, tokenizer, source, opts, system=system):
+    mask = [GrammarMask(constraint, tokenizer)] if constraint else []
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system, logits_processors=mask):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats
     click.echo("")
     click.echo(stats.line(), err=True)
+
+
+def _constraint_options(json_schema: Optional[str], regex: Optional[str]):
+    """The Constraint of --json-schema FILE / --regex PATTERN, checked before the model loads."""
+    from .constrain import json_schema_constraint, regex_constraint
+    from .files import read_text
+
+    if json_schema is not None and regex is not None:
+        raise UserError("give --json-schema or --regex, not both")
+    if regex is not None:
+        return regex_constraint(regex)
+    if json_schema is None:
+        return None
+    text = read_text(json_schema)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"--json-schema {json_schema}: not valid JSON ({exc}); fix the schema file") from None
+    try:
+        return json_schema_constraint(schema)
+    except UserError as exc:
+        raise UserError(f"--json-schema {json_schema}: {exc}") from None
 
 
 @main.command(context_settings=CONTEXT)

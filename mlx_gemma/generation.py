@@ -28,6 +28,7 @@ import numpy as np
 
 from .adapters import set_row_adapters
 from .backend import policy
+from .constrain import grammar_mask, make_constraint
 from .errors import UserError
 from .model import softcap
 from .tokenizer import StreamingDetokenizer
@@ -523,7 +524,7 @@ def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: 
 def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
                     prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                    **options) -> Iterator[GenerationChunk]:
+                    json_schema=None, regex: Optional[str] = None, **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
@@ -533,10 +534,13 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     string (cut before it) or after max_tokens. The chunks' texts joined are the whole generated
     text; every chunk is whole characters (the detokenizer holds back partial UTF-8).
     logits_processors: extra `(history, logits) -> logits` callables.
+    json_schema (a dict or its JSON text) / regex: constrain the answer to that grammar
+    (mlx_gemma.constrain); it then parses unless max_tokens cut it short.
     """
     params = SamplingParams.of(params, **options)
+    mask = grammar_mask(tokenizer, json_schema, regex)
     ids = encode_prompt(tokenizer, prompt, system)
-    req = Request(ids, params, processors=logits_processors)
+    req = Request(ids, params, processors=list(logits_processors) + ([mask] if mask else []))
     yield from _stream_request(model, tokenizer, req, prefill_step, compile)
 
 
@@ -557,18 +561,22 @@ class BatchOutput:
 
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], params: Optional[SamplingParams] = None, *,
                    system: Optional[str] = None, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                   details: bool = False, **options) -> list:
+                   details: bool = False, json_schema=None, regex: Optional[str] = None, **options) -> list:
     """Generate for several prompts at once, one row each in a continuous batch; returns one text
     each, or with details=True one BatchOutput each (text, token ids, why the row stopped).
 
     Each row stops on its own (stop token, stop string, max_tokens) and leaves the batch.
-    Greedy results equal one-by-one `generate`.
+    Greedy results equal one-by-one `generate`. json_schema / regex constrain every row (each
+    with its own grammar state), as in `stream_generate`.
     """
     params = SamplingParams.of(params, **options)
+    constraint = make_constraint(json_schema, regex)
     if not prompts:
         return []
     engine = BatchGenerator(model, tokenizer, prefill_step, compile)
-    rids = [engine.submit(Request(encode_prompt(tokenizer, p, system), params)) for p in prompts]
+    rids = [engine.submit(Request(encode_prompt(tokenizer, p, system), params,
+                                  processors=[grammar_mask(tokenizer, constraint=constraint)] if constraint else ()))
+            for p in prompts]
     texts = {rid: [] for rid in rids}
     results: dict = {}
     while engine.busy:

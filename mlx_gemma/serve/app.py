@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..constrain import GrammarMask
 from ..errors import UserError
 from ..generation import Event
 from . import protocol
@@ -84,6 +85,12 @@ def _authorized(state: ServerState, request: Request) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), state.api_key.encode())
 
 
+def _grammar(state: ServerState, req: ParsedRequest) -> list:
+    """The row's logits processors for req.constraint: a fresh grammar matcher (built here, off
+    the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
+    return [GrammarMask(req.constraint, state.engine.tokenizer)] if req.constraint is not None else []
+
+
 def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
     tok = state.engine.tokenizer
     if req.kind == "chat":
@@ -142,12 +149,13 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             adapter = state.adapter_index(req.model)
             req.model = req.model or state.model_name
             ids = await run_in_threadpool(_prompt_ids, state, req)
+            processors = await run_in_threadpool(_grammar, state, req)
         except APIError as exc:
             return _error(exc)
         except UserError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
             return _error(APIError(400, str(exc), "messages" if kind == "chat" else "prompt", code))
-        job = engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop())
+        job = engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop(), processors=processors)
         job.request_id = req.id
         if req.stream:
             return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..constrain import Constraint, json_object_constraint, json_schema_constraint
 from ..errors import UserError
 from ..sampling import SamplingParams
 
@@ -45,6 +46,7 @@ class ParsedRequest:
     include_usage: bool = False
     echo: bool = False
     response_format: Optional[dict] = None
+    constraint: Optional[Constraint] = None  # the grammar response_format asks for
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -137,6 +139,41 @@ def _prompt(body):
                    "invalid_type")
 
 
+def _constraint(response_format: Optional[dict]) -> Optional[Constraint]:
+    """OpenAI's response_format -> a grammar: "text" (none), "json_object" (any JSON object), or
+    "json_schema" with {"name", "schema", "strict"}; a schema feature the grammar engine lacks
+    is a 400 that names it."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_constraint()
+    if kind != "json_schema":
+        raise APIError(400, f"'response_format.type' must be text, json_object or json_schema, got {kind!r}",
+                       "response_format.type", "invalid_value")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError(422, "'response_format.json_schema' must be an object with 'name' and 'schema'",
+                       "response_format.json_schema", "invalid_type")
+    name, schema, strict = spec.get("name"), spec.get("schema"), spec.get("strict")
+    if name is not None and not isinstance(name, str):
+        raise APIError(422, "'response_format.json_schema.name' must be a string", "response_format.json_schema.name",
+                       "invalid_type")
+    if strict is not None and not isinstance(strict, bool):
+        raise APIError(422, "'response_format.json_schema.strict' must be true or false",
+                       "response_format.json_schema.strict", "invalid_type")
+    if not isinstance(schema, dict):
+        raise APIError(422, "'response_format.json_schema.schema' must be a JSON Schema object",
+                       "response_format.json_schema.schema", "invalid_type")
+    try:
+        return json_schema_constraint(schema)
+    except UserError as exc:
+        message = str(exc).replace("json_schema", "response_format.json_schema.schema", 1)
+        raise APIError(400, message, "response_format.json_schema.schema", "unsupported_schema") from None
+
+
 def parse(kind: str, body: Any, default_max_tokens: int) -> ParsedRequest:
     """A chat ("chat") or completion ("completion") request body -> ParsedRequest."""
     if not isinstance(body, dict):
@@ -180,7 +217,7 @@ def parse(kind: str, body: Any, default_max_tokens: int) -> ParsedRequest:
                          stream=_typed(body, "stream", bool, False, "true or false"),
                          include_usage=bool(_typed(stream_options, "include_usage", bool, False, "true or false")),
                          echo=bool(_typed(body, "echo", bool, False, "true or false")) if kind == "completion" else False,
-                         response_format=response_format)
+                         response_format=response_format, constraint=_constraint(response_format))
 
 
 # ---- responses -----------------------------------------------------------------------------
