@@ -158,3 +158,33 @@ def test_per_row_adapters_equal_each_adapter_alone(model_dir, tmp_path):
     rids = {name: engine.submit(req) for name, req in reqs.items()}
     out, _ = run(engine)
     assert {name: out[rid] for name, rid in rids.items()} == expected
+
+
+def test_a_dead_engine_answers_every_request_instead_of_hanging(tiny):
+    """A bug in a step stops the engine thread: requests in flight, queued, and sent later all
+    get the error (the server turns it into a 500 / 503), none waits forever."""
+    import asyncio
+
+    from mlx_gemma.serve.engine import Engine
+
+    engine = Engine(tiny, NoStops())
+
+    def broken():
+        raise RuntimeError("boom")
+
+    engine.generator.step = broken
+
+    async def ask():
+        job = engine.submit([2, 10, 11], SamplingParams(max_tokens=4), 0, asyncio.get_running_loop())
+        with pytest.raises(RuntimeError, match="boom"):
+            await asyncio.wait_for(job.__anext__(), timeout=60)
+
+    async def scenario():
+        first = asyncio.create_task(ask())
+        second = asyncio.create_task(ask())  # queued behind the first
+        engine.start()
+        await asyncio.gather(first, second)
+        assert not engine.alive
+        await ask()  # after the engine stopped
+
+    asyncio.run(scenario())

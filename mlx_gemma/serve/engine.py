@@ -87,6 +87,8 @@ class Engine:
     def submit(self, ids: list, params: SamplingParams, adapter: int, loop, processors=()) -> Job:
         job = Job(ids=ids, params=params, adapter=adapter, loop=loop, processors=processors)
         self.inbox.put(("submit", job))
+        if self.error is not None:  # stopped meanwhile: nobody will take it from the queue
+            self._fail_queued()
         return job
 
     def cancel(self, job: Job) -> None:
@@ -150,3 +152,15 @@ class Engine:
             for job in list(self.jobs.values()):
                 self._deliver(job, RuntimeError(f"the engine stopped: {self.error}"))
             self.jobs.clear()
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Answer every request still queued with the engine's error (the engine has stopped)."""
+        while True:
+            try:
+                kind, job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                job.finished = time.perf_counter()
+                self._deliver(job, RuntimeError(f"the engine stopped: {self.error}"))
