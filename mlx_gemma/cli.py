@@ -260,8 +260,11 @@ def _read_stdin_text(flag: str) -> str:
 @click.option("--prompt", "-p", required=True, help="The prompt text; '-' reads it from stdin.")
 @click.option("--system", default=None, help="System instructions (folded into the first user turn).")
 @click.option("--raw", is_flag=True, help="Send the prompt as is (base-model continuation), no chat template.")
+@click.option("--draft", type=click.Choice(["ngram"]), default=None,
+              help="Speculative decoding for greedy output (--temp 0): verify tokens copied from the prompt "
+                   "and answer (n-gram lookup) several at a time; the text is unchanged.")
 @sampling_options
-def generate(model, prompt, system, raw, adapter, dtype, **kw):
+def generate(model, prompt, system, raw, draft, adapter, dtype, **kw):
     """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
     from .generation import stream_generate
     from .loading import load
@@ -278,7 +281,7 @@ def generate(model, prompt, system, raw, adapter, dtype, **kw):
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
-    for chunk in stream_generate(net, tokenizer, source, opts, system=system):
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system, speculative=draft):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats
