@@ -397,3 +397,19 @@ def test_speculative_option_checked(tiny3, tokenizer):
 
     with pytest.raises(UserError, match="unknown speculative 'medusa'"):
         list(stream_generate(tiny3, tokenizer, [2, 5], max_tokens=2, speculative="medusa"))
+
+
+def test_speculative_chinese_qa_equals_plain_greedy(real):
+    """The 270M on bundled Chinese Q&A questions (system prompt included): same answer, drafts used."""
+    from mlx_gemma.generation import stream_generate
+
+    model, tok = real
+    lines = (Path(__file__).resolve().parent.parent / "data" / "zh_baike" / "test.jsonl").read_text("utf-8").splitlines()
+    drafted = 0
+    for line in lines[:2]:
+        messages = [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
+        plain = [c.token for c in stream_generate(model, tok, messages, max_tokens=40, temp=0.0)]
+        chunks = list(stream_generate(model, tok, messages, max_tokens=40, temp=0.0, speculative="ngram"))
+        assert [c.token for c in chunks] == plain
+        drafted += chunks[-1].stats.drafted
+    assert drafted > 0
