@@ -94,10 +94,11 @@ def test_tokenizer_gives_our_ids_on_mixed_text_and_chat_markers(ours, f32_gguf):
                                     {"role": "user", "content": "为什么天空是蓝色的？ Why? 🌌"},
                                     {"role": "assistant", "content": "因为瑞利散射。\n\n  Rayleigh."},
                                     {"role": "user", "content": "再说一遍"}], add_generation_prompt=True)
-    for text in TEXTS + [chat]:
+    assert chat.startswith("<bos><start_of_turn>user\n")
+    for text in TEXTS + [chat[len("<bos>"):]]:
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         assert theirs == tok.encode(text), text
-        assert llm.detokenize(theirs[1:]).decode("utf-8") == text
+        assert llm.detokenize(theirs[1:], special=True).decode("utf-8") == text
     for marker in ("<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>"):
         assert llm.tokenize(marker.encode(), add_bos=False, special=True) == [tok.piece_to_id(marker)]
     assert llm.token_eos() in tok.stop_ids
