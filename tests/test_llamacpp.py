@@ -64,7 +64,7 @@ def adapter_dir(model_dir, tmp_path_factory):
     config = apply_lora(model, rank=8, alpha=16.0, dropout=0.0, base_model=str(model_dir))
     for _, m in model.named_modules():
         if hasattr(m, "lora_B"):
-            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.02
+            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.05
     return save_adapter(model, tmp_path_factory.mktemp("adapter") / "zh", config)
 
 
@@ -133,8 +133,8 @@ def test_greedy_chinese_answer_identical_with_fused_adapter(model_dir, adapter_d
     mine = [c.token for c in stream_generate(model, tok, messages, max_tokens=n, temp=0.0)]
     theirs = llama_greedy(llm, ids, len(mine))
     base_ids = [c.token for c in stream_generate(base, tok, messages, max_tokens=n, temp=0.0)]
-    assert mine != base_ids[:len(mine)], "the adapter must change the answer, or this test proves nothing"
     assert theirs == mine
+    assert mine != base_ids[:len(mine)], "the adapter must change the answer, or this test proves nothing"
     assert tok.decode(theirs, skip_special=True) == tok.decode(mine, skip_special=True)
 
 
