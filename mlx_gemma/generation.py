@@ -121,11 +121,13 @@ class DecodeStep:
         return self.model.logits(hidden)
 
     def greedy(self, hidden: mx.array) -> list:
-        """Greedy ids for final hidden states (N, E): argmax of the LM head (soft-capping is monotonic,
-        so it is skipped). With the host head, one numpy product reads the weight once for all N."""
+        """Greedy ids for final hidden states (N, E): argmax of the LM head, soft-capped as plain
+        decoding does (tanh can round two large logits to one value: the tie must break the same
+        way). With the host head, one numpy product reads the weight once for all N."""
         if self.head is not None:
-            h = np.array(hidden.astype(mx.float32))
-            return (h @ self.head.T).argmax(axis=-1).tolist()
+            logits = mx.array(np.array(hidden.astype(mx.float32)) @ self.head.T)
+            cap = self.model.config.final_logit_softcapping
+            return mx.argmax(softcap(logits, cap) if cap else logits, axis=-1).tolist()
         return mx.argmax(self.model.logits(hidden), axis=-1).tolist()
 
     def _host_logits(self, hidden: mx.array) -> mx.array:
