@@ -280,8 +280,11 @@ def _read_stdin_text(flag: str) -> str:
 @click.option("--json-schema", "json_schema", default=None, metavar="FILE",
               help="Constrain the answer to JSON valid under the JSON Schema in FILE.")
 @click.option("--regex", default=None, metavar="PATTERN", help="Constrain the answer to match PATTERN (whole answer).")
+@click.option("--draft", type=click.Choice(["ngram"]), default=None,
+              help="Speculative decoding for greedy output (--temp 0): verify tokens copied from the prompt "
+                   "and answer (n-gram lookup) several at a time; the text is unchanged.")
 @sampling_options
-def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, **kw):
+def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, draft, **kw):
     """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
     from .constrain import GrammarMask
     from .generation import stream_generate
@@ -301,7 +304,8 @@ def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, **k
     source = prompt if raw else [{"role": "user", "content": prompt}]
     stats = None
     mask = [GrammarMask(constraint, tokenizer)] if constraint else []
-    for chunk in stream_generate(net, tokenizer, source, opts, system=system, logits_processors=mask):
+    for chunk in stream_generate(net, tokenizer, source, opts, system=system, logits_processors=mask,
+                                 speculative=draft):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         stats = chunk.stats

@@ -39,10 +39,12 @@ from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingPar
 Prompt = Union[str, Sequence[dict], Sequence[int]]
 
 DEFAULT_PREFILL_STEP = 512
+SPECULATIVE = ("ngram",)  # draft sources for speculative decoding
+DEFAULT_DRAFT_TOKENS = 4
 
 __all__ = ["BatchGenerator", "BatchOutput", "ChatSession", "DecodeStep", "GenerationChunk", "GenerationStats",
            "Request", "SamplingParams", "batch_generate", "encode_prompt", "generate", "generate_step",
-           "make_sampler", "min_p_filter", "prefill", "repetition_penalty_processor", "stream_generate",
+           "make_sampler", "min_p_filter", "ngram_draft", "prefill", "repetition_penalty_processor", "stream_generate",
            "top_k_filter", "top_p_filter"]
 
 
@@ -119,6 +121,16 @@ class DecodeStep:
             return self._host_logits(hidden)
         return self.model.logits(hidden)
 
+    def greedy(self, hidden: mx.array) -> list:
+        """Greedy ids for final hidden states (N, E): argmax of the LM head, soft-capped as plain
+        decoding does (tanh can round two large logits to one value: the tie must break the same
+        way). With the host head, one numpy product reads the weight once for all N."""
+        if self.head is not None:
+            logits = mx.array(np.array(hidden.astype(mx.float32)) @ self.head.T)
+            cap = self.model.config.final_logit_softcapping
+            return mx.argmax(softcap(logits, cap) if cap else logits, axis=-1).tolist()
+        return mx.argmax(self.model.logits(hidden), axis=-1).tolist()
+
     def _host_logits(self, hidden: mx.array) -> mx.array:
         """The one-row LM head as a numpy gemv over a zero-copy view of the weight (see backend)."""
         logits = mx.array(self.head @ np.array(hidden[0].astype(mx.float32)))[None]  # (1, V)
@@ -134,6 +146,35 @@ def _host_head_weight(model) -> Optional[np.ndarray]:
         return None
     mx.eval(w)
     return np.array(w, copy=False)
+
+
+def ngram_draft(history: Sequence[int], k: int, max_n: int = 3) -> list:
+    """Prompt-lookup drafting: the (up to) k tokens that followed the latest earlier occurrence of
+    the last n ids of `history` (n = max_n down to 1); [] when none occurs or k < 1. Copying from
+    the prompt and the answer so far pays on Q&A over a context, code edits, lists, repetitions."""
+    if k < 1:
+        return []
+    for n in range(min(max_n, len(history) - 1), 0, -1):
+        tail = list(history[-n:])
+        for i in range(len(history) - n - 1, -1, -1):
+            if history[i] == tail[0] and list(history[i:i + n]) == tail:
+                return list(history[i + n:i + n + k])
+    return []
+
+
+def _restore_ring_slots(cache: list, saved: list, first: int, last: int) -> None:
+    """Give the ring caches back the keys they held before positions first .. last were written
+    (rejected draft positions): a ring slot holds the key `window` positions earlier, which the
+    next queries still need. Full caches need nothing: the causal mask hides slots past a query
+    and the next step overwrites them."""
+    if last < first:
+        return
+    for c, old in zip(cache, saved):
+        if old is None:
+            continue
+        stale = mx.arange(first, last + 1) % c.window
+        hit = (mx.arange(c.capacity)[:, None] == stale[None]).any(axis=1)[None, None, :, None]
+        c.keys, c.values = mx.where(hit, old[0], c.keys), mx.where(hit, old[1], c.values)
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,
@@ -290,10 +331,17 @@ class BatchGenerator:
     its max_tokens or the context), or when `cancel`led; the other rows go on untouched.
     """
 
-    def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True):
+    def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
+                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_step = prefill_step
         self.decode = DecodeStep(model, compile)
+        if speculative not in (None,) + SPECULATIVE:
+            raise UserError(f"unknown speculative {speculative!r}; use one of {', '.join(SPECULATIVE)} (or None)")
+        if draft_tokens < 1:
+            raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.speculative, self.draft_tokens = speculative, draft_tokens
+        self.drafted = self.accepted = 0  # speculative statistics: draft tokens proposed / accepted
         self.stop_ids = set(tokenizer.stop_ids)
         self.waiting: list[_Row] = []
         self.active: list[_Row] = []
@@ -387,6 +435,10 @@ class BatchGenerator:
 
     def _decode(self) -> list[Event]:
         rows = self.active
+        if self._can_speculate(rows):
+            draft = ngram_draft(rows[0].history, min(self.draft_tokens, rows[0].max_tokens - len(rows[0].tokens) - 1))
+            if draft:
+                return self._speculate(rows[0], draft)
         tokens = mx.array([[r.next_input] for r in rows], mx.int32)
         pos = mx.array([r.pos for r in rows], mx.int32)
         logits = self.decode(self.cache, tokens, pos, max(r.pos for r in rows) + 1, self._adapters(rows))
@@ -405,6 +457,44 @@ class BatchGenerator:
                     event.cache, event.cached = self._row_cache(i), row.pos
             events.append(event)
         self._drop(finished)
+        return events
+
+    # -- speculative decoding (one greedy row, drafts verified in one forward) --
+
+    def _can_speculate(self, rows) -> bool:
+        """Drafts pay only for one greedy row whose tokens need no per-step logits."""
+        if self.speculative is None or len(rows) != 1:
+            return False
+        p = rows[0].params
+        return p.greedy and not rows[0].processors and not p.logprobs
+
+    def _speculate(self, row: _Row, draft: list) -> list[Event]:
+        """Feed the row's next input and `draft` (k tokens) at once; emit the greedy tokens up to and
+        including the first one that disagrees with the draft (1 .. k + 1 tokens, as plain greedy
+        decoding would give them), then undo the ring-cache writes of the rejected positions."""
+        start, k = row.pos, len(draft)
+        for c in self.cache:
+            c.reserve(*_kv_spec(self.model, 1), start + k + 1)
+        saved = [(c.keys, c.values) if c.window else None for c in self.cache]
+        set_row_adapters(self.model, self._adapters([row]))
+        hidden = self.model.model(mx.array([[row.next_input] + draft], mx.int32), cache=self.cache,
+                                  pos=mx.array([start], mx.int32))[0]  # (k + 1, E)
+        picked = self.decode.greedy(hidden)
+        self.drafted += k
+        events = []
+        for i, token in enumerate(picked):
+            row.pos += 1
+            row.next_input = token
+            events.append(self._advance(row, token))
+            if events[-1].finish_reason or i == k or token != draft[i]:
+                break
+        self.accepted += len(events) - 1
+        _restore_ring_slots(self.cache, saved, row.pos, start + k)
+        if events[-1].finish_reason:
+            events[-1].tokens = list(row.tokens)
+            if row.req.keep_cache:
+                events[-1].cache, events[-1].cached = self._row_cache(0), row.pos
+            self._drop([0])
         return events
 
     def _sample(self, logits: mx.array, rows: list) -> tuple[list, list]:
@@ -467,11 +557,14 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_tps: float = 0.0  # new tokens after the first / time since the first
     peak_memory_gb: float = 0.0  # mx.get_peak_memory() since the call started
+    drafted: int = 0  # speculative decoding: draft tokens verified
+    accepted: int = 0  # ... and how many of them the model agreed with
 
     def line(self) -> str:
+        spec = f" | drafts: {self.accepted}/{self.drafted} accepted" if self.drafted else ""
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
                 f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"peak memory: {self.peak_memory_gb:.2f} GB")
+                f"peak memory: {self.peak_memory_gb:.2f} GB{spec}")
 
 
 @dataclass
@@ -488,10 +581,11 @@ class GenerationChunk:
 
 
 def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: bool,
-                    on_end: Optional[Callable[[Event], None]] = None) -> Iterator[GenerationChunk]:
+                    on_end: Optional[Callable[[Event], None]] = None,
+                    speculative: Optional[str] = None) -> Iterator[GenerationChunk]:
     """Run one request alone on a BatchGenerator, as GenerationChunks with timing stats.
     on_end receives the last event (also when the consumer stops early: then a cancel event)."""
-    engine = BatchGenerator(model, tokenizer, prefill_step, compile)
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative)
     rid = engine.submit(req)
     stats = GenerationStats(prompt_tokens=len(req.ids))
     mx.reset_peak_memory()
@@ -512,6 +606,7 @@ def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: 
                 if len(tokens) > 1:
                     stats.generation_tps = (len(tokens) - 1) / max(now - first, 1e-9)
                 stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                stats.drafted, stats.accepted = engine.drafted, engine.accepted
                 yield GenerationChunk(event.text, event.token, stats, event.finish_reason, list(tokens),
                                       event.logprob, event.top_logprobs)
     finally:
@@ -524,7 +619,8 @@ def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: 
 def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
                     prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                    json_schema=None, regex: Optional[str] = None, **options) -> Iterator[GenerationChunk]:
+                    json_schema=None, regex: Optional[str] = None, speculative: Optional[str] = None,
+                    **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
@@ -536,12 +632,16 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     logits_processors: extra `(history, logits) -> logits` callables.
     json_schema (a dict or its JSON text) / regex: constrain the answer to that grammar
     (mlx_gemma.constrain); it then parses unless max_tokens cut it short.
+    speculative="ngram": greedy decoding (temp 0, no processors, no logprobs) verifies up to 4
+    tokens copied from the prompt/answer (`ngram_draft`) in one forward; the tokens are exactly
+    plain greedy's, several per step when the draft is right. Other settings decode normally.
+    The stats count drafted / accepted tokens.
     """
     params = SamplingParams.of(params, **options)
     mask = grammar_mask(tokenizer, json_schema, regex)
     ids = encode_prompt(tokenizer, prompt, system)
     req = Request(ids, params, processors=list(logits_processors) + ([mask] if mask else []))
-    yield from _stream_request(model, tokenizer, req, prefill_step, compile)
+    yield from _stream_request(model, tokenizer, req, prefill_step, compile, speculative=speculative)
 
 
 def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options) -> str:

@@ -364,3 +364,54 @@ def test_chat_repl_piped_stdin_reuses_the_cache(real):
     # Turn 2 feeds only the new turn (plus the unfed last answer token and <end_of_turn> at max-tokens).
     assert n[1] in (suffix, suffix + 2)
     assert proc.stdout.strip()
+
+
+# ---- speculative decoding (n-gram drafts) ---------------------------------------------------
+
+
+def test_ngram_draft_copies_what_followed_the_latest_match():
+    from mlx_gemma.generation import ngram_draft
+
+    assert ngram_draft([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]  # the 3-gram 5 6 7 matched
+    assert ngram_draft([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest of two matches
+    assert ngram_draft([1, 2, 3, 4, 9, 4], 5) == [9, 4]  # 1-gram fallback, cut at the end
+    assert ngram_draft([1, 2, 3], 4) == [] and ngram_draft([1, 2, 1], 0) == []
+
+
+@pytest.mark.parametrize("which", ["tiny3", "tiny2"])
+def test_speculative_greedy_equals_plain_greedy(which, tokenizer, request):
+    """Window-8 rings wrap many times over 80 tokens: rejected drafts must not corrupt them."""
+    from mlx_gemma.generation import stream_generate
+
+    model = request.getfixturevalue(which)
+    prompts = [[2] + [10, 11, 12, 13] * 6, [2] + random_ids(512, 20, seed=4).tolist(), [2, 300, 301, 300, 301, 302]]
+    drafted = accepted = 0
+    for ids in prompts:
+        plain = [c.token for c in stream_generate(model, tokenizer, ids, max_tokens=80, temp=0.0)]
+        chunks = list(stream_generate(model, tokenizer, ids, max_tokens=80, temp=0.0, speculative="ngram"))
+        assert [c.token for c in chunks] == plain
+        drafted, accepted = drafted + chunks[-1].stats.drafted, accepted + chunks[-1].stats.accepted
+    assert 0 < accepted < drafted  # drafts were both taken and rejected
+
+
+def test_speculative_option_checked(tiny3, tokenizer):
+    from mlx_gemma.generation import stream_generate
+
+    with pytest.raises(UserError, match="unknown speculative 'medusa'"):
+        list(stream_generate(tiny3, tokenizer, [2, 5], max_tokens=2, speculative="medusa"))
+
+
+def test_speculative_chinese_qa_equals_plain_greedy(real):
+    """The 270M on bundled Chinese Q&A questions (system prompt included): same answer, drafts used."""
+    from mlx_gemma.generation import stream_generate
+
+    model, tok = real
+    lines = (Path(__file__).resolve().parent.parent / "data" / "zh_baike" / "test.jsonl").read_text("utf-8").splitlines()
+    drafted = 0
+    for line in lines[:2]:
+        messages = [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
+        plain = [c.token for c in stream_generate(model, tok, messages, max_tokens=40, temp=0.0)]
+        chunks = list(stream_generate(model, tok, messages, max_tokens=40, temp=0.0, speculative="ngram"))
+        assert [c.token for c in chunks] == plain
+        drafted += chunks[-1].stats.drafted
+    assert drafted > 0
