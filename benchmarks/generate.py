@@ -8,7 +8,7 @@ medians are what count). Prefill tok/s = prompt tokens / time to the first new t
 tok/s = (NEW - 1) / time from the first to the last. Peak memory: mx.get_peak_memory() for MLX,
 peak RSS for torch and llama.cpp.
 
-Engines: mlx-gemma (fp32; `-mlxhead`: the LM head through MLX instead of the host gemv; `-8bit`:
+Engines: mlx-gemma (fp32; `-8bit`:
 the model quantized to 8 bits, group 64), mlx-lm (fp32), transformers (fp32), and llama.cpp via
 llama-cpp-python on GGUF files: `f32` and `q8_0` written by our `convert_to_gguf`, `Q4_K_M` the
 embedded GGUF. llama.cpp engines are skipped when llama_cpp is not installed.
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ["mlx-gemma", "mlx-gemma-mlxhead", "mlx-gemma-8bit", "mlx-lm", "transformers",
+ENGINES = ["mlx-gemma", "mlx-gemma-8bit", "mlx-lm", "transformers",
            "llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-Q4_K_M"]
 GGUF_DIR = Path("~/.cache/mlx-gemma/bench").expanduser()
 
@@ -45,15 +45,13 @@ def timed(steps, first_time_from):
     return times[0] - first_time_from, times
 
 
-def run_mlx_gemma(ids, new, dtype, host_gemv=True, bits=None):
+def run_mlx_gemma(ids, new, dtype, bits=None):
     import mlx_gemma  # noqa: F401  (OpenBLAS first)
     import mlx.core as mx
 
-    from mlx_gemma import backend
     from mlx_gemma.generation import generate_step
     from mlx_gemma.loading import load
 
-    backend.configure(host_gemv=host_gemv)
     model, _ = load("gemma-3-270m", dtype=dtype)
     if bits:
         from mlx_gemma.quant import quantize_model
@@ -153,8 +151,7 @@ def child(engine, n_prompt, new):
     ids = prompt_ids(n_prompt)
     if engine.startswith("mlx-gemma"):
         dtype = "bfloat16" if engine.endswith("bf16") else "float32"
-        ttft, times, peak = run_mlx_gemma(ids, new, dtype, host_gemv=not engine.endswith("mlxhead"),
-                                          bits=8 if engine.endswith("8bit") else None)
+        ttft, times, peak = run_mlx_gemma(ids, new, dtype, bits=8 if engine.endswith("8bit") else None)
     elif engine == "mlx-lm":
         ttft, times, peak = run_mlx_lm(ids, new)
     elif engine.startswith("llama.cpp-"):
@@ -221,8 +218,7 @@ def main():
               f"{spread([x['decode_tps'] for x in r])} | {ratio:.2f}x | {max(x['peak_gb'] for x in r):.2f} GB |")
     goals = [("fp32 decode ÷ llama.cpp f32 decode (goal ≥ 0.75)", "mlx-gemma", "llama.cpp-f32", "decode_tps"),
              ("8-bit decode ÷ our fp32 decode (goal > 1)", "mlx-gemma-8bit", "mlx-gemma", "decode_tps"),
-             ("fp32 prefill ÷ transformers prefill (goal ≥ 1)", "mlx-gemma", "transformers", "prefill_tps"),
-             ("host gemv head ÷ MLX head, decode", "mlx-gemma", "mlx-gemma-mlxhead", "decode_tps")]
+             ("fp32 prefill ÷ transformers prefill (goal ≥ 1)", "mlx-gemma", "transformers", "prefill_tps")]
     print()
     for label, a, b, key in goals:
         if a in med and b in med:

@@ -24,13 +24,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
 from .adapters import set_row_adapters
-from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
-from .model import softcap
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -95,7 +92,6 @@ class DecodeStep:
         self.model = model
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
-        self.head = _host_head_weight(model) if policy().host_gemv else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):
@@ -117,35 +113,13 @@ class DecodeStep:
             hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
             for c, kv in zip(cache, state):
                 c.state = kv
-        if self.head is not None and hidden.shape[0] == 1:
-            return self._host_logits(hidden)
         return self.model.logits(hidden)
 
     def greedy(self, hidden: mx.array) -> list:
         """Greedy ids for final hidden states (N, E): argmax of the LM head, soft-capped as plain
         decoding does (tanh can round two large logits to one value: the tie must break the same
-        way). With the host head, one numpy product reads the weight once for all N."""
-        if self.head is not None:
-            logits = mx.array(np.array(hidden.astype(mx.float32)) @ self.head.T)
-            cap = self.model.config.final_logit_softcapping
-            return mx.argmax(softcap(logits, cap) if cap else logits, axis=-1).tolist()
+        way)."""
         return mx.argmax(self.model.logits(hidden), axis=-1).tolist()
-
-    def _host_logits(self, hidden: mx.array) -> mx.array:
-        """The one-row LM head as a numpy gemv over a zero-copy view of the weight (see backend)."""
-        logits = mx.array(self.head @ np.array(hidden[0].astype(mx.float32)))[None]  # (1, V)
-        cap = self.model.config.final_logit_softcapping
-        return softcap(logits, cap) if cap else logits
-
-
-def _host_head_weight(model) -> Optional[np.ndarray]:
-    """A zero-copy float32 numpy view of a dense LM-head weight (V, E); None for other heads."""
-    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
-    w = head.weight
-    if w.dtype != mx.float32 or "scales" in head:
-        return None
-    mx.eval(w)
-    return np.array(w, copy=False)
 
 
 def ngram_draft(history: Sequence[int], k: int, max_n: int = 3) -> list:
