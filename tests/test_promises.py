@@ -111,7 +111,7 @@ def test_quantize_keep_embedding_keeps_the_float_embedding(tiny_dir, tmp_path):
 
 
 def test_convert_q_mixed_recipe_puts_the_chosen_layers_at_8_bits(tiny_dir, tmp_path):
-    from mlx_gemma.quantize import mixed_recipe_upgrades
+    from mlx_gemma.quant import mixed_recipe_upgrades
 
     out = tmp_path / "mixed"
     result = CliRunner().invoke(main, ["convert", str(tiny_dir), str(out), "-q", "--bits", "4", "--group-size", "32",

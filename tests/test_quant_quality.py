@@ -16,7 +16,7 @@ The mixed recipe's <= 10 % bound lives in test_gptq.
 
 import pytest
 
-from mlx_gemma.quantize import quantize_checkpoint
+from mlx_gemma.quant.checkpoint import quantize_checkpoint
 
 FLOAT_PERPLEXITY = 29.41  # README's Benchmarks, fp32 row
 
