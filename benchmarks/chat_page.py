@@ -12,33 +12,13 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+
+from serve import free_port, wait_up  # benchmarks/serve.py: the same server start-up
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(port: int, proc, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("the server did not come up")
 
 
 def main() -> None:
