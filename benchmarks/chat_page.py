@@ -5,7 +5,7 @@ the page is put in compare mode, base and adapter side by side), opens the page 
 headless chromium through Playwright, asks a question and saves the page once the answer is
 complete.
 
-    python benchmarks/chat_page.py --out docs/chat-page.png [--adapter zh=adapters/gemma-3-270m-zh]
+    python benchmarks/chat_page.py --out benchmarks/chat-page.png [--adapter zh=adapters/gemma-3-270m-zh]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs/chat-page.png")
+    ap.add_argument("--out", default="benchmarks/chat-page.png")
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--question", default="用三句话介绍一下长城。")
