@@ -60,6 +60,13 @@ NOT_RUN = {
                                             "writes and reads back HF dirs from adapters",
     "mlx-gemma convert-to-gguf gemma-3-270m": "needs the `./ad` adapter; test_export checks the GGUF writer",
     "mlx-gemma convert model.gguf": "the reader's own .gguf; test_gguf converts GGUF files",
+    "mlx-gemma generate --prompt \"Invent a person.\" --json-schema": "needs the reader's person.schema.json; the "
+        "Python block beside it runs a schema, test_constrain / test_structured_serve test --json-schema",
+    "mlx-gemma convert gemma_zh": "the reader's Keras files from Kaggle; test_keras converts presets and "
+                                  ".weights.h5 files that keras-hub writes",
+    "mlx-gemma generate --model gemma-2b-zh": "needs the Keras model converted by the (not run) line above",
+    "mlx-gemma train --model gemma-2b-zh": "needs the Keras model converted by the (not run) line above",
+    "mlx-gemma convert-to-hf gemma-2b-zh": "needs the converted Keras model and an adapter trained on it",
     "mlx-gemma generate --prompt - --temp": "samples 256 tokens of the 270M (~1-2 min on 2 cores); the "
                                                "same options run on a tiny model in test_generate",
 }
