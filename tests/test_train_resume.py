@@ -65,10 +65,17 @@ def options(root, out, extra=()):
             "--eval-batches", "1", "--save-every", "3", "--warmup", "1", "--no-report", *extra]
 
 
+def default_sigint():
+    """In the child, before exec: Ctrl-C as a user's shell gives it. A disposition of SIG_IGN is
+    inherited across exec, and one test process may have run code that set it (a child that
+    ignores SIGINT would finish instead of being interrupted)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def child(args, driver=CLI, env=None, wait=True):
     env = dict(os.environ, **(env or {}))
     p = subprocess.Popen([sys.executable, "-c", driver, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+                         text=True, env=env, preexec_fn=default_sigint)
     if not wait:
         return p
     out, err = p.communicate(timeout=300)
