@@ -22,7 +22,6 @@ import statistics
 import time
 
 import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
 
 from mlx_gemma.constrain import GrammarMask, grammar_tokenizer, json_schema_constraint
 from mlx_gemma.generation import BatchGenerator, Request, SamplingParams, encode_prompt

@@ -8,12 +8,9 @@ Both run in this process after `import mlx_gemma` (OpenBLAS is loaded once for b
 """
 
 import argparse
-import json
 import platform
-import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import mlx_gemma  # noqa: F401  (OpenBLAS first)
 import mlx.core as mx

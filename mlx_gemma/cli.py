@@ -438,8 +438,6 @@ def quantize_cmd(src, out, bits, group_size, keep_embedding, text_file, max_seq_
     Prints the perplexity of both models on a held-out text, their size on disk and
     parameter memory. OUT loads with mlx-gemma and mlx_lm.load.
     """
-    from pathlib import Path
-
     from .quant.checkpoint import format_report, quantize_checkpoint
 
     # quantize_checkpoint checks every setting and file before the (slow) load

@@ -18,7 +18,6 @@ Shapes: B batch rows, T tokens, V vocabulary, E hidden size.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union

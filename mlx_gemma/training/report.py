@@ -18,7 +18,6 @@ The test split is only evaluated, never trained or tuned on; the sample question
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import time
