@@ -12,10 +12,10 @@ from mlx_gemma.cache import KVCache, RotatingKVCache
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.generation import BatchGenerator, Request, generate_step
 from mlx_gemma.loading import build_model, read_config
-from mlx_gemma.lora import apply_lora, load_adapter, save_adapter
+from mlx_gemma.lora import load_adapter
 from mlx_gemma.sampling import SamplingParams
 
-from tiny import make_hf_model, random_ids, save_hf_model
+from tiny import make_hf_model, random_ids, random_lora_adapter, save_hf_model
 
 
 def load_dir(path):
@@ -120,14 +120,7 @@ def test_cache_rows_keep_their_positions():
 
 
 def random_adapter(model_dir, out, seed):
-    model = load_dir(model_dir)
-    mx.random.seed(seed)
-    config = apply_lora(model, rank=4 + seed, alpha=8.0, dropout=0.0)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_B"):
-            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.5
-    save_adapter(model, out, config)
-    return out
+    return random_lora_adapter(load_dir(model_dir), out, seed=seed, rank=4 + seed, alpha=8.0, scale=0.5)
 
 
 def test_per_row_adapters_equal_each_adapter_alone(model_dir, tmp_path):

@@ -57,15 +57,12 @@ def f32_gguf(model_dir, tmp_path_factory):
 def adapter_dir(model_dir, tmp_path_factory):
     """A LoRA adapter with random non-zero B, so the fused model's answers differ from the base's."""
     from mlx_gemma.loading import load
-    from mlx_gemma.lora import apply_lora, save_adapter
+
+    from tiny import random_lora_adapter
 
     model, _ = load(str(model_dir))
-    mx.random.seed(3)
-    config = apply_lora(model, rank=8, alpha=16.0, dropout=0.0, base_model=str(model_dir))
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_B"):
-            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.05
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "zh", config)
+    return random_lora_adapter(model, tmp_path_factory.mktemp("adapter") / "zh", seed=3, rank=8, alpha=16.0,
+                               scale=0.05, base_model=str(model_dir))
 
 
 def llama_logits(llm, ids) -> np.ndarray:

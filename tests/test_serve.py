@@ -8,14 +8,12 @@ Traffic goes to loopback only; every loop is bounded in count and time.
 import concurrent.futures as futures
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -42,15 +40,12 @@ def model_dir():
 def adapter_dir(model_dir, tmp_path_factory):
     """A LoRA adapter for the 270M with random non-zero B, so its answers differ from the base's."""
     from mlx_gemma.loading import load
-    from mlx_gemma.lora import apply_lora, save_adapter
+
+    from tiny import random_lora_adapter
 
     model, _ = load(str(model_dir))
-    mx.random.seed(3)
-    config = apply_lora(model, rank=8, alpha=16.0, dropout=0.0, base_model=str(model_dir))
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_B"):
-            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.02
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "zh", config)
+    return random_lora_adapter(model, tmp_path_factory.mktemp("adapter") / "zh", seed=3, rank=8, alpha=16.0,
+                               scale=0.02, base_model=str(model_dir))
 
 
 @pytest.fixture(scope="module")

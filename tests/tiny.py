@@ -72,3 +72,18 @@ def save_hf_model(model, path: Path, dtype=None, max_shard_size="5GB"):
 
 def random_ids(vocab, shape, seed=0):
     return np.random.default_rng(seed).integers(3, vocab, size=shape).astype(np.int64)
+
+
+def random_lora_adapter(model, out, *, seed, rank, alpha, scale, base_model=None):
+    """Wrap `model` in LoRA (q/k/v/o) with B ~ N(0, scale²) instead of PEFT's zeros, so the adapter
+    really changes the answers, and save it to `out` (PEFT format); returns the dir."""
+    import mlx.core as mx
+
+    from mlx_gemma.lora import apply_lora, save_adapter
+
+    mx.random.seed(seed)
+    config = apply_lora(model, rank=rank, alpha=alpha, dropout=0.0, base_model=base_model)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B = mx.random.normal(m.lora_B.shape) * scale
+    return save_adapter(model, out, config)
