@@ -634,13 +634,16 @@ class BatchOutput:
 
 def batch_generate(model, tokenizer, prompts: Sequence[Prompt], params: Optional[SamplingParams] = None, *,
                    system: Optional[str] = None, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                   details: bool = False, json_schema=None, regex: Optional[str] = None, **options) -> list:
+                   details: bool = False, json_schema=None, regex: Optional[str] = None,
+                   on_step: Optional[Callable[[list], None]] = None, **options) -> list:
     """Generate for several prompts at once, one row each in a continuous batch; returns one text
     each, or with details=True one BatchOutput each (text, token ids, why the row stopped).
 
     Each row stops on its own (stop token, stop string, max_tokens) and leaves the batch.
     Greedy results equal one-by-one `generate`. json_schema / regex constrain every row (each
-    with its own grammar state), as in `stream_generate`.
+    with its own grammar state), as in `stream_generate`. on_step, when given, is called after
+    every engine step with that step's Events (one per row that produced a token): a hook for
+    progress display.
     """
     params = SamplingParams.of(params, **options)
     constraint = make_constraint(json_schema, regex)
@@ -653,10 +656,13 @@ def batch_generate(model, tokenizer, prompts: Sequence[Prompt], params: Optional
     texts = {rid: [] for rid in rids}
     results: dict = {}
     while engine.busy:
-        for event in engine.step():
+        events = engine.step()
+        for event in events:
             texts[event.rid].append(event.text)
             if event.finish_reason:
                 results[event.rid] = event
+        if on_step is not None:
+            on_step(events)
     outputs = []
     for rid in rids:
         event = results[rid]

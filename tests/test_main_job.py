@@ -106,11 +106,15 @@ def test_write_report(tmp_path):
     # samples side by side: pipes escaped, newlines as <br>, HTML escaped
     assert "| 为什么？ | loops \\| loops<br>loops | 答案。 | 参考&lt;b&gt; |" in md
     assert "test loss drop: 50.0% (target >= 30.0%) met" in md
+    assert "repeated 4-grams in the answers: 2.0% (target <= 25.0%) met" in md
+    assert "wall time of the whole job: 0.3 min (target <= 15.0 min) met" in md
     assert "12.5" in md and "`rank=16`" in md
     data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert data["loss_drop"] == pytest.approx(0.5)
     assert data["targets"]["end_of_turn_share"] == {"value": 0.9, "bound": 0.8, "met": True}
     assert data["targets"]["cjk_share"]["met"] is True
+    assert data["targets"]["repeated_4gram_share"] == {"value": 0.02, "bound": 0.25, "met": True}
+    assert data["targets"]["total_minutes"]["value"] == pytest.approx(20 / 60)
     assert data["before"]["answers"][0]["answer"] == "loops | loops\nloops"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -118,8 +122,10 @@ def test_write_report(tmp_path):
 def test_targets_not_met_are_reported(tmp_path):
     before = _fake_eval(3.0, 0.0, 0.5, 0.6, [])
     after = _fake_eval(2.4, 0.5, 0.7, 0.3, [])
-    md = R.write_report(tmp_path, before, after, [], {}).read_text(encoding="utf-8")
+    md = R.write_report(tmp_path, before, after, [], {"seconds": {"total": 16 * 60}}).read_text(encoding="utf-8")
     assert "test loss drop: 20.0% (target >= 30.0%) **not met**" in md
+    assert "repeated 4-grams in the answers: 30.0% (target <= 25.0%) **not met**" in md
+    assert "wall time of the whole job: 16.0 min (target <= 15.0 min) **not met**" in md
     assert "answers that stop with `<end_of_turn>`: 50.0% (target >= 80.0%) **not met**" in md
 
 

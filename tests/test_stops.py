@@ -184,3 +184,16 @@ def test_cli_system_prompt_goes_into_the_template(scripted_dir, tok, chains):
     without = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
     assert len(expected) > len(without)
     assert f"prompt: {len(expected)} tokens" in result.output and "generation: 3 tokens" in result.output
+
+
+def test_on_step_sees_every_token_once(scripted, tok, chains):
+    """batch_generate's progress hook: one call per engine step with that step's events; the
+    events add up to every row's tokens (stop token included) and each row finishes exactly once."""
+    prompts = [[2, ids[0]] for ids in chains.values()]
+    seen = []
+    outs = batch_generate(scripted, tok, prompts, max_tokens=20, stop=["STOP"], details=True, on_step=seen.append)
+    events = [e for step in seen for e in step]
+    assert all(len(step) <= len(prompts) for step in seen)
+    assert len(seen) == max(len(o.tokens) + (o.stop_token is not None) for o in outs)
+    assert len(events) == sum(len(o.tokens) + (o.stop_token is not None) for o in outs)
+    assert sorted(e.rid for e in events if e.finish_reason) == sorted({e.rid for e in events})

@@ -194,12 +194,14 @@ def eval_loss_fn(model, loss_chunk: int = DEFAULT_CHUNK):
 
 
 def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len: Optional[int] = None,
-                     max_batches: Optional[int] = None, loss_chunk: int = DEFAULT_CHUNK, _fn=None) -> dict:
+                     max_batches: Optional[int] = None, loss_chunk: int = DEFAULT_CHUNK, _fn=None,
+                     progress: bool = False) -> dict:
     """Mean token loss over a tokenized Dataset (loss positions as in training), in eval mode.
 
     In a data-parallel run each rank evaluates every world_size-th batch; the per-batch sums are
     gathered and added in batch order on every rank, so the result is exactly one process's.
     Returns {"loss", "perplexity", "tokens"} (tokens: loss-carrying tokens counted).
+    progress: a tqdm bar of batches on stderr (rank 0).
     """
     was_training = model.training
     model.eval()
@@ -210,10 +212,13 @@ def evaluate_dataset(model, tokenizer, dataset, batch_size: int = 4, max_seq_len
         plan = plan[:max_batches]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     mine = {}
-    for i in range(dist.rank(), len(plan), dist.world_size()):
-        loss, n = fn(*_device_batch(data_lib.make_batch(dataset, plan[i], pad, max_seq_len)))
-        mx.eval(loss, n)
-        mine[i] = (loss.item(), n.item())
+    mine_idx = range(dist.rank(), len(plan), dist.world_size())
+    with progress_bar(len(mine_idx), "loss", "batch", progress and dist.rank() == 0) as bar:
+        for i in mine_idx:
+            loss, n = fn(*_device_batch(data_lib.make_batch(dataset, plan[i], pad, max_seq_len)))
+            mx.eval(loss, n)
+            mine[i] = (loss.item(), n.item())
+            bar.update(1)
     total, count = 0.0, 0.0
     for loss, n in dist.sum_rows(mine, len(plan), 2).tolist():  # float32 values, added in float64
         total += loss
@@ -270,6 +275,15 @@ class TrainResult:
         else:
             lines.append(f"adapter: {self.out}")
         return "\n".join(lines)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    """A tqdm bar on stderr for an evaluation phase (refreshed every 10 s when stderr is a file)."""
+    from tqdm.auto import tqdm
+
+    tty = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 10.0, leave=False)
 
 
 class Progress:
