@@ -190,3 +190,35 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="too few"):
         hc3_to_chat(good, tmp_path / "out", test_size=0.5, valid_size=0.3)
     assert not (tmp_path / "out").exists()
+
+
+def test_bundled_splits_are_what_data_readme_says(tmp_path):
+    """data/zh_baike is exactly what data/README.md's recipe makes from data/raw: the test and
+    valid splits (and the first train records) from baike_zh_a + b with seed 0, then every record
+    of baike_zh_c + d appended to train.jsonl (written later, kept out of test and valid so the
+    held-out numbers stay comparable). A hand edit of a split, or a raw file that no longer
+    makes it, fails here."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent.parent / "data"
+    raw = sorted((data / "raw").glob("baike_zh_*.jsonl"))
+    first = [p for p in raw if p.name in ("baike_zh_a.jsonl", "baike_zh_b.jsonl")]
+    later = [p for p in raw if p not in first]
+    assert len(first) == 2
+
+    def concat(paths, name):
+        out = tmp_path / name
+        out.write_bytes(b"".join(p.read_bytes() for p in paths))
+        return out
+
+    hc3_to_chat(concat(first, "ab.jsonl"), tmp_path / "ab", seed=0)
+    expected = {s: (tmp_path / "ab" / f"{s}.jsonl").read_bytes() for s in ("train", "valid", "test")}
+    if later:
+        hc3_to_chat(concat(later, "later.jsonl"), tmp_path / "later", test_size=0, valid_size=0, seed=0)
+        expected["train"] += (tmp_path / "later" / "train.jsonl").read_bytes()
+    for split, content in expected.items():
+        assert (data / "zh_baike" / f"{split}.jsonl").read_bytes() == content, split
+    # no question is asked twice across the splits
+    questions = [m["content"] for s in expected for r in read_jsonl(data / "zh_baike" / f"{s}.jsonl")
+                 for m in r["messages"] if m["role"] == "user"]
+    assert len(questions) == len(set(questions))
