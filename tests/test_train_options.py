@@ -49,6 +49,7 @@ def test_out_of_range_and_non_finite_options(tmp_path, flag, value):
     ("targets: [q_proj, 5]", ("targets", "a string")),
     ("warmup: -5", ("--warmup", "-5")),
     ("lr: .inf", ("--lr", "finite")),
+    ("lr_schedule: linear", ("--lr-schedule", "cosine, wsd, constant", "linear")),
 ])
 def test_config_values_are_type_checked(tmp_path, line, needles):
     cfg = tmp_path / "train.yaml"

@@ -45,7 +45,10 @@ class TrainArgs:
     quantize_bits: Optional[int] = _opt(None, "Quantize the base to 4 or 8 bits first (QLoRA).", choices=(4, 8))
     quantize_group_size: int = _opt(64, "Group size for --quantize-bits.")
     lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
-    min_lr: float = _opt(0.0, "Learning rate at the end of the cosine decay.")
+    min_lr: float = _opt(0.0, "Learning rate at the end of the decay.")
+    lr_schedule: str = _opt("cosine", "After the warmup: cosine (decay to --min-lr over the remaining steps), "
+                                      "wsd (hold --lr, then decay linearly to --min-lr over the last 20% of the "
+                                      "steps) or constant.", choices=("cosine", "wsd", "constant"))
     warmup: Optional[int] = _opt(None, "Linear warmup steps (default: 5% of the steps).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Clip the gradient to this global norm (0: off).")
@@ -75,7 +78,7 @@ class TrainArgs:
 
     # options that shape the adapter or the step sequence: a resumed run must keep them
     RESUME_KEYS = ("model", "rank", "alpha", "targets", "num_layers", "quantize_bits", "quantize_group_size",
-                   "batch_size", "grad_accum", "max_seq_len", "pack", "seed", "lr", "train_on_prompt")
+                   "batch_size", "grad_accum", "max_seq_len", "pack", "seed", "lr", "lr_schedule", "train_on_prompt")
     # options that describe one invocation, never restored from a previous run's train_config.json
     PER_RUN_KEYS = ("resume", "force")
 
@@ -240,5 +243,7 @@ def check_args(args: TrainArgs) -> None:
                         f"got {args.quantize_group_size}")
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
-    if args.dtype not in TrainArgs.__dataclass_fields__["dtype"].metadata["choices"]:
-        raise UserError(f"--dtype must be one of auto, float32, bfloat16, float16, got {args.dtype!r}")
+    for name in ("dtype", "lr_schedule"):
+        choices = TrainArgs.__dataclass_fields__[name].metadata["choices"]
+        if getattr(args, name) not in choices:
+            raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")

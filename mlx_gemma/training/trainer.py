@@ -95,15 +95,33 @@ def enable_grad_checkpoint(model) -> None:
         layer.__class__ = _checkpointed_class(type(layer))
 
 
+WSD_DECAY = 0.2  # share of the steps the wsd schedule spends decaying
+
+
 def make_schedule(args: TrainArgs, total_steps: int):
-    """Linear warmup to args.lr (default 5% of the steps), then cosine decay to args.min_lr."""
+    """Linear warmup to args.lr (default 5% of the steps), then args.lr_schedule: a cosine decay to
+    args.min_lr; wsd: args.lr held, then a linear decay to args.min_lr over the last WSD_DECAY of
+    the steps (warmup-stable-decay: most steps at the peak rate); or args.lr held to the end."""
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
     warmup = min(int(warmup), total_steps)
-    decay = optim.cosine_decay(args.lr, max(total_steps - warmup, 1), end=args.min_lr)
-    if warmup == 0:
-        return decay
-    ramp = optim.linear_schedule(args.lr / warmup, args.lr, warmup - 1) if warmup > 1 else (lambda s: args.lr)
-    return optim.join_schedules([ramp, decay], [warmup])
+    rest = max(total_steps - warmup, 1)
+    kind = args.lr_schedule
+    if kind == "cosine":
+        pieces, bounds = [optim.cosine_decay(args.lr, rest, end=args.min_lr)], []
+    elif kind == "constant":
+        pieces, bounds = [lambda s: mx.array(args.lr, mx.float32)], []
+    else:  # wsd
+        decay = min(max(1, round(WSD_DECAY * total_steps)), rest)
+        pieces = [lambda s: mx.array(args.lr, mx.float32),
+                  optim.linear_schedule(args.lr, args.min_lr, max(decay - 1, 1))]
+        bounds = [rest - decay]
+        if bounds[0] <= 0:
+            pieces, bounds = pieces[1:], []
+    if warmup > 0:
+        ramp = optim.linear_schedule(args.lr / warmup, args.lr, warmup - 1) if warmup > 1 else \
+            (lambda s: mx.array(args.lr, mx.float32))
+        pieces, bounds = [ramp] + pieces, [warmup] + [warmup + b for b in bounds]
+    return pieces[0] if len(pieces) == 1 else optim.join_schedules(pieces, bounds)
 
 
 def make_optimizer(args: TrainArgs, total_steps: int) -> optim.Optimizer:
