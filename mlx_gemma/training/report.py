@@ -457,8 +457,8 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     samples = [{"question": question(r), "before": b["answer"], "after": a["answer"],
                 "reference": reference_answer(r)}
                for r, b, a in zip(gen_records[:SAMPLES], before["answers"], after["answers"])]
-    settings = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "targets", "lr", "epochs", "iters",
-                                              "batch_size", "max_seq_len", "seed")}
+    settings = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "targets", "lr", "lr_schedule",
+                                              "epochs", "iters", "batch_size", "max_seq_len", "eval_every", "seed")}
     settings["steps"] = result.steps
     run_info = {
         "model": args.model, "data": str(data_path), "adapter": str(out),

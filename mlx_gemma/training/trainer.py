@@ -105,7 +105,7 @@ def make_schedule(args: TrainArgs, total_steps: int):
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
     warmup = min(int(warmup), total_steps)
     rest = max(total_steps - warmup, 1)
-    kind = args.lr_schedule
+    kind = args.lr_schedule or "cosine"
     if kind == "cosine":
         pieces, bounds = [optim.cosine_decay(args.lr, rest, end=args.min_lr)], []
     elif kind == "constant":
