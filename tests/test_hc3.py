@@ -193,32 +193,22 @@ def test_user_errors(tmp_path):
 
 
 def test_bundled_splits_are_what_data_readme_says(tmp_path):
-    """data/zh_baike is exactly what data/README.md's recipe makes from data/raw: the test and
-    valid splits (and the first train records) from baike_zh_a + b with seed 0, then every record
-    of baike_zh_c + d appended to train.jsonl (written later, kept out of test and valid so the
-    held-out numbers stay comparable). A hand edit of a split, or a raw file that no longer
-    makes it, fails here."""
+    """data/zh_baike is exactly what data/README.md's recipe makes from data/raw/baike_zh_a + b
+    (seed 0, default sizes): a hand edit of a split, or a raw file that no longer makes it, fails
+    here. The extra sources c + d are in no split, and none of their questions is asked there."""
     from pathlib import Path
 
     data = Path(__file__).resolve().parent.parent / "data"
-    raw = sorted((data / "raw").glob("baike_zh_*.jsonl"))
-    first = [p for p in raw if p.name in ("baike_zh_a.jsonl", "baike_zh_b.jsonl")]
-    later = [p for p in raw if p not in first]
-    assert len(first) == 2
-
-    def concat(paths, name):
-        out = tmp_path / name
-        out.write_bytes(b"".join(p.read_bytes() for p in paths))
-        return out
-
-    hc3_to_chat(concat(first, "ab.jsonl"), tmp_path / "ab", seed=0)
-    expected = {s: (tmp_path / "ab" / f"{s}.jsonl").read_bytes() for s in ("train", "valid", "test")}
-    if later:
-        hc3_to_chat(concat(later, "later.jsonl"), tmp_path / "later", test_size=0, valid_size=0, seed=0)
-        expected["train"] += (tmp_path / "later" / "train.jsonl").read_bytes()
-    for split, content in expected.items():
-        assert (data / "zh_baike" / f"{split}.jsonl").read_bytes() == content, split
-    # no question is asked twice across the splits
-    questions = [m["content"] for s in expected for r in read_jsonl(data / "zh_baike" / f"{s}.jsonl")
-                 for m in r["messages"] if m["role"] == "user"]
+    src = tmp_path / "ab.jsonl"
+    src.write_bytes(b"".join((data / "raw" / n).read_bytes() for n in ("baike_zh_a.jsonl", "baike_zh_b.jsonl")))
+    hc3_to_chat(src, tmp_path / "ab", seed=0)
+    questions = []
+    for split in ("train", "valid", "test"):
+        made = (tmp_path / "ab" / f"{split}.jsonl").read_bytes()
+        assert (data / "zh_baike" / f"{split}.jsonl").read_bytes() == made, split
+        questions += [m["content"] for r in read_jsonl(tmp_path / "ab" / f"{split}.jsonl")
+                      for m in r["messages"] if m["role"] == "user"]
     assert len(questions) == len(set(questions))
+    extra = [json.loads(line)["question"] for n in ("baike_zh_c.jsonl", "baike_zh_d.jsonl")
+             for line in (data / "raw" / n).read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(extra) == len(set(extra)) and not set(map(normalize_text, extra)) & set(questions)
