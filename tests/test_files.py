@@ -5,6 +5,7 @@ import os
 import stat
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_gemma import files
@@ -232,3 +233,29 @@ def test_module_outputs_get_the_umask_permissions(tmp_path, umask):
     write_loss_curve(tmp_path / "loss.png", [(1, 2.0), (2, 1.5)])
     assert mode(tmp_path / "loss.png") == 0o666 & ~umask
     assert names(tmp_path) == ["chat", "hc3.jsonl", "loss.png"]
+
+
+def test_loss_figure_shows_smoothed_train_validation_from_step_0_tokens_and_epochs():
+    """What loss.png promises, read back from the matplotlib figure: the raw and the smoothed
+    training curve, every validation point (step 0, the base model, included), a second x axis
+    in tokens, and a marker where each new epoch starts (taken from metrics.jsonl records)."""
+    from mlx_gemma.training.plot import epoch_starts, render_loss_figure, smooth
+
+    metrics = [{"step": s, "epoch": (s - 1) // 4, "loss": 3.0 - 0.1 * s + 0.3 * (s % 2), "tokens": 100}
+               for s in range(1, 11)]
+    metrics += [{"step": 0, "val_loss": 3.5}, {"step": 5, "val_loss": 2.9}, {"step": 10, "val_loss": 2.7}]
+    assert epoch_starts(metrics) == [5, 9]
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    fig = render_loss_figure(train, [(0, 3.5), (5, 2.9), (10, 2.7)], tokens_per_step=100.0,
+                             epoch_starts=epoch_starts(metrics))
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["train (raw)"].get_ydata()) == [y for _, y in train]
+    smoothed = lines["train (smoothed)"].get_ydata()
+    np.testing.assert_allclose(smoothed, smooth([y for _, y in train]))
+    assert np.std(np.diff(smoothed)) < np.std(np.diff([y for _, y in train]))  # smoother than the raw curve
+    assert list(lines["validation"].get_xdata()) == [0, 5, 10]
+    epochs = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert sorted(line.get_xdata()[0] for line in epochs) == [5, 9]
+    top = [a for a in ax.child_axes if "tokens" in a.get_xlabel()]
+    assert top and top[0].get_xlabel() == "training tokens (real, unpadded)"

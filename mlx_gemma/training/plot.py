@@ -3,7 +3,9 @@
 What a reader wants from it (issue 19): the trend of the training loss, not its step-to-step
 noise, so a smoothed curve over the faint raw one; the validation loss as points, step 0 (the
 base model) included when it was evaluated; how many tokens the steps stand for, on a second
-x axis; and a log scale for long runs whose early loss dwarfs the rest.
+x axis; where each new epoch starts (a repeated pass over the data drops the training loss
+without moving the validation loss: the figure should show why); and a log scale for long runs
+whose early loss dwarfs the rest.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def _finite(points) -> list:
 
 
 def render_loss_figure(train_points, valid_points=(), tokens_per_step: Optional[float] = None,
-                       log_scale: bool = False, title: Optional[str] = None):
+                       log_scale: bool = False, title: Optional[str] = None, epoch_starts: Sequence[int] = ()):
     """A matplotlib Figure: points are (step, loss) pairs; tokens_per_step (mean real tokens per
-    optimizer step) adds a top axis in tokens."""
+    optimizer step) adds a top axis in tokens; epoch_starts (first step of epochs 2, 3, ...) are
+    drawn as dotted vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -58,6 +61,8 @@ def render_loss_figure(train_points, valid_points=(), tokens_per_step: Optional[
     if valid_points:
         steps, losses = zip(*valid_points)
         ax.plot(steps, losses, color=VALID_COLOR, marker="o", linewidth=1.5, label="validation")
+    for k, step in enumerate(epoch_starts):
+        ax.axvline(step, color="gray", linestyle=":", linewidth=1, label="new epoch" if k == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per loss token)" + (", log scale" if log_scale else ""))
     if log_scale:
@@ -73,9 +78,9 @@ def render_loss_figure(train_points, valid_points=(), tokens_per_step: Optional[
 
 
 def write_loss_curve(path, train_points, valid_points=(), tokens_per_step: Optional[float] = None,
-                     log_scale: bool = False) -> Path:
+                     log_scale: bool = False, epoch_starts: Sequence[int] = ()) -> Path:
     """Render the figure and write it as a PNG atomically (temp file + rename)."""
-    fig = render_loss_figure(train_points, valid_points, tokens_per_step, log_scale)
+    fig = render_loss_figure(train_points, valid_points, tokens_per_step, log_scale, epoch_starts=epoch_starts)
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
@@ -86,4 +91,16 @@ def write_metrics_figure(path, metrics: list, log_scale: bool = False) -> Option
     if not train and not valid:
         return None
     tokens = [m["tokens"] for m in metrics if "loss" in m and "tokens" in m]
-    return write_loss_curve(path, train, valid, float(np.mean(tokens)) if tokens else None, log_scale)
+    return write_loss_curve(path, train, valid, float(np.mean(tokens)) if tokens else None, log_scale,
+                            epoch_starts(metrics))
+
+
+def epoch_starts(metrics: list) -> list:
+    """Steps whose batch opened a new epoch (the epoch field grew), from metrics.jsonl records."""
+    starts, last = [], None
+    for m in metrics:
+        if "loss" in m and "epoch" in m:
+            if last is not None and m["epoch"] > last:
+                starts.append(m["step"])
+            last = m["epoch"]
+    return starts
