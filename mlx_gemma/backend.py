@@ -9,6 +9,10 @@ Every module that behaves differently on MLX's CPU backend than on a GPU (Metal,
                                     kernels evaluate transcendentals one scalar at a time
     policy().host_loss              the LM-head cross-entropy in numpy (train/loss.py): numpy's
                                     SIMD exp is ~10x MLX's CPU exp over a 262k vocabulary
+    policy().host_gemv              a one-row LM-head product (decoding one sequence) as a
+                                    cblas_sgemv in the OpenBLAS MLX itself uses (runtime.sgemv): MLX
+                                    sends it to sgemm, which packs the whole (V, E) weight per call
+                                    (measured: 35 vs 17 ms per token for the 270M's 671 MB head)
     policy().dequantize_rows(n)     whether a quantized layer called on n rows dequantizes and
                                     runs a float matmul instead of mx.quantized_matmul (MLX's
                                     CPU quantized kernel is not vectorised; on a GPU it is fast)
@@ -41,6 +45,7 @@ class Backend:
     compute_dtype: mx.Dtype
     fast_math: bool
     host_loss: bool
+    host_gemv: bool = False
     quantized_path: str = "auto"  # "auto" (by rows and device), "kernel" or "dequantize"
 
     def dequantize_rows(self, rows: int) -> bool:
@@ -51,14 +56,17 @@ class Backend:
 
     def describe(self) -> str:
         dtype = str(self.compute_dtype).replace("mlx.core.", "")
-        fast = ", ".join(name for name, on in (("fast math", self.fast_math), ("host loss", self.host_loss)) if on)
+        fast = ", ".join(name for name, on in (("fast math", self.fast_math), ("host loss", self.host_loss),
+                                               ("host gemv head", self.host_gemv)) if on)
         return f"{self.device}, compute dtype {dtype}" + (f", CPU paths: {fast}" if fast else "")
 
 
 def _detect() -> Backend:
+    from .runtime import blas_sgemv
+
     cpu = mx.default_device().type == mx.DeviceType.cpu
     return Backend(device="cpu" if cpu else "gpu", compute_dtype=mx.float32 if cpu else mx.bfloat16,
-                   fast_math=cpu, host_loss=cpu)
+                   fast_math=cpu, host_loss=cpu, host_gemv=cpu and blas_sgemv() is not None)
 
 
 _current: Optional[Backend] = None

@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .adapters import set_row_adapters
+from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
+from .model import softcap
+from .runtime import sgemv
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -91,6 +95,7 @@ class DecodeStep:
         self.model = model
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
+        self.host_head = OneRowHead.of(model) if policy().host_gemv else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):
@@ -112,6 +117,8 @@ class DecodeStep:
             hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
             for c, kv in zip(cache, state):
                 c.state = kv
+        if self.host_head is not None and hidden.shape[0] == 1:
+            return self.host_head(hidden)
         return self.model.logits(hidden)
 
     def greedy(self, hidden: mx.array) -> list:
@@ -148,6 +155,33 @@ def _restore_ring_slots(cache: list, saved: list, first: int, last: int) -> None
         stale = mx.arange(first, last + 1) % c.window
         hit = (mx.arange(c.capacity)[:, None] == stale[None]).any(axis=1)[None, None, :, None]
         c.keys, c.values = mx.where(hit, old[0], c.keys), mx.where(hit, old[1], c.values)
+
+
+class OneRowHead:
+    """The LM head for one row as a matrix-vector product in the OpenBLAS MLX uses (CPU only, see
+    backend.host_gemv): over a zero-copy float32 view of a dense head weight, into a reused
+    buffer. Same logits as `model.logits` (soft-cap included) up to float32 summation order."""
+
+    def __init__(self, model, weight: np.ndarray):
+        self.model, self.weight = model, weight
+        self.out = np.empty(weight.shape[0], np.float32)
+
+    @classmethod
+    def of(cls, model) -> Optional["OneRowHead"]:
+        """For a dense float32 head (tied embedding or lm_head); None for other heads."""
+        head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+        w = head.weight
+        if w.dtype != mx.float32 or "scales" in head:
+            return None
+        mx.eval(w)
+        return cls(model, np.array(w, copy=False))
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        """hidden (1, E) -> logits (1, V)."""
+        sgemv(self.weight, np.ascontiguousarray(np.array(hidden[0].astype(mx.float32))), self.out)
+        logits = mx.array(self.out)[None]
+        cap = self.model.config.final_logit_softcapping
+        return softcap(logits, cap) if cap else logits
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -415,3 +416,43 @@ def test_speculative_chinese_qa_equals_plain_greedy(real):
         assert [c.token for c in chunks] == plain
         drafted += chunks[-1].stats.drafted
     assert drafted > 0
+
+
+# ---- the CPU one-row LM head ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny3", "tiny2"])
+def test_one_row_head_equals_the_model_head(which, request):
+    """OneRowHead (cblas_sgemv in MLX's own OpenBLAS) gives model.logits' numbers, soft-cap
+    included (tiny2 is Gemma 2: final soft-cap 30), for a tied head and an untied lm_head; a
+    quantized head is left to MLX. Greedy decoding is the same with the host head on and off."""
+    from mlx_gemma import backend
+    from mlx_gemma.generation import OneRowHead
+    from mlx_gemma.runtime import BLAS_STATUS
+
+    if not BLAS_STATUS.get("library"):
+        pytest.skip("no OpenBLAS loaded by mlx_gemma.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
+    assert backend.policy().host_gemv == (backend.policy().device == "cpu")
+    model = request.getfixturevalue(which)
+    hidden = mx.array(np.random.default_rng(3).standard_normal((1, model.config.hidden_size)).astype(np.float32))
+    head = OneRowHead.of(model)
+    np.testing.assert_allclose(np.array(head(hidden)), np.array(model.logits(hidden)), atol=1e-5, rtol=1e-5)
+    if model.config.final_logit_softcapping:
+        assert np.abs(np.array(head(hidden * 100))).max() <= model.config.final_logit_softcapping
+
+    untied = type(model)(model.config)
+    untied.update(model.parameters())
+    untied.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    mx.eval(untied.parameters())
+    np.testing.assert_allclose(np.array(OneRowHead.of(untied)(hidden)), np.array(untied.logits(hidden)),
+                               atol=1e-5, rtol=1e-5)
+    quantized = type(model)(model.config)
+    quantized.update(model.parameters())
+    nn.quantize(quantized, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+    assert OneRowHead.of(quantized) is None
+
+    prompt = mx.array(random_ids(512, (1, 9), seed=4))
+    on = [t.item() for t in generate_step(model, prompt, max_tokens=24)]
+    with backend.override(host_gemv=False):
+        off = [t.item() for t in generate_step(model, prompt, max_tokens=24)]
+    assert on == off
