@@ -130,8 +130,10 @@ def run_llama_cpp(ids, new, kind):
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file(kind)), n_ctx=len(ids) + new + 16, n_batch=512, n_threads=os.cpu_count(),
-                verbose=False)
+    # n_batch = n_ctx: llama-cpp-python keeps the logits of position i in scores[i] only when its
+    # score buffer has n_ctx rows (it allocates n_batch rows without logits_all)
+    n_ctx = len(ids) + new + 16
+    llm = Llama(model_path=str(gguf_file(kind)), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(), verbose=False)
 
     def steps():
         llm.reset()
