@@ -8,7 +8,9 @@ and, separately, the "extra" questions: every 10th record of data/raw/baike_zh_c
 baike_zh_d.jsonl (53 project-written questions in no split; the variants that train on c + d
 leave exactly those records out). Prints one row per variant.
 
-    python benchmarks/main_job_tuning.py [--variants cosine160,cosine400,wsd400,more_data400]
+    python benchmarks/main_job_tuning.py [--variants cosine160,cosine400,wsd400,more_data400] [--iters N]
+
+--iters N replaces every variant's step count (a quick check of the script, not a result).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def child(spec: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--iters", type=int, help="override every variant's steps (a quick check)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -99,6 +102,7 @@ def main():
         kept, held = extra_split(tmp)
         for name in args.variants.split(","):
             options, more = VARIANTS[name]
+            options = dict(options, **({"iters": args.iters} if args.iters else {}))
             spec = {"options": options, "data": str(data_dir(tmp, more, kept)), "extra": str(held),
                     "out": str(tmp / name)}
             load = os.getloadavg()[0]
