@@ -64,8 +64,8 @@ class TrainArgs:
     pack: bool = _opt(False, "Pack short records into rows of --max-seq-len (attention stays inside each).")
     train_on_prompt: bool = _opt(False, "Put loss on prompt tokens too (default: assistant answers only).")
     grad_checkpoint: bool = _opt(False, "Recompute each layer's activations in the backward pass (less memory).")
-    eval_every: Optional[int] = _opt(None, "Validate every N steps and before the first (0: only at the end; default 50, 100 "
-                                           "in the main job).")
+    eval_every: Optional[int] = _opt(None, "Validate every N steps and before the first (0: only at the end; "
+                                           "default 50, 100 in the main job).")
     eval_batches: Optional[int] = _opt(None, "Validation batches per evaluation (default: the whole split).")
     save_every: int = _opt(100, "Checkpoint every N steps (0: only at the end).")
     seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
@@ -249,5 +249,5 @@ def check_args(args: TrainArgs) -> None:
         raise UserError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
     for name in ("dtype", "lr_schedule"):
         choices = TrainArgs.__dataclass_fields__[name].metadata["choices"]
-        if getattr(args, name) not in choices and not (name == "lr_schedule" and args.lr_schedule is None):
+        if getattr(args, name) is not None and getattr(args, name) not in choices:  # None: the default applies
             raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")

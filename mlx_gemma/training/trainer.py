@@ -295,13 +295,16 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def progress_bar(total: int, desc: str, unit: str, enabled: bool):
-    """A tqdm bar on stderr for an evaluation phase (refreshed every 10 s when stderr is a file)."""
+def progress_bar(total: int, desc: Optional[str], unit: str, enabled: bool, stream=None, leave: bool = False,
+                 **tqdm_options):
+    """A tqdm bar on stderr (or `stream`), refreshed every 10 s when it is a file: the evaluation
+    phases' bars and, through Progress, the training bar."""
     from tqdm.auto import tqdm
 
-    tty = getattr(sys.stderr, "isatty", lambda: False)()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5 if tty else 10.0, leave=False)
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 10.0, leave=leave, **tqdm_options)
 
 
 class Progress:
@@ -309,13 +312,8 @@ class Progress:
     messages printed above it. Off on ranks other than 0."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
-        from tqdm.auto import tqdm
-
-        stream = stream or sys.stderr
-        tty = getattr(stream, "isatty", lambda: False)()
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=start, unit="step", file=stream, disable=not enabled,
-                        dynamic_ncols=True, mininterval=0.5 if tty else 10.0, smoothing=0.1)
+        self.bar = progress_bar(total, None, "step", enabled, stream, leave=True, initial=start, smoothing=0.1)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, peak_gb: float) -> None:
         with self._quiet_if_gone():
