@@ -13,6 +13,10 @@ Every module that behaves differently on MLX's CPU backend than on a GPU (Metal,
                                     cblas_sgemv in the OpenBLAS MLX itself uses (runtime.sgemv): MLX
                                     sends it to sgemm, which packs the whole (V, E) weight per call
                                     (measured: 35 vs 17 ms per token for the 270M's 671 MB head)
+    policy().host_decode            a whole one-row decode step of a float32 model on the host
+                                    (hostdecode.HostDecoder): every layer product a cblas_sgemv
+                                    (sgemm runs one row at half the read bandwidth: 27.7 vs 13.7 ms
+                                    for the 270M's 18 layers), the vector work in numpy
     policy().dequantize_rows(n)     whether a quantized layer called on n rows dequantizes and
                                     runs a float matmul instead of mx.quantized_matmul (MLX's
                                     CPU quantized kernel is not vectorised; on a GPU it is fast)
@@ -46,6 +50,7 @@ class Backend:
     fast_math: bool
     host_loss: bool
     host_gemv: bool = False
+    host_decode: bool = False
     quantized_path: str = "auto"  # "auto" (by rows and device), "kernel" or "dequantize"
 
     def dequantize_rows(self, rows: int) -> bool:
@@ -57,7 +62,8 @@ class Backend:
     def describe(self) -> str:
         dtype = str(self.compute_dtype).replace("mlx.core.", "")
         fast = ", ".join(name for name, on in (("fast math", self.fast_math), ("host loss", self.host_loss),
-                                               ("host gemv head", self.host_gemv)) if on)
+                                               ("host gemv head", self.host_gemv),
+                                               ("host one-row decode", self.host_decode)) if on)
         return f"{self.device}, compute dtype {dtype}" + (f", CPU paths: {fast}" if fast else "")
 
 
@@ -65,8 +71,9 @@ def _detect() -> Backend:
     from .runtime import blas_sgemv
 
     cpu = mx.default_device().type == mx.DeviceType.cpu
+    gemv = cpu and blas_sgemv() is not None
     return Backend(device="cpu" if cpu else "gpu", compute_dtype=mx.float32 if cpu else mx.bfloat16,
-                   fast_math=cpu, host_loss=cpu, host_gemv=cpu and blas_sgemv() is not None)
+                   fast_math=cpu, host_loss=cpu, host_gemv=gemv, host_decode=gemv)
 
 
 _current: Optional[Backend] = None

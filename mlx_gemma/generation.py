@@ -29,6 +29,7 @@ from .adapters import set_row_adapters
 from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
+from .hostdecode import HostDecoder
 from .model import softcap
 from .runtime import sgemv
 from .tokenizer import StreamingDetokenizer
@@ -89,6 +90,10 @@ class DecodeStep:
     come out as arrays, the positions are an input, so one trace serves every position of a
     buffer shape (retraced when the batch or the buffers grow) and MLX fuses the elementwise
     work between the matmuls. The LM head runs outside (its weight is not copied into a trace).
+
+    On the CPU, one row of a float32 model decodes on the host instead (`HostDecoder`: every
+    weight product a cblas_sgemv, ~2x MLX's one-row sgemm) and its head is `OneRowHead`; batches,
+    per-row adapters and other models take the compiled path.
     """
 
     def __init__(self, model, compile: bool = True):
@@ -96,6 +101,7 @@ class DecodeStep:
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
         self.host_head = OneRowHead.of(model) if policy().host_gemv else None
+        self.host_body = HostDecoder.of(model) if self.host_head is not None and policy().host_decode else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):
@@ -109,6 +115,8 @@ class DecodeStep:
         """`end`: one past the largest position written (max(pos) + 1), to size the buffers."""
         for c in cache:
             c.reserve(*_kv_spec(self.model, tokens.shape[0]), end)
+        if self.host_body is not None and tokens.shape[0] == 1 and adapter_rows is None:
+            return self.host_head(self.host_body(cache, tokens.item(), pos.item()))
         if self.compiled is None:
             set_row_adapters(self.model, adapter_rows)
             hidden = self.model.model(tokens, cache=cache, pos=pos)[:, -1]
@@ -176,9 +184,11 @@ class OneRowHead:
         mx.eval(w)
         return cls(model, np.array(w, copy=False))
 
-    def __call__(self, hidden: mx.array) -> mx.array:
-        """hidden (1, E) -> logits (1, V)."""
-        sgemv(self.weight, np.ascontiguousarray(np.array(hidden[0].astype(mx.float32))), self.out)
+    def __call__(self, hidden) -> mx.array:
+        """hidden (1, E) MLX array, or a float32 numpy vector (E,) -> logits (1, V)."""
+        if isinstance(hidden, mx.array):
+            hidden = np.array(hidden[0].astype(mx.float32))
+        sgemv(self.weight, np.ascontiguousarray(hidden, np.float32), self.out)
         logits = mx.array(self.out)[None]
         cap = self.model.config.final_logit_softcapping
         return softcap(logits, cap) if cap else logits

@@ -154,6 +154,25 @@ def blas_sgemv():
     return _SGEMV[0]
 
 
+_SGEMV_RAW: list = []
+
+
+def blas_sgemv_raw():
+    """The same `cblas_sgemv` with its pointer arguments typed as plain addresses (ints), for hot
+    loops that keep their buffers and pass `array.ctypes.data` without per-call checks; None as
+    `blas_sgemv`. The caller owns the layout checks (see hostdecode)."""
+    if not _SGEMV_RAW:
+        fn = None
+        if blas_sgemv() is not None:
+            fn = ctypes.CDLL(BLAS_STATUS["library"]).cblas_sgemv
+            fn.restype = None
+            addr = ctypes.c_void_p
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, addr,
+                           ctypes.c_int, addr, ctypes.c_int, ctypes.c_float, addr, ctypes.c_int]
+        _SGEMV_RAW.append(fn)
+    return _SGEMV_RAW[0]
+
+
 def sgemv(weight, x, out) -> None:
     """out = weight @ x in the loaded OpenBLAS: weight (M, N), x (N,), out (M,), all C-contiguous
     float32 numpy arrays (checked: a wrong layout would read the wrong memory)."""
