@@ -72,14 +72,15 @@ class KVCache:
 
     # ---- attention ----------------------------------------------------------------------------
 
-    def update(self, k: mx.array, v: mx.array, pos: mx.array):
-        """Write k, v (B, K, L, D) at positions pos (B,) + [0, L); return all slots (B, K, S, D)."""
+    def update(self, k: mx.array, v: mx.array, pos: mx.array, fresh: bool = False):
+        """Write k, v (B, K, L, D) at positions pos (B,) + [0, L); return all slots (B, K, S, D).
+        fresh: the rows hold no earlier positions (a prompt's first chunk); a ring uses it."""
         slots = _positions(pos, k.shape[2])
         self.keys = _scatter(self.keys, k, slots)
         self.values = _scatter(self.values, v, slots)
         return self.keys, self.values
 
-    def mask(self, pos: mx.array, L: int) -> mx.array:
+    def mask(self, pos: mx.array, L: int, fresh: bool = False) -> mx.array:
         """Mask (B, 1, L, S) for L new tokens at pos (B,): keys at slot <= query position."""
         return causal_mask(_positions(pos, L), mx.arange(self.capacity))
 
@@ -105,7 +106,9 @@ class RotatingKVCache(KVCache):
 
     One new token (decode) is written first, then attended over with the ring. With L > 1 new
     tokens (prefill) the chunk may overwrite slots its own first queries still need, so the ring
-    as it was is returned followed by the new keys, and the last min(L, window) are written.
+    as it was is returned followed by the new keys, and the last min(L, window) are written. A
+    fresh chunk (rows with nothing before it: a prompt's first chunk) attends over its own keys
+    only, which halves that chunk's attention work when it is a window long.
     """
 
     def __init__(self, window: int):
@@ -124,23 +127,25 @@ class RotatingKVCache(KVCache):
         held = last - (last - s) % self.window  # largest p <= last with p % window == s
         return mx.where(held >= 0, held, EMPTY)
 
-    def update(self, k: mx.array, v: mx.array, pos: mx.array):
+    def update(self, k: mx.array, v: mx.array, pos: mx.array, fresh: bool = False):
         L = k.shape[2]
-        if L == 1:
+        if L == 1 and not fresh:
             slots = (pos % self.window)[:, None]
             self.keys = _scatter(self.keys, k, slots)
             self.values = _scatter(self.values, v, slots)
             return self.keys, self.values
-        out_k = mx.concatenate([self.keys, k], axis=2)
-        out_v = mx.concatenate([self.values, v], axis=2)
+        out_k = k if fresh else mx.concatenate([self.keys, k], axis=2)
+        out_v = v if fresh else mx.concatenate([self.values, v], axis=2)
         m = min(L, self.window)  # only the last `window` new keys survive in the ring
         slots = _positions(pos + L - m, m) % self.window
         self.keys = _scatter(self.keys, k[:, :, L - m:], slots)
         self.values = _scatter(self.values, v[:, :, L - m:], slots)
         return out_k, out_v
 
-    def mask(self, pos: mx.array, L: int) -> mx.array:
+    def mask(self, pos: mx.array, L: int, fresh: bool = False) -> mx.array:
         q_pos = _positions(pos, L)
+        if fresh:
+            return causal_mask(q_pos, q_pos, self.window)
         if L == 1:
             return causal_mask(q_pos, self.slot_positions(pos), self.window)
         k_pos = mx.concatenate([self.slot_positions(pos - 1), q_pos], axis=1)

@@ -70,16 +70,18 @@ def _as_positions(start, batch: int) -> mx.array:
 def prefill(model, tokens: mx.array, cache: list, start=0, step: int = DEFAULT_PREFILL_STEP,
             adapter_rows: Optional[mx.array] = None) -> None:
     """Run tokens (B, T) through the model in chunks of `step`, writing positions
-    start .. start + T - 1 of each row into `cache` (start: int, or one int per row)."""
+    start .. start + T - 1 of each row into `cache` (start: int, or one int per row). When every
+    row starts at 0, the first chunk is `fresh` (its sliding layers skip the empty ring)."""
     B, T = tokens.shape
     spec = _kv_spec(model, B)
     pos = _as_positions(start, B)
     end = int(mx.max(pos).item()) + T
+    fresh = end == T  # every row starts at position 0
     for c in cache:
         c.reserve(*spec, end)
     set_row_adapters(model, adapter_rows)
     for i in range(0, T, step):
-        model.model(tokens[:, i:i + step], cache=cache, pos=pos + i)
+        model.model(tokens[:, i:i + step], cache=cache, pos=pos + i, fresh=fresh and i == 0)
         mx.eval([c.state for c in cache])
 
 
@@ -92,8 +94,9 @@ class DecodeStep:
     work between the matmuls. The LM head runs outside (its weight is not copied into a trace).
 
     On the CPU, one row of a float32 model decodes on the host instead (`HostDecoder`: every
-    weight product a cblas_sgemv, ~2x MLX's one-row sgemm) and its head is `OneRowHead`; batches,
-    per-row adapters and other models take the compiled path.
+    weight product a cblas_sgemv, ~2x MLX's one-row sgemm, or a native kernel for 4/8-bit
+    weights); batches, per-row adapters and models it declines take the compiled path, with
+    `OneRowHead` for a dense head.
     """
 
     def __init__(self, model, compile: bool = True):
@@ -101,7 +104,7 @@ class DecodeStep:
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
         self.host_head = OneRowHead.of(model) if policy().host_gemv else None
-        self.host_body = HostDecoder.of(model) if self.host_head is not None and policy().host_decode else None
+        self.host_body = HostDecoder.of(model) if policy().host_decode else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):
@@ -116,7 +119,7 @@ class DecodeStep:
         for c in cache:
             c.reserve(*_kv_spec(self.model, tokens.shape[0]), end)
         if self.host_body is not None and tokens.shape[0] == 1 and adapter_rows is None:
-            return self.host_head(self.host_body(cache, tokens.item(), pos.item()))
+            return self.host_body.logits(self.host_body(cache, tokens.item(), pos.item()))
         if self.compiled is None:
             set_row_adapters(self.model, adapter_rows)
             hidden = self.model.model(tokens, cache=cache, pos=pos)[:, -1]

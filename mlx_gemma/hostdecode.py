@@ -12,9 +12,15 @@ and GeGLU are numpy on preallocated vectors. The keys and values are written in 
 model's own KV-cache buffers, so the MLX paths (prefill, batched decoding, speculative
 verification) keep working on the same cache before and after.
 
-It covers what the MLX path computes for a plain float32 Gemma 1/2/3 (GQA, soft-caps, q/k norms,
-sliding-window rings, per-layer RoPE bases and linear scaling) and declines (`HostDecoder.of`
-returns None) anything else: quantized or LoRA-wrapped layers, other dtypes, non-CPU policies.
+Quantized weights (MLX's affine 4/8-bit format, what `mlx-gemma quantize` writes) go through
+`native.qgemv`, a small C kernel compiled for the machine at first use: it reads the codes once
+and converts them in registers, where MLX's CPU `quantized_matmul` loops one scalar at a time.
+So an 8-bit model reads a quarter of the fp32 bytes per token and decodes faster than fp32.
+
+It covers what the MLX path computes for a float32 Gemma 1/2/3 (GQA, soft-caps, q/k norms,
+sliding-window rings, per-layer RoPE bases and linear scaling; dense or affine-quantized
+products) and declines (`HostDecoder.of` returns None) anything else: LoRA-wrapped layers,
+biases, other dtypes or quantization modes, no native kernel for a quantized model.
 The logits equal the MLX path's up to float32 summation order (tests compare them, and greedy
 token ids, on every Gemma variant).
 """
@@ -22,12 +28,16 @@ token ids, on every Gemma variant).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .backend import policy
+from .model import softcap
+from .native import qgemv
 from .runtime import blas_sgemv_raw
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
@@ -43,21 +53,58 @@ def _view(a: mx.array) -> np.ndarray:
     return v
 
 
-def _dense_weight(module) -> Optional[mx.array]:
-    """The weight of a plain bias-free float32 nn.Linear; None for anything else (LoRA, quantized)."""
-    if type(module) is not nn.Linear or "bias" in module or "scales" in module:
+class _Dense:
+    """A float32 (M, N) weight: products are cblas_sgemv."""
+
+    def __init__(self, weight: mx.array):
+        self.w = _view(weight)
+        self.shape = self.w.shape
+
+    def row(self, i: int) -> np.ndarray:
+        return self.w[i]
+
+
+class _Affine:
+    """An MLX affine-quantized (M, N) weight, 4 or 8 bits: products are native.qgemv (qgemv.c)."""
+
+    def __init__(self, module):
+        self.bits, self.group = module.bits, module.group_size
+        mx.eval(module.weight)
+        self.codes = np.array(module.weight, copy=False).view(np.uint8)  # little-endian: codes in order
+        if not self.codes.flags.c_contiguous:
+            raise ValueError("host decoding needs C-contiguous quantized weights")
+        self.scales, self.biases = _view(module.scales), _view(module.biases)
+        self.shape = (self.codes.shape[0], self.codes.shape[1] * 8 // self.bits)
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i dequantized (an embedding lookup)."""
+        b = self.codes[i]
+        q = b if self.bits == 8 else np.stack([b & 15, b >> 4], axis=-1).reshape(-1)
+        q = q.astype(np.float32).reshape(-1, self.group)
+        return (q * self.scales[i][:, None] + self.biases[i][:, None]).reshape(-1)
+
+
+def _product(module):
+    """_Dense / _Affine for a bias-free linear or embedding this path computes; None for anything
+    else (LoRA wrappers, biases, other dtypes or quantization modes, a forced quantized_path)."""
+    if "bias" in module or not isinstance(module, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return None
-    w = module.weight
-    return w if w.dtype == mx.float32 else None
+    if "scales" not in module:
+        return _Dense(module.weight) if module.weight.dtype == mx.float32 else None
+    # quantized_path "kernel" / "dequantize" force MLX's own paths (tests and benchmarks compare them)
+    ok = (policy().quantized_path == "auto" and getattr(module, "mode", "affine") == "affine" and module.bits in (4, 8) and module.group_size % 32 == 0
+          and module.get("biases") is not None and module.scales.dtype == mx.float32
+          and module.biases.dtype == mx.float32 and module.weight.dtype == mx.uint32 and sys.byteorder == "little"
+          and qgemv() is not None)
+    return _Affine(module) if ok else None
 
 
 class _Layer:
-    """Views of one decoder layer's weights and what its attention needs."""
+    """One decoder layer's products, norm weights and what its attention needs."""
 
-    def __init__(self, layer, config):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = (_view(getattr(attn, n).weight) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.gate, self.up, self.down = (_view(getattr(mlp, n).weight) for n in ("gate_proj", "up_proj", "down_proj"))
+    def __init__(self, layer, config, products: list):
+        self.q, self.k, self.v, self.o, self.gate, self.up, self.down = products
+        attn = layer.self_attn
         self.norm_in = 1.0 + _view(layer.input_layernorm.weight)
         self.norm_post_attn = 1.0 + _view(layer.post_attention_layernorm.weight)
         self.ffw_norms = "pre_feedforward_layernorm" in layer
@@ -78,48 +125,63 @@ class HostDecoder:
     positions < pos and have room for pos: `KVCache.reserve`), writes its keys and values into
     `cache`, and returns the final-norm hidden state, a float32 vector (E,)."""
 
-    def __init__(self, model):
+    PRODUCTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+    def __init__(self, model, embed, head, layers: list):
         cfg = model.config
         self.config = cfg
         self.eps = cfg.rms_norm_eps
         self.H, self.K, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.logit_cap = cfg.attn_logit_softcapping
-        self.embed = _view(model.model.embed_tokens.weight)
+        self.embed, self.head = embed, head
         self.embed_scale = np.float32(math.sqrt(cfg.hidden_size))  # rounded to float32, as the MLX path
-        self.layers = [_Layer(layer, cfg) for layer in model.model.layers]
+        self.layers = [_Layer(layer, cfg, products) for layer, products in zip(model.model.layers, layers)]
         self.final_norm = 1.0 + _view(model.model.norm.weight)
-        self._gemv = blas_sgemv_raw()
+        self.cap = cfg.final_logit_softcapping
+        self._gemv, self._qgemv = blas_sgemv_raw(), qgemv()
         self._owned: list = []  # per layer: (keys array, values array, their numpy views)
         self._inv_freq = {}
         E, H, K, D, I = cfg.hidden_size, self.H, self.K, self.D, cfg.intermediate_size
         self.buf = {n: np.empty(size, np.float32) for n, size in (
             ("x", E), ("q", H * D), ("k", K * D), ("v", K * D), ("attn", H * D), ("o", E),
-            ("gate", I), ("up", I), ("down", E))}
+            ("gate", I), ("up", I), ("down", E), ("logits", cfg.vocab_size))}
+        self.work = np.empty(2 * max(E, H * D, I), np.float32)  # qgemv's scratch
         self.scores = np.empty(0, np.float32)
 
     @classmethod
     def of(cls, model) -> Optional["HostDecoder"]:
-        """A HostDecoder for a model whose every layer product is a plain float32 matrix, with a
-        float32 embedding; None otherwise (the caller keeps the MLX path)."""
-        if blas_sgemv_raw() is None or model.model.embed_tokens.weight.dtype != mx.float32:
+        """A HostDecoder for a float32 model whose every product (layers, embedding, LM head) is a
+        plain float32 matrix or an affine 4/8-bit one (when the native kernel builds); None
+        otherwise (the caller keeps the MLX path)."""
+        if blas_sgemv_raw() is None:
             return None
-        if "scales" in model.model.embed_tokens:
+        embed = _product(model.model.embed_tokens)
+        head = _product(model.lm_head) if "lm_head" in model else embed
+        layers = [[_product(getattr(getattr(layer, a), b)) for a, b in cls.PRODUCTS] for layer in model.model.layers]
+        if embed is None or head is None or any(p is None for ps in layers for p in ps):
             return None
-        for layer in model.model.layers:
-            mods = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-            if any(_dense_weight(m) is None for m in mods):
-                return None
-        return cls(model)
+        if model.model.norm.weight.dtype != mx.float32:
+            return None
+        return cls(model, embed, head, layers)
 
     # ---- pieces -------------------------------------------------------------------------------
 
-    def _mv(self, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = w @ x for a C-contiguous (M, N) weight (one cblas_sgemv, no copies)."""
+    def _mv(self, w, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = w @ x for a product w (no copies): cblas_sgemv or the native quantized kernel."""
         M, N = w.shape
-        self._gemv(_ROW_MAJOR, _NO_TRANS, M, N, 1.0, w.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+        if isinstance(w, _Dense):
+            self._gemv(_ROW_MAJOR, _NO_TRANS, M, N, 1.0, w.w.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+        else:
+            self._qgemv(w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, x.ctypes.data,
+                        out.ctypes.data, M, N, w.group, w.bits, self.work.ctypes.data)
         return out
+
+    def logits(self, hidden: np.ndarray) -> mx.array:
+        """The LM head on a final hidden state (E,) -> logits (1, V), soft-capped as model.logits."""
+        logits = mx.array(self._mv(self.head, hidden, self.buf["logits"]))[None]
+        return softcap(logits, self.cap) if self.cap else logits
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """mx.fast.rms_norm over the last axis: x / sqrt(mean(x^2) + eps) * w."""
@@ -188,7 +250,7 @@ class HostDecoder:
     def __call__(self, cache: list, token: int, pos: int) -> np.ndarray:
         b = self.buf
         H, K, D = self.H, self.K, self.D
-        x = self.embed[token] * self.embed_scale
+        x = self.embed.row(token) * self.embed_scale
         tables = {}
         for i, (L, c) in enumerate(zip(self.layers, cache)):
             keys, values = self._cache_views(i, c)

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
+from .backend import policy
 from .cache import make_cache
 from .config import GemmaConfig
 from .masks import causal_mask
@@ -52,12 +53,15 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return fastmath.tanh(x / cap) * cap
 
 
-def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
+def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float], fused: bool = True):
     """softmax(q k^T * scale [soft-capped] + mask) v with grouped KV heads.
 
     q: (B, H, L, D); k, v: (B, K, S, D); mask: None, "causal", or bool broadcastable to (B, 1, L, S).
+    fused=False computes the scores explicitly even without a cap: on MLX's CPU backend, with
+    fastmath's softmax, that is ~1.6x faster than its scaled_dot_product_attention (8.3 vs 13.5 ms
+    for 4 heads x 511 x 511 x 256), whose softmax runs a scalar exp.
     """
-    if logit_cap is None:
+    if logit_cap is None and fused:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     # Gemma 2: no fused kernel caps the scores, so compute them; group the H query
     # heads by their KV head instead of repeating K and V.
@@ -65,7 +69,8 @@ def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float]):
     K, S = k.shape[1], k.shape[2]
     q = q.reshape(B, K, H // K, L, D)
     scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)  # (B, K, H/K, L, S)
-    scores = softcap(scores, logit_cap)
+    if logit_cap is not None:
+        scores = softcap(scores, logit_cap)
     if isinstance(mask, str):
         mask = causal_mask(mx.arange(S - L, S), mx.arange(S))
     if mask is not None:
@@ -93,7 +98,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None, fresh: bool = False) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, D)
@@ -104,8 +109,11 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset)
         if cache is not None:
-            k, v = cache.update(k, v, pos)
-        out = attention(q, k, v, scale=self.scale, mask=mask, logit_cap=self.logit_cap)
+            k, v = cache.update(k, v, pos, fresh)
+        # Cached forwards (prefill, batched decoding) on the CPU take the explicit path; training
+        # (no cache) keeps the fused kernel and its gradient.
+        fused = cache is None or not policy().fast_math
+        out = attention(q, k, v, scale=self.scale, mask=mask, logit_cap=self.logit_cap, fused=fused)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -135,8 +143,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(x), mask, cache, pos)
+    def __call__(self, x: mx.array, mask, cache=None, pos: Optional[mx.array] = None, fresh: bool = False) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(x), mask, cache, pos, fresh)
         if "pre_feedforward_layernorm" not in self:  # Gemma 1
             h = residual_add(x, attn)
             return residual_add(h, self.mlp(self.post_attention_layernorm(h)))
@@ -160,19 +168,21 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None, pos: Optional[mx.array] = None, pad=None,
-                 segment_ids=None) -> mx.array:
+                 segment_ids=None, fresh: bool = False) -> mx.array:
         """inputs (B, L) -> hidden states (B, L, E).
 
         With a cache (one per layer, `Gemma.make_cache`), pos (B,) is where each row's first new
-        token goes; the caches must have room for pos + L (`reserve`). Without one, pad (B,)
-        hides left padding and segment_ids (B, L) keeps packed rows apart.
+        token goes; the caches must have room for pos + L (`reserve`). fresh=True says no row
+        holds positions before pos (a prompt's first chunk), so sliding layers attend over the
+        new keys only. Without a cache, pad (B,) hides left padding and segment_ids (B, L) keeps
+        packed rows apart.
         """
         if cache is not None and pos is None:
             raise ValueError("a cached forward needs pos (B,): the position of each row's first new token")
         h = self.embed(inputs)
-        masks = self.masks(h.shape[1], cache, pos, pad, segment_ids)
+        masks = self.masks(h.shape[1], cache, pos, pad, segment_ids, fresh)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None, pos)
+            h = layer(h, masks[layer.is_sliding], cache[i] if cache is not None else None, pos, fresh)
         return self.norm(h)
 
     def embed(self, inputs: mx.array) -> mx.array:
@@ -180,14 +190,14 @@ class GemmaModel(nn.Module):
         h = self.embed_tokens(inputs)
         return h * embedding_scale(self.config.hidden_size, h.dtype)
 
-    def masks(self, L: int, cache=None, pos=None, pad=None, segment_ids=None) -> dict:
+    def masks(self, L: int, cache=None, pos=None, pad=None, segment_ids=None, fresh: bool = False) -> dict:
         """One mask per attention kind (key False: global, True: sliding window)."""
         window = self.config.sliding_window
         masks = {}
         for sliding in {layer.is_sliding for layer in self.layers}:
             if cache is not None:
                 layer_cache = next(c for c, l in zip(cache, self.layers) if l.is_sliding == sliding)
-                masks[sliding] = layer_cache.mask(pos, L)
+                masks[sliding] = layer_cache.mask(pos, L, fresh)
             elif pad is None and segment_ids is None and (not sliding or L <= window):
                 masks[sliding] = "causal" if L > 1 else None
             else:

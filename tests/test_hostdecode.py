@@ -2,6 +2,11 @@
 against MLX's compiled step: every Gemma variant's logits at every step, the KV cache it writes,
 greedy ids, the models it must decline, and cache arrays it must not write through."""
 
+import copy
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -74,7 +79,7 @@ def test_host_decoding_equals_transformers_and_the_mlx_step(pair):
         np.testing.assert_allclose(np.array(a.values), np.array(b.values), atol=1e-5, err_msg=f"values of layer {layer}")
 
 
-def test_decode_step_takes_the_host_path_for_one_row_only(pair):
+def test_decode_step_takes_the_host_path_for_one_row_only(pair, monkeypatch):
     """DecodeStep uses the host body for one row without adapters; a batch goes through MLX."""
     _, model = pair
     with backend.override(host_decode=True, host_gemv=True):
@@ -83,8 +88,8 @@ def test_decode_step_takes_the_host_path_for_one_row_only(pair):
     with backend.override(host_decode=False):
         assert DecodeStep(model).host_body is None
     calls = []
-    real = step.host_body.__call__
-    step.host_body = lambda *a: calls.append(a) or real(*a)
+    real = HostDecoder.__call__
+    monkeypatch.setattr(HostDecoder, "__call__", lambda self, *a: calls.append(a) or real(self, *a))
     for rows in (1, 2):
         cache = model.make_cache()
         step(cache, mx.array([[5]] * rows), mx.array([0] * rows), 1)
@@ -109,7 +114,8 @@ def test_host_decoding_does_not_write_through_arrays_it_was_given(pair):
 
 
 def test_models_the_host_path_declines(pair):
-    """Quantized layers, LoRA-wrapped layers and non-float32 weights stay on the MLX path."""
+    """Quantization the native kernel does not take (6 bits), LoRA-wrapped layers and non-float32
+    weights stay on the MLX path."""
     from mlx_gemma.lora import apply_lora
 
     _, model = pair
@@ -122,10 +128,82 @@ def test_models_the_host_path_declines(pair):
         return other
 
     quantized = copy()
-    nn.quantize(quantized, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    nn.quantize(quantized, group_size=32, bits=6, class_predicate=lambda p, m: isinstance(m, nn.Linear))
     assert HostDecoder.of(quantized) is None
     lora = copy()
     apply_lora(lora, rank=4)
     assert HostDecoder.of(lora) is None
     assert HostDecoder.of(copy(mx.bfloat16)) is None
     assert HostDecoder.of(copy()) is not None
+
+
+# ---- quantized weights: the native kernel ------------------------------------------------------
+
+
+def native_kernel():
+    from mlx_gemma.native import STATUS, qgemv
+
+    fn = qgemv()
+    if fn is None:
+        pytest.skip(f"the native kernel is not available here: {STATUS['note']}")
+    return fn
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_native_kernel_equals_the_dequantized_product(bits, group):
+    """qgemv_affine on MLX's packed codes equals numpy's float64 product with the weight
+    mx.dequantize gives, for both widths and every group size `mlx-gemma quantize` writes."""
+    fn = native_kernel()
+    rng = np.random.default_rng(bits * group)
+    M, N = 96, 4 * group
+    codes, scales, biases = mx.quantize(mx.array(rng.standard_normal((M, N)).astype(np.float32)), group_size=group,
+                                        bits=bits)
+    dense = np.array(mx.dequantize(codes, scales, biases, group_size=group, bits=bits), np.float64)
+    x = rng.standard_normal(N).astype(np.float32)
+    out, work = np.empty(M, np.float32), np.empty(2 * N, np.float32)
+    q, s, b = (np.array(a, copy=False) for a in (codes, scales, biases))
+    assert fn(q.ctypes.data, s.ctypes.data, b.ctypes.data, x.ctypes.data, out.ctypes.data, M, N, group, bits,
+              work.ctypes.data) == 0
+    np.testing.assert_allclose(out, dense @ x, rtol=1e-5, atol=1e-4)
+    assert fn(q.ctypes.data, s.ctypes.data, b.ctypes.data, x.ctypes.data, out.ctypes.data, M, N, 48, bits,
+              work.ctypes.data) == -1  # a group size it does not take is refused, not computed wrong
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_host_decoding_equals_mlx_kernels(pair, bits):
+    """A model quantized by `quantize_model` (layers and tied embedding) decodes on the host with
+    the native kernel: logits at every step within float32 rounding of MLX's quantized_matmul
+    path, the same greedy ids. A mixed model (some layers left dense) goes too."""
+    from mlx_gemma.quant import quantize_model
+
+    native_kernel()
+    _, model = pair
+    q = type(model)(copy.deepcopy(model.config))  # quantize_model records itself in the config
+    q.update(model.parameters())
+    quantize_model(q, bits=bits, group_size=32)
+    assert HostDecoder.of(q) is not None
+    prompt = random_ids(512, (1, 13), seed=13)
+    ids, host_logits, _ = decode_logits(q, prompt, 20, host_decode=True)
+    ref_ids, ref_logits, _ = decode_logits(q, prompt, 20, host_decode=False, quantized_path="kernel")
+    assert ids == ref_ids
+    for i, (a, b) in enumerate(zip(host_logits, ref_logits)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"step {i}")
+    q.model.layers[0].mlp.down_proj = model.model.layers[0].mlp.down_proj  # one dense product among quantized
+    assert HostDecoder.of(q) is not None
+    mixed, _, _ = decode_logits(q, prompt, 8, host_decode=True)
+    assert mixed == decode_logits(q, prompt, 8, host_decode=False, quantized_path="kernel")[0]
+    with backend.override(quantized_path="kernel"):
+        assert HostDecoder.of(q) is None  # a forced MLX path is honoured
+
+
+def test_native_build_failure_leaves_nothing_and_falls_back(tmp_path):
+    """A compiler that fails: qgemv() is None with the reason, no file is left in the cache,
+    and decoding a quantized model still works on MLX's kernel."""
+    code = "import mlx_gemma.native as n; print(n.qgemv() is None); print(n.STATUS['note'])"
+    env = {**os.environ, "CC": "false", "MLX_GEMMA_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "True" and "could not build qgemv.c" in lines[1]
+    assert not list((tmp_path / "native").glob("*"))
