@@ -134,7 +134,7 @@ dtype_option = click.option("--dtype", default="auto",
 
 @main.command(context_settings=CONTEXT)
 def info():
-    """Print the MLX version, device, compute dtype and which BLAS is in use."""
+    """Print the MLX version, device, compute dtype, which BLAS and native kernels are in use."""
     import platform
 
     import mlx.core as mx
@@ -149,6 +149,11 @@ def info():
     click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
     click.echo(f"backend       {policy().describe()}")
     click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
+    if policy().host_decode:  # the quantized one-row kernel (mlx_gemma.native), built here on first use
+        from . import native
+
+        native.qgemv()
+        click.echo(f"native        {native.STATUS['library'] or 'none'} ({native.STATUS['note']})")
     from .training import distributed
 
     click.echo(f"distributed   {distributed.describe()}")
