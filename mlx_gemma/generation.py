@@ -342,6 +342,48 @@ class _Row:
         self.next_input = self.ids[-1]
 
 
+class _DraftModel:
+    """A smaller model proposing drafts for one greedy row: it keeps its own KV cache of the row's
+    sequence, catches up on the tokens the target accepted, decodes k greedy tokens, and after
+    verification keeps the positions that were accepted (rejected ones are overwritten next time;
+    its ring caches get back the keys they displaced, as the target's do)."""
+
+    def __init__(self, draft, target, compile: bool):
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise UserError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens and the model's "
+                            f"{target.config.vocab_size}; a draft model must use the same tokenizer")
+        self.model, self.step = draft, DecodeStep(draft, compile)
+        self.rid, self.cache, self.fed, self.saved = None, None, 0, None
+
+    def propose(self, row: "_Row", k: int) -> list:
+        """k greedy draft tokens following the row's next input (at position row.pos)."""
+        if self.rid != row.rid:
+            self.rid, self.cache, self.fed = row.rid, self.model.make_cache(), 0
+        seq = row.ids + row.tokens  # the inputs at positions 0 .. row.pos
+        if row.pos > self.fed:
+            prefill(self.model, mx.array([seq[self.fed:row.pos]], mx.int32), self.cache, self.fed)
+            self.fed = row.pos
+        for c in self.cache:
+            c.reserve(*_kv_spec(self.model, 1), row.pos + k)
+        # copies: the host decode path writes into the cache buffers in place
+        self.saved = [(mx.array(np.array(c.keys)), mx.array(np.array(c.values))) if c.window else None
+                      for c in self.cache]
+        out, token = [], row.next_input
+        for i in range(k):
+            logits = self.step(self.cache, mx.array([[token]], mx.int32), mx.array([row.pos + i], mx.int32),
+                               row.pos + i + 1)
+            token = int(mx.argmax(logits, axis=-1).item())
+            out.append(token)
+        return out
+
+    def settle(self, start: int, k: int, pos: int) -> None:
+        """After verification: the row moved from `start` to `pos`; the draft fed positions
+        start .. start + k - 1, of which those before `pos` hold accepted inputs."""
+        self.fed = min(pos, start + k)
+        _restore_ring_slots(self.cache, self.saved, self.fed, start + k - 1)
+        self.saved = None
+
+
 class BatchGenerator:
     """Continuous batching: `submit` requests, call `step()` until `busy` is False.
 
@@ -352,7 +394,7 @@ class BatchGenerator:
     """
 
     def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_step = prefill_step
         self.decode = DecodeStep(model, compile)
@@ -360,6 +402,12 @@ class BatchGenerator:
             raise UserError(f"unknown speculative {speculative!r}; use one of {', '.join(SPECULATIVE)} (or None)")
         if draft_tokens < 1:
             raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.draft = None
+        if draft_model is not None:
+            if speculative is not None:
+                raise UserError(f"speculative={speculative!r} and a draft model both propose drafts; use one")
+            self.draft = _DraftModel(draft_model, model, compile)
+            speculative = "model"
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.drafted = self.accepted = 0  # speculative statistics: draft tokens proposed / accepted
         self.stop_ids = set(tokenizer.stop_ids)
@@ -456,9 +504,17 @@ class BatchGenerator:
     def _decode(self) -> list[Event]:
         rows = self.active
         if self._can_speculate(rows):
-            draft = ngram_draft(rows[0].history, min(self.draft_tokens, rows[0].max_tokens - len(rows[0].tokens) - 1))
-            if draft:
-                return self._speculate(rows[0], draft)
+            row, k = rows[0], min(self.draft_tokens, rows[0].max_tokens - len(rows[0].tokens) - 1)
+            if self.draft is None:
+                draft = ngram_draft(row.history, k)
+                if draft:
+                    return self._speculate(row, draft)
+            elif k >= 1:
+                start = row.pos
+                draft = self.draft.propose(row, k)
+                events = self._speculate(row, draft)
+                self.draft.settle(start, len(draft), row.pos)
+                return events
         tokens = mx.array([[r.next_input] for r in rows], mx.int32)
         pos = mx.array([r.pos for r in rows], mx.int32)
         logits = self.decode(self.cache, tokens, pos, max(r.pos for r in rows) + 1, self._adapters(rows))
@@ -486,6 +542,8 @@ class BatchGenerator:
         if self.speculative is None or len(rows) != 1:
             return False
         p = rows[0].params
+        if self.draft is not None and rows[0].req.start != 0:
+            return False  # a draft model needs the whole sequence; a cached prefix is not in `ids`
         return p.greedy and not rows[0].processors and not p.logprobs
 
     def _speculate(self, row: _Row, draft: list) -> list[Event]:
@@ -602,10 +660,10 @@ class GenerationChunk:
 
 def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: bool,
                     on_end: Optional[Callable[[Event], None]] = None,
-                    speculative: Optional[str] = None) -> Iterator[GenerationChunk]:
+                    speculative: Optional[str] = None, draft_model=None) -> Iterator[GenerationChunk]:
     """Run one request alone on a BatchGenerator, as GenerationChunks with timing stats.
     on_end receives the last event (also when the consumer stops early: then a cancel event)."""
-    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative)
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative, draft_model=draft_model)
     rid = engine.submit(req)
     stats = GenerationStats(prompt_tokens=len(req.ids))
     mx.reset_peak_memory()
@@ -640,7 +698,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
                     system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
                     prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
                     json_schema=None, regex: Optional[str] = None, speculative: Optional[str] = None,
-                    **options) -> Iterator[GenerationChunk]:
+                    draft_model=None, **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
@@ -655,13 +713,16 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     speculative="ngram": greedy decoding (temp 0, no processors, no logprobs) verifies up to 4
     tokens copied from the prompt/answer (`ngram_draft`) in one forward; the tokens are exactly
     plain greedy's, several per step when the draft is right. Other settings decode normally.
-    The stats count drafted / accepted tokens.
+    draft_model: a smaller model with the same tokenizer proposes the drafts instead (greedy,
+    4 tokens a step); the text is again exactly plain greedy's. The stats count drafted /
+    accepted tokens.
     """
     params = SamplingParams.of(params, **options)
     mask = grammar_mask(tokenizer, json_schema, regex)
     ids = encode_prompt(tokenizer, prompt, system)
     req = Request(ids, params, processors=list(logits_processors) + ([mask] if mask else []))
-    yield from _stream_request(model, tokenizer, req, prefill_step, compile, speculative=speculative)
+    yield from _stream_request(model, tokenizer, req, prefill_step, compile, speculative=speculative,
+                               draft_model=draft_model)
 
 
 def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options) -> str:

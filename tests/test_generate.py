@@ -2,6 +2,7 @@
 transformers' warpers, seeds, stopping, streaming UTF-8, batching, chat cache reuse, CLI errors,
 and greedy parity with transformers' `generate` on the embedded 270M model."""
 
+import copy
 import json
 import os
 import subprocess
@@ -400,6 +401,68 @@ def test_speculative_option_checked(tiny3, tokenizer):
 
     with pytest.raises(UserError, match="unknown speculative 'medusa'"):
         list(stream_generate(tiny3, tokenizer, [2, 5], max_tokens=2, speculative="medusa"))
+
+
+def perturbed_copy(model, scale: float, seed: int):
+    """The model with every weight moved by `scale` of Gaussian noise: a drafter that mostly agrees."""
+    from mlx.utils import tree_map
+
+    other = type(model)(copy.deepcopy(model.config))
+    key = iter(mx.random.split(mx.random.key(seed), 4096))
+    other.update(tree_map(lambda w: w + scale * mx.random.normal(w.shape, key=next(key)), model.parameters()))
+    mx.eval(other.parameters())
+    return other
+
+
+@pytest.mark.parametrize("which", ["tiny3", "tiny2"])
+def test_draft_model_greedy_equals_plain_greedy(which, tokenizer, request):
+    """A drafter that mostly agrees (the model with noise), a 4-bit copy (the native kernel's path)
+    and the model itself: the tokens are always plain greedy's, also where windows of 8 wrap many
+    times and drafts are rejected (both models' rings must get their keys back); the model as its
+    own drafter has every draft accepted."""
+    from mlx_gemma.generation import stream_generate
+    from mlx_gemma.quant import quantize_model
+
+    model = request.getfixturevalue(which)
+    quantized = perturbed_copy(model, 0.0, 0)
+    quantize_model(quantized, bits=4, group_size=32)
+    prompts = [[2] + random_ids(512, 20, seed=5).tolist(), [2, 300, 301, 300, 301, 302]]
+    for drafter in (perturbed_copy(model, 0.01, 1), quantized, model):
+        drafted = accepted = 0
+        for ids in prompts:
+            plain = [c.token for c in stream_generate(model, tokenizer, ids, max_tokens=60, temp=0.0)]
+            chunks = list(stream_generate(model, tokenizer, ids, max_tokens=60, temp=0.0, draft_model=drafter))
+            assert [c.token for c in chunks] == plain
+            drafted, accepted = drafted + chunks[-1].stats.drafted, accepted + chunks[-1].stats.accepted
+        if drafter is model:
+            assert accepted == drafted > 0
+        else:
+            assert 0 < accepted < drafted
+
+
+def test_draft_model_checks(tiny3, tiny2, tokenizer, tiny_dir, tmp_path):
+    """A drafter with another vocabulary, or two draft sources, are refused in one line; the CLI
+    words the second as its flags."""
+    from mlx_gemma.generation import stream_generate
+
+    other = load_dir(save_hf_model(make_hf_model("gemma3_text", vocab_size=640), tmp_path / "v640"))
+    with pytest.raises(UserError, match="vocabulary has 640 tokens and the model's 512"):
+        list(stream_generate(tiny3, tokenizer, [2, 5], max_tokens=2, draft_model=other))
+    with pytest.raises(UserError, match="speculative='ngram' and a draft model"):
+        list(stream_generate(tiny3, tokenizer, [2, 5], max_tokens=2, speculative="ngram", draft_model=tiny2))
+    result = run_cli("generate", "--model", str(tiny_dir), "--prompt", "hi", "--draft", "ngram",
+                     "--draft-model", str(tiny_dir))
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --draft ngram and --draft-model both propose drafts; use one"
+
+
+def test_cli_draft_model_gives_plain_greedy_text(tiny_dir, tokenizer):
+    plain = run_cli("generate", "--model", str(tiny_dir), "--prompt", "hello there", "--raw", "--max-tokens", "12")
+    drafted = run_cli("generate", "--model", str(tiny_dir), "--prompt", "hello there", "--raw", "--max-tokens", "12",
+                      "--draft-model", str(tiny_dir))
+    assert plain.exit_code == drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == plain.stdout
+    assert "drafts: " in drafted.stderr and "drafts: " not in plain.stderr
 
 
 def test_speculative_chinese_qa_equals_plain_greedy(real):
