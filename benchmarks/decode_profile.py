@@ -3,11 +3,13 @@
 The embedded Gemma 3 270M, fp32, one row, a 64-token prompt already in the cache; each piece is
 timed with its own `mx.eval` (median of --reps runs after warm-up):
 
-- the whole step as `generate_step` runs it: compiled body + LM head + argmax, token id on the host;
-- the compiled body alone (18 decoder layers: embedding lookup to final norm);
+- the whole step as `generate_step` runs it on the CPU (HostDecoder body + LM head + argmax), and
+  the same step on MLX (compiled body + OneRowHead), token id on the host;
+- the body alone both ways (18 decoder layers: embedding lookup to final norm): HostDecoder
+  (cblas_sgemv per weight + numpy vector work) and MLX's compiled body;
 - the LM head alone, (1, 640) @ (640, 262144) over the tied embedding, plus the argmax, three ways:
   MLX's matmul (sgemm, which packs the whole weight per call), `OneRowHead` (cblas_sgemv in the
-  OpenBLAS MLX uses: the decode path on the CPU) and numpy's `@` (its own OpenBLAS);
+  OpenBLAS MLX uses, as the decode path does) and numpy's `@` (its own OpenBLAS);
 - one decoder layer, uncompiled, split into attention and MLP.
 
 The bound: a decode step must read every weight once (fp32: the 671 MB tied embedding for the
@@ -56,6 +58,7 @@ def main():
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from mlx_gemma.backend import override
     from mlx_gemma.generation import DecodeStep, OneRowHead, prefill
     from mlx_gemma.loading import load
 
@@ -109,11 +112,25 @@ def main():
     def mlp():
         mx.eval(layer.mlp(layer.pre_feedforward_layernorm(x)))
 
-    rows = [("whole step (compiled body + head + argmax + .item())", whole),
-            ("compiled body: 18 layers", body),
+    with override(host_decode=False):
+        mlx_step = DecodeStep(model)
+
+    def whole_mlx():
+        logits = mlx_step(cache, token, pos, 65)
+        mx.argmax(logits, axis=-1).item()
+
+    def host_body():
+        step.host_body(cache, 1234, 64)
+
+    rows = [("whole step as generate_step runs it (host body + head + argmax + .item())", whole),
+            ("whole step on MLX (compiled body + OneRowHead + argmax + .item())", whole_mlx),
+            ("host body: 18 layers (HostDecoder: cblas_sgemv + numpy)", host_body),
+            ("compiled body: 18 layers (MLX)", body),
             ("LM head + argmax (MLX matmul)", head),
             ("LM head + argmax (OneRowHead: cblas_sgemv, MLX's OpenBLAS)", head_sgemv),
             ("LM head + argmax (numpy @, numpy's own OpenBLAS)", head_numpy)]
+    if step.host_body is None:
+        raise SystemExit("the host decode path is off here (no OpenBLAS loaded, or not the CPU)")
     try:
         attention()
         rows += [("layer 0 attention, uncompiled", attention), ("layer 0 MLP, uncompiled", mlp)]
@@ -137,8 +154,10 @@ def main():
     print(f"bandwidth bound: {bw * 1e9 / weight_bytes:.1f} tok/s; measured step: {1 / total:.1f} tok/s "
           f"({100 * (weight_bytes / total) / (bw * 1e9):.0f}% of the bound)")
     print(f"LM head alone at the bound: {1e3 * head_bytes / (bw * 1e9):.2f} ms (measured: MLX matmul "
-          f"{1e3 * times[rows[2][0]]:.2f} ms, OneRowHead {1e3 * times[rows[3][0]]:.2f} ms, numpy "
-          f"{1e3 * times[rows[4][0]]:.2f} ms)")
+          f"{1e3 * times[rows[4][0]]:.2f} ms, OneRowHead {1e3 * times[rows[5][0]]:.2f} ms, numpy "
+          f"{1e3 * times[rows[6][0]]:.2f} ms)")
+    print(f"layers alone at the bound: {1e3 * (weight_bytes - head_bytes) / (bw * 1e9):.2f} ms (measured: host "
+          f"{1e3 * times[rows[2][0]]:.2f} ms, MLX {1e3 * times[rows[3][0]]:.2f} ms)")
 
 
 if __name__ == "__main__":

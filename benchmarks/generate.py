@@ -8,8 +8,8 @@ medians are what count). Prefill tok/s = prompt tokens / time to the first new t
 tok/s = (NEW - 1) / time from the first to the last. Peak memory: mx.get_peak_memory() for MLX,
 peak RSS for torch and llama.cpp.
 
-Engines: mlx-gemma (fp32; `-8bit`:
-the model quantized to 8 bits, group 64), mlx-lm (fp32), transformers (fp32), and llama.cpp via
+Engines: mlx-gemma (fp32; `-8bit` / `-4bit`:
+the model quantized to 8 / 4 bits, group 64, round-to-nearest: no calibration), mlx-lm (fp32), transformers (fp32), and llama.cpp via
 llama-cpp-python on GGUF files: `f32` and `q8_0` written by our `convert_to_gguf`, `Q4_K_M` the
 embedded GGUF. llama.cpp engines are skipped when llama_cpp is not installed.
 
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ["mlx-gemma", "mlx-gemma-8bit", "mlx-lm", "transformers",
+ENGINES = ["mlx-gemma", "mlx-gemma-8bit", "mlx-gemma-4bit", "mlx-lm", "transformers",
            "llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-Q4_K_M"]
 GGUF_DIR = Path("~/.cache/mlx-gemma/bench").expanduser()
 
@@ -153,7 +153,8 @@ def child(engine, n_prompt, new):
     ids = prompt_ids(n_prompt)
     if engine.startswith("mlx-gemma"):
         dtype = "bfloat16" if engine.endswith("bf16") else "float32"
-        ttft, times, peak = run_mlx_gemma(ids, new, dtype, bits=8 if engine.endswith("8bit") else None)
+        bits = {"8bit": 8, "4bit": 4}.get(engine.rsplit("-", 1)[-1])
+        ttft, times, peak = run_mlx_gemma(ids, new, dtype, bits=bits)
     elif engine == "mlx-lm":
         ttft, times, peak = run_mlx_lm(ids, new)
     elif engine.startswith("llama.cpp-"):
@@ -165,7 +166,8 @@ def child(engine, n_prompt, new):
 
 
 def dtype_of(engine: str) -> str:
-    for tag, name in (("bf16", "bf16"), ("8bit", "8-bit g64"), ("q8_0", "q8_0"), ("Q4_K_M", "Q4_K_M")):
+    for tag, name in (("bf16", "bf16"), ("8bit", "8-bit g64"), ("4bit", "4-bit g64"), ("q8_0", "q8_0"),
+                      ("Q4_K_M", "Q4_K_M")):
         if engine.endswith(tag):
             return name
     return "fp32"

@@ -359,12 +359,17 @@ class _DraftModel:
         """k greedy draft tokens following the row's next input (at position row.pos)."""
         if self.rid != row.rid:
             self.rid, self.cache, self.fed = row.rid, self.model.make_cache(), 0
-        seq = row.ids + row.tokens  # the inputs at positions 0 .. row.pos
-        if row.pos > self.fed:
-            prefill(self.model, mx.array([seq[self.fed:row.pos]], mx.int32), self.cache, self.fed)
-            self.fed = row.pos
+        missing = (row.ids + row.tokens)[self.fed:row.pos]  # inputs at positions fed .. row.pos - 1
         for c in self.cache:
             c.reserve(*_kv_spec(self.model, 1), row.pos + k)
+        if self.step.host_body is not None and len(missing) <= 8:
+            # the usual case, one or two accepted tokens: host steps without the LM head (a short
+            # MLX forward of a quantized drafter would take MLX's slow one-row kernel)
+            for i, token in enumerate(missing):
+                self.step.host_body(self.cache, token, self.fed + i)
+        elif missing:
+            prefill(self.model, mx.array([missing], mx.int32), self.cache, self.fed)
+        self.fed = row.pos
         # copies: the host decode path writes into the cache buffers in place
         self.saved = [(mx.array(np.array(c.keys)), mx.array(np.array(c.values))) if c.window else None
                       for c in self.cache]
