@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from .config import GemmaConfig
 from .convert import hf as hf_convert
 from .errors import UserError
-from .files import atomic_output_dir
+from .files import atomic_output_dir, home_dir
 from .model import Gemma
 from .backend import parse_dtype
 from .quant.quantize import quantize_structure
@@ -46,11 +46,6 @@ ALIASES = {
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]  # *.json: tokenizer.json too
-
-
-def home_dir() -> Path:
-    """mlx-gemma's cache root: $MLX_GEMMA_HOME, default ~/.cache/mlx-gemma."""
-    return Path(os.environ.get("MLX_GEMMA_HOME", Path.home() / ".cache" / "mlx-gemma")).expanduser()
 
 
 # -- resolving a spec ---------------------------------------------------------------------

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..files import home_dir
+
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # -march=native where the compiler knows it
 STATUS: dict = {"library": None, "note": "not built yet"}
@@ -68,8 +70,6 @@ def qgemv():
         elif (cc := _compiler()) is None:
             STATUS["note"] = "no C compiler found (set CC): quantized decoding uses MLX's kernel"
         else:
-            from ..loading import home_dir
-
             try:
                 path = _build(cc, home_dir() / "native")
             except OSError as exc:  # an unwritable cache folder
