@@ -19,8 +19,9 @@ So an 8-bit model reads a quarter of the fp32 bytes per token and decodes faster
 
 It covers what the MLX path computes for a float32 Gemma 1/2/3 (GQA, soft-caps, q/k norms,
 sliding-window rings, per-layer RoPE bases and linear scaling; dense or affine-quantized
-products) and declines (`HostDecoder.of` returns None) anything else: LoRA-wrapped layers,
-biases, other dtypes or quantization modes, no native kernel for a quantized model.
+products, LoRA adapters applied unfused) and declines (`HostDecoder.of` returns None) anything
+else: per-row adapters (the server's), LoRA in training mode, biases, other dtypes or
+quantization modes, no native kernel for a quantized model.
 The logits equal the MLX path's up to float32 summation order (tests compare them, and greedy
 token ids, on every Gemma variant).
 """
@@ -84,9 +85,25 @@ class _Affine:
         return (q * self.scales[i][:, None] + self.biases[i][:, None]).reshape(-1)
 
 
+class _LoRA:
+    """A LoRA-wrapped linear (lora.LoRALinear, in eval mode): base product + scale * B (A x)."""
+
+    def __init__(self, module, base):
+        self.base, self.scale = base, np.float32(module.scale)
+        self.a, self.b = _Dense(module.lora_A), _Dense(module.lora_B)  # (r, in), (out, r)
+        self.shape = base.shape
+        self.t, self.d = np.empty(self.a.shape[0], np.float32), np.empty(self.b.shape[0], np.float32)
+
+
 def _product(module):
-    """_Dense / _Affine for a bias-free linear or embedding this path computes; None for anything
-    else (LoRA wrappers, biases, other dtypes or quantization modes, a forced quantized_path)."""
+    """_Dense / _Affine / _LoRA for a bias-free linear or embedding this path computes; None for
+    anything else (biases, other dtypes or quantization modes, a forced quantized_path, LoRA in
+    training mode or with per-row adapters)."""
+    if "lora_A" in module and "lora_B" in module and "base" in module:  # lora.LoRALinear
+        base = _product(module.base)
+        ok = (base is not None and not module.training and module.lora_A.dtype == mx.float32
+              and module.lora_B.dtype == mx.float32)
+        return _LoRA(module, base) if ok else None
     if "bias" in module or not isinstance(module, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return None
     if "scales" not in module:
@@ -169,9 +186,13 @@ class HostDecoder:
     # ---- pieces -------------------------------------------------------------------------------
 
     def _mv(self, w, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = w @ x for a product w (no copies): cblas_sgemv or the native quantized kernel."""
+        """out = w @ x for a product w (no copies): cblas_sgemv or the native quantized kernel,
+        plus the low-rank update of a LoRA layer."""
         M, N = w.shape
-        if isinstance(w, _Dense):
+        if isinstance(w, _LoRA):
+            self._mv(w.base, x, out)
+            out += w.scale * self._mv(w.b, self._mv(w.a, x, w.t), w.d)
+        elif isinstance(w, _Dense):
             self._gemv(_ROW_MAJOR, _NO_TRANS, M, N, 1.0, w.w.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
         else:
             self._qgemv(w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, x.ctypes.data,

@@ -114,7 +114,7 @@ def test_host_decoding_does_not_write_through_arrays_it_was_given(pair):
 
 
 def test_models_the_host_path_declines(pair):
-    """Quantization the native kernel does not take (6 bits), LoRA-wrapped layers and non-float32
+    """Quantization the native kernel does not take (6 bits), LoRA in training mode and non-float32
     weights stay on the MLX path."""
     from mlx_gemma.lora import apply_lora
 
@@ -132,9 +132,40 @@ def test_models_the_host_path_declines(pair):
     assert HostDecoder.of(quantized) is None
     lora = copy()
     apply_lora(lora, rank=4)
-    assert HostDecoder.of(lora) is None
+    lora.eval()
+    assert HostDecoder.of(lora) is not None
+    lora.train()
+    assert HostDecoder.of(lora) is None  # dropout belongs to training
     assert HostDecoder.of(copy(mx.bfloat16)) is None
     assert HostDecoder.of(copy()) is not None
+
+
+def test_lora_adapter_decodes_on_the_host_like_mlx_and_the_fused_model(pair):
+    """An unfused LoRA adapter (random A and B on every linear layer, as `generate --adapter`
+    loads one) decodes on the host with the MLX step's greedy ids and logits, and with the ids of
+    the model whose weights have the adapter fused in."""
+    from mlx.utils import tree_map
+
+    from mlx_gemma.lora import apply_lora, fuse_lora, lora_layers
+
+    _, model = pair
+    lora = type(model)(copy.deepcopy(model.config))
+    lora.update(model.parameters())
+    apply_lora(lora, targets="all-linear", rank=4)
+    rng = np.random.default_rng(3)
+    lora.update(tree_map(lambda v: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)),
+                         lora.trainable_parameters()))
+    lora.eval()
+    assert lora_layers(lora) and HostDecoder.of(lora) is not None
+    prompt = random_ids(512, (1, 13), seed=14)
+    ids, host_logits, _ = decode_logits(lora, prompt, 20, host_decode=True)
+    mlx_ids, mlx_logits, _ = decode_logits(lora, prompt, 20, host_decode=False)
+    assert ids == mlx_ids
+    for i, (a, b) in enumerate(zip(host_logits, mlx_logits)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"step {i}")
+    fuse_lora(lora)
+    assert not lora_layers(lora)
+    assert decode_logits(lora, prompt, 20, host_decode=True)[0] == ids
 
 
 # ---- quantized weights: the native kernel ------------------------------------------------------
