@@ -47,6 +47,8 @@ NOT_RUN = {
     "mlx-gemma quantize": "each 270M quantization takes 1.5-5 min; test_quant_quality runs "
                           "`--bits 4 --calibration none` and test_gptq / test_quantize the rest on tiny models",
     "mlx-gemma evaluate --model q8-270m": "needs q8-270m from the (not run) quantize line above",
+    "mlx-gemma generate --draft-model q8-270m": "needs q8-270m from the (not run) quantize line; "
+                                               "test_generate runs --draft-model on a tiny model",
     "mlx-gemma evaluate --adapter adapters/gemma-3-270m-zh": "needs the main job's trained adapter",
     "mlx-gemma generate --system \"请用中文回答\"": "needs the main job's trained adapter "
                                                 "(adapters/gemma-3-270m-zh, 13 min of training)",

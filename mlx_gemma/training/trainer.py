@@ -79,10 +79,10 @@ def _checkpointed_class(cls):
     if getattr(cls, "_grad_checkpointed", False):
         return cls
 
-    def __call__(self, x, mask, cache=None, pos=None):
+    def __call__(self, x, *rest):  # rest: the layer's other arguments (mask, cache, pos, ...), as given
         def inner(params, x):
             self.update(params)
-            return cls.__call__(self, x, mask, cache, pos)
+            return cls.__call__(self, x, *rest)
 
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
