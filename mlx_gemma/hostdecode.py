@@ -147,7 +147,6 @@ class HostDecoder:
 
     def __init__(self, model, embed, head, layers: list):
         cfg = model.config
-        self.config = cfg
         self.eps = cfg.rms_norm_eps
         self.H, self.K, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.query_pre_attn_scalar ** -0.5
@@ -158,11 +157,11 @@ class HostDecoder:
         self.final_norm = 1.0 + _view(model.model.norm.weight)
         self.cap = cfg.final_logit_softcapping
         self._gemv, self._qgemv = blas_sgemv_raw(), qgemv()
-        self._owned: list = []  # per layer: (keys array, values array, their numpy views)
+        self._owned: dict = {}  # layer -> (keys array, values array, their numpy views)
         self._inv_freq = {}
         E, H, K, D, I = cfg.hidden_size, self.H, self.K, self.D, cfg.intermediate_size
         self.buf = {n: np.empty(size, np.float32) for n, size in (
-            ("x", E), ("q", H * D), ("k", K * D), ("v", K * D), ("attn", H * D), ("o", E),
+            ("q", H * D), ("k", K * D), ("v", K * D), ("attn", H * D), ("o", E),
             ("gate", I), ("up", I), ("down", E), ("logits", cfg.vocab_size))}
         self.work = np.empty(2 * max(E, H * D, I), np.float32)  # qgemv's scratch
         self.scores = np.empty(0, np.float32)
@@ -229,18 +228,14 @@ class HostDecoder:
         """Writable views of layer i's cache buffers (1, K, S, D). The first time a buffer is seen
         (after a reserve that grew it, or after an MLX step made new arrays) it is replaced by a
         private copy, so no other MLX array shares the memory written in place."""
-        owned = self._owned[i] if i < len(self._owned) else None
+        owned = self._owned.get(i)
         if owned is None or owned[0] is not c.keys or owned[1] is not c.values:
             keys, values = mx.array(np.array(c.keys)), mx.array(np.array(c.values))
             kv, vv = np.array(keys, copy=False), np.array(values, copy=False)
             if not (kv.flags.writeable and kv.flags.c_contiguous and vv.flags.writeable and vv.flags.c_contiguous):
                 raise RuntimeError("MLX did not give a writable contiguous view of a cache buffer")
             c.keys, c.values = keys, values
-            owned = (keys, values, kv, vv)
-            if i < len(self._owned):
-                self._owned[i] = owned
-            else:
-                self._owned.append(owned)
+            owned = self._owned[i] = (keys, values, kv, vv)
         return owned[2], owned[3]
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, out: np.ndarray) -> None:
