@@ -43,6 +43,7 @@ def home_dir() -> Path:
     """mlx-gemma's cache root: $MLX_GEMMA_HOME, default ~/.cache/mlx-gemma."""
     return Path(os.environ.get("MLX_GEMMA_HOME", Path.home() / ".cache" / "mlx-gemma")).expanduser()
 
+
 Content = Union[bytes, bytearray, memoryview, str, Callable[[str], object]]
 
 

@@ -29,9 +29,7 @@ from .adapters import set_row_adapters
 from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
-from .hostdecode import HostDecoder
-from .model import softcap
-from .runtime import sgemv
+from .hostdecode import HostDecoder, OneRowHead
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -166,35 +164,6 @@ def _restore_ring_slots(cache: list, saved: list, first: int, last: int) -> None
         stale = mx.arange(first, last + 1) % c.window
         hit = (mx.arange(c.capacity)[:, None] == stale[None]).any(axis=1)[None, None, :, None]
         c.keys, c.values = mx.where(hit, old[0], c.keys), mx.where(hit, old[1], c.values)
-
-
-class OneRowHead:
-    """The LM head for one row as a matrix-vector product in the OpenBLAS MLX uses (CPU only, see
-    backend.host_gemv): over a zero-copy float32 view of a dense head weight, into a reused
-    buffer. Same logits as `model.logits` (soft-cap included) up to float32 summation order."""
-
-    def __init__(self, model, weight: np.ndarray):
-        self.model, self.weight = model, weight
-        self.out = np.empty(weight.shape[0], np.float32)
-
-    @classmethod
-    def of(cls, model) -> Optional["OneRowHead"]:
-        """For a dense float32 head (tied embedding or lm_head); None for other heads."""
-        head = model.lm_head if "lm_head" in model else model.model.embed_tokens
-        w = head.weight
-        if w.dtype != mx.float32 or "scales" in head:
-            return None
-        mx.eval(w)
-        return cls(model, np.array(w, copy=False))
-
-    def __call__(self, hidden) -> mx.array:
-        """hidden (1, E) MLX array, or a float32 numpy vector (E,) -> logits (1, V)."""
-        if isinstance(hidden, mx.array):
-            hidden = np.array(hidden[0].astype(mx.float32))
-        sgemv(self.weight, np.ascontiguousarray(hidden, np.float32), self.out)
-        logits = mx.array(self.out)[None]
-        cap = self.model.config.final_logit_softcapping
-        return softcap(logits, cap) if cap else logits
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,

@@ -6,7 +6,7 @@ read bandwidth (measured on a 2-core x86: 19-21 GB/s over the 270M's 400 MB of l
 against 37 GB/s for `cblas_sgemv` in the same OpenBLAS). Between the products a decode step has
 only vector work on a few thousand numbers, which numpy does in microseconds. So `HostDecoder`
 runs the whole step on the host: every weight product is a `cblas_sgemv` in the OpenBLAS MLX
-itself uses (`runtime.blas_sgemv_raw`; a second BLAS, numpy's, would keep a second pool of
+itself uses (`runtime.blas_sgemv`; a second BLAS, numpy's, would keep a second pool of
 spinning threads), over zero-copy views of the model's weights, and the norms, RoPE, attention
 and GeGLU are numpy on preallocated vectors. The keys and values are written in place into the
 model's own KV-cache buffers, so the MLX paths (prefill, batched decoding, speculative
@@ -39,9 +39,8 @@ import numpy as np
 from .backend import policy
 from .model import softcap
 from .native import qgemv
-from .runtime import blas_sgemv_raw
+from .runtime import NO_TRANS, ROW_MAJOR, TRANS, blas_sgemv
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -116,6 +115,50 @@ def _product(module):
     return _Affine(module) if ok else None
 
 
+def _mv(w, x: np.ndarray, out: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """out = w @ x for a product w (no copies): cblas_sgemv or the native quantized kernel (work:
+    its scratch, 2 * N floats), plus the low-rank update of a LoRA layer."""
+    M, N = w.shape
+    if isinstance(w, _LoRA):
+        _mv(w.base, x, out, work)
+        out += w.scale * _mv(w.b, _mv(w.a, x, w.t, work), w.d, work)
+    elif isinstance(w, _Dense):
+        blas_sgemv()(ROW_MAJOR, NO_TRANS, M, N, 1.0, w.w.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+    else:
+        qgemv()(w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, x.ctypes.data, out.ctypes.data,
+                M, N, w.group, w.bits, work.ctypes.data)
+    return out
+
+
+class OneRowHead:
+    """The LM head for one row on the host (CPU only, see backend.host_gemv): a cblas_sgemv in the
+    OpenBLAS MLX uses over a zero-copy view of a dense head (MLX's sgemm packs the whole (V, E)
+    weight every call), or the native kernel for a quantized one, into a reused buffer. Same
+    logits as `model.logits` (soft-cap included) up to float32 summation order."""
+
+    def __init__(self, model, product):
+        self.product, self.cap = product, model.config.final_logit_softcapping
+        self.out = np.empty(product.shape[0], np.float32)
+        self.work = np.empty(2 * product.shape[1], np.float32)
+
+    @classmethod
+    def of(cls, model) -> Optional["OneRowHead"]:
+        """For a dense float32 head (tied embedding or lm_head); None for other heads (MLX's own
+        matmul then; a quantized head takes this path inside HostDecoder only)."""
+        head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+        if "scales" in head or blas_sgemv() is None:
+            return None
+        product = _product(head)
+        return None if product is None else cls(model, product)
+
+    def __call__(self, hidden) -> mx.array:
+        """hidden (1, E) MLX array, or a float32 numpy vector (E,) -> logits (1, V)."""
+        if isinstance(hidden, mx.array):
+            hidden = np.array(hidden[0].astype(mx.float32))
+        logits = mx.array(_mv(self.product, np.ascontiguousarray(hidden, np.float32), self.out, self.work))[None]
+        return softcap(logits, self.cap) if self.cap else logits
+
+
 class _Layer:
     """One decoder layer's products, norm weights and what its attention needs."""
 
@@ -151,18 +194,17 @@ class HostDecoder:
         self.H, self.K, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.logit_cap = cfg.attn_logit_softcapping
-        self.embed, self.head = embed, head
+        self.embed, self.head = embed, OneRowHead(model, head)
         self.embed_scale = np.float32(math.sqrt(cfg.hidden_size))  # rounded to float32, as the MLX path
         self.layers = [_Layer(layer, cfg, products) for layer, products in zip(model.model.layers, layers)]
         self.final_norm = 1.0 + _view(model.model.norm.weight)
-        self.cap = cfg.final_logit_softcapping
-        self._gemv, self._qgemv = blas_sgemv_raw(), qgemv()
+        self._gemv = blas_sgemv()
         self._owned: dict = {}  # layer -> (keys array, values array, their numpy views)
         self._inv_freq = {}
         E, H, K, D, I = cfg.hidden_size, self.H, self.K, self.D, cfg.intermediate_size
         self.buf = {n: np.empty(size, np.float32) for n, size in (
             ("q", H * D), ("k", K * D), ("v", K * D), ("attn", H * D), ("o", E),
-            ("gate", I), ("up", I), ("down", E), ("logits", cfg.vocab_size))}
+            ("gate", I), ("up", I), ("down", E))}
         self.work = np.empty(2 * max(E, H * D, I), np.float32)  # qgemv's scratch
         self.scores = np.empty(0, np.float32)
 
@@ -171,7 +213,7 @@ class HostDecoder:
         """A HostDecoder for a float32 model whose every product (layers, embedding, LM head) is a
         plain float32 matrix or an affine 4/8-bit one (when the native kernel builds); None
         otherwise (the caller keeps the MLX path)."""
-        if blas_sgemv_raw() is None:
+        if blas_sgemv() is None:
             return None
         embed = _product(model.model.embed_tokens)
         head = _product(model.lm_head) if "lm_head" in model else embed
@@ -185,23 +227,11 @@ class HostDecoder:
     # ---- pieces -------------------------------------------------------------------------------
 
     def _mv(self, w, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = w @ x for a product w (no copies): cblas_sgemv or the native quantized kernel,
-        plus the low-rank update of a LoRA layer."""
-        M, N = w.shape
-        if isinstance(w, _LoRA):
-            self._mv(w.base, x, out)
-            out += w.scale * self._mv(w.b, self._mv(w.a, x, w.t), w.d)
-        elif isinstance(w, _Dense):
-            self._gemv(_ROW_MAJOR, _NO_TRANS, M, N, 1.0, w.w.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
-        else:
-            self._qgemv(w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, x.ctypes.data,
-                        out.ctypes.data, M, N, w.group, w.bits, self.work.ctypes.data)
-        return out
+        return _mv(w, x, out, self.work)
 
     def logits(self, hidden: np.ndarray) -> mx.array:
         """The LM head on a final hidden state (E,) -> logits (1, V), soft-capped as model.logits."""
-        logits = mx.array(self._mv(self.head, hidden, self.buf["logits"]))[None]
-        return softcap(logits, self.cap) if self.cap else logits
+        return self.head(hidden)
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """mx.fast.rms_norm over the last axis: x / sqrt(mean(x^2) + eps) * w."""
@@ -250,7 +280,7 @@ class HostDecoder:
             k_rows = keys[kv]  # (S, D), C-contiguous
             v_rows = values[kv]
             qh = q[h]
-            self._gemv(_ROW_MAJOR, _NO_TRANS, n, D, self.scale, k_rows.ctypes.data, D, qh.ctypes.data, 1, 0.0,
+            self._gemv(ROW_MAJOR, NO_TRANS, n, D, self.scale, k_rows.ctypes.data, D, qh.ctypes.data, 1, 0.0,
                        scores.ctypes.data, 1)
             s = scores
             if self.logit_cap is not None:
@@ -259,7 +289,7 @@ class HostDecoder:
             p /= p.sum()
             p = np.ascontiguousarray(p, np.float32)
             oh = out[h * D:(h + 1) * D]
-            self._gemv(_ROW_MAJOR, _TRANS, n, D, 1.0, v_rows.ctypes.data, D, p.ctypes.data, 1, 0.0, oh.ctypes.data, 1)
+            self._gemv(ROW_MAJOR, TRANS, n, D, 1.0, v_rows.ctypes.data, D, p.ctypes.data, 1, 0.0, oh.ctypes.data, 1)
 
     # ---- the step -----------------------------------------------------------------------------
 

@@ -129,11 +129,14 @@ def setup_blas() -> dict:
 
 
 _SGEMV: list = []  # [the cblas_sgemv of the loaded OpenBLAS, or None], filled on first use
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
 
 
 def blas_sgemv():
     """`cblas_sgemv` of the OpenBLAS `setup_blas` loaded (the library MLX's own matmuls run in), as a
-    ctypes function, or None when none was loaded or it lacks the symbol.
+    ctypes function whose pointer arguments are plain addresses (`array.ctypes.data`: no per-call
+    conversion, for hot loops that keep their buffers; the caller owns the layout checks), or None
+    when none was loaded or it lacks the symbol.
 
     Calling the same library matters: a second BLAS (numpy's own OpenBLAS) keeps a second pool of
     spinning threads that contends with MLX's on every call (measured: 11.9 tok/s decoding with
@@ -146,47 +149,23 @@ def blas_sgemv():
             except (OSError, AttributeError):
                 fn = None
         if fn is not None:
-            ptr = ctypes.POINTER(ctypes.c_float)
+            addr, i32 = ctypes.c_void_p, ctypes.c_int
             fn.restype = None
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ptr,
-                           ctypes.c_int, ptr, ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int]
+            fn.argtypes = [i32, i32, i32, i32, ctypes.c_float, addr, i32, addr, i32, ctypes.c_float, addr, i32]
         _SGEMV.append(fn)
     return _SGEMV[0]
-
-
-_SGEMV_RAW: list = []
-
-
-def blas_sgemv_raw():
-    """The same `cblas_sgemv` with its pointer arguments typed as plain addresses (ints), for hot
-    loops that keep their buffers and pass `array.ctypes.data` without per-call checks; None as
-    `blas_sgemv`. The caller owns the layout checks (see hostdecode)."""
-    if not _SGEMV_RAW:
-        fn = None
-        if blas_sgemv() is not None:
-            fn = ctypes.CDLL(BLAS_STATUS["library"]).cblas_sgemv
-            fn.restype = None
-            addr = ctypes.c_void_p
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, addr,
-                           ctypes.c_int, addr, ctypes.c_int, ctypes.c_float, addr, ctypes.c_int]
-        _SGEMV_RAW.append(fn)
-    return _SGEMV_RAW[0]
 
 
 def sgemv(weight, x, out) -> None:
     """out = weight @ x in the loaded OpenBLAS: weight (M, N), x (N,), out (M,), all C-contiguous
     float32 numpy arrays (checked: a wrong layout would read the wrong memory)."""
-    fn = blas_sgemv()
     M, N = weight.shape
     for a in (weight, x, out):
         if a.dtype.name != "float32" or not a.flags.c_contiguous:
             raise ValueError("sgemv needs C-contiguous float32 arrays")
     if x.shape != (N,) or out.shape != (M,):
         raise ValueError(f"sgemv shapes: weight {weight.shape}, x {x.shape}, out {out.shape}")
-    ptr = ctypes.POINTER(ctypes.c_float)
-    row_major, no_trans = 101, 111  # CBLAS enums
-    fn(row_major, no_trans, M, N, 1.0, weight.ctypes.data_as(ptr), N, x.ctypes.data_as(ptr), 1, 0.0,
-       out.ctypes.data_as(ptr), 1)
+    blas_sgemv()(ROW_MAJOR, NO_TRANS, M, N, 1.0, weight.ctypes.data, N, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
 
 
 def tune_malloc() -> bool:
