@@ -16,7 +16,9 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")
+import openai
+
+pytestmark = pytest.mark.slow  # every test here talks to a server process running the 270M
 
 KEY = "test-key-123"
 QUESTIONS = ["What is the capital of France?", "黄河发源于哪里？", "Write a haiku about rain.", "1+1=?",

@@ -16,9 +16,11 @@ import pytest
 from test_serve import KEY, raw  # noqa: F401  (the server helpers of the serve tests)
 from test_serve import adapter_dir, model_dir, server  # noqa: F401  (module fixtures, one server here)
 
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("llguidance")
+import openai
+import jsonschema
+import llguidance  # noqa: F401  (a required test dependency: imported, never skipped)
+
+pytestmark = pytest.mark.slow  # every test here talks to a server process running the 270M
 
 N = 20  # sampled answers per schema
 N_FREE = 10  # unconstrained answers per schema, for contrast (printed, not asserted)
@@ -137,7 +139,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 def browser():
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium); the page test needs a real browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (driver only)")
+    from playwright import sync_api
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield b
