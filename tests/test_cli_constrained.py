@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 pytestmark = pytest.mark.slow  # the 270M model
 
+# README's schema with the population bounded: unbounded, a sampled integer can run past max_tokens
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
-                                           "population": {"type": "integer", "minimum": 0}},
+                                           "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
           "required": ["city", "population"], "additionalProperties": False}
 
 

@@ -56,21 +56,29 @@ def server(model_dir, adapter_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--adapter", f"zh={adapter_dir}", "--api-key", KEY, "--max-body", "262144"]
+    proc = start_server(cmd, port, log)
+    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    stop_server(proc)
+
+
+def start_server(cmd, port, log, env=None, timeout=180):
+    """Start `mlx-gemma serve` (argv `cmd`, output to `log`) and wait until /health answers 200."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             status, _ = raw(port, "GET", "/health")
             if status == 200:
-                break
+                return proc
         except OSError:
             time.sleep(0.5)
         assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
-    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    proc.kill()
+    pytest.fail("server did not come up:\n" + log.read_text())
+
+
+def stop_server(proc):
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -303,6 +311,14 @@ def test_a_burst_of_malformed_requests_leaves_the_server_serving(client, server,
 # ---- promises the openai client does not show (tests/conftest.py: issue 30) ------------------
 
 
+@pytest.fixture(scope="module")
+def library(model_dir):
+    """The served model loaded in this process once: (model, tokenizer), for the library's answers."""
+    from mlx_gemma.loading import load
+
+    return load(str(model_dir))
+
+
 def sse_events(port, path, body, timeout=300):
     """POST a streaming request over plain http.client; the list of `data:` payloads, exactly as sent."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -338,11 +354,10 @@ def test_raw_sse_chat_stream_follows_the_chunk_rules(server, reference):
     assert "".join(c["choices"][0]["delta"]["content"] for c in body) == reference(QUESTIONS[4], 12)
 
 
-def test_raw_sse_completions_stream(server, model_dir):
+def test_raw_sse_completions_stream(server, library):
     from mlx_gemma.generation import generate
-    from mlx_gemma.loading import load
 
-    net, tok = load(str(model_dir))
+    net, tok = library
     prompt = "The history of the printing press"
     events = sse_events(server["port"], "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0,
                                                             "stream": True, "stream_options": {"include_usage": True}})
@@ -356,13 +371,12 @@ def test_raw_sse_completions_stream(server, model_dir):
     assert "".join(c["choices"][0]["text"] for c in body) == generate(net, tok, prompt, max_tokens=10, temp=0.0)
 
 
-def test_chat_logprobs_equal_a_full_forward_pass(client, server, model_dir):
+def test_chat_logprobs_equal_a_full_forward_pass(client, server, library):
     """Chat logprobs / top_logprobs: each token's logprob is log_softmax of one uncached forward
     pass over prompt + answer (a second path through the model), the alternatives are its top 3."""
     import mlx.core as mx
 
     from mlx_gemma.generation import encode_prompt
-    from mlx_gemma.loading import load
 
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     r = client.chat.completions.create(model=server["name"], messages=messages, max_tokens=8, temperature=0,
@@ -370,7 +384,7 @@ def test_chat_logprobs_equal_a_full_forward_pass(client, server, model_dir):
     entries = r.choices[0].logprobs.content
     assert len(entries) == r.usage.completion_tokens == 8
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8") == r.choices[0].message.content
-    net, tok = load(str(model_dir))
+    net, tok = library
     prompt = encode_prompt(tok, messages)
     answer = tok.encode(r.choices[0].message.content, add_bos=False)
     assert len(prompt) == r.usage.prompt_tokens
@@ -391,13 +405,12 @@ def test_chat_logprobs_equal_a_full_forward_pass(client, server, model_dir):
     {"temperature": 1.0, "top_k": 5, "seed": 7},
     {"temperature": 1.0, "min_p": 0.2, "seed": 7},
 ], ids=["frequency-presence", "repetition", "top_k", "min_p"])
-def test_sampling_options_through_the_server_equal_the_library(client, server, model_dir, options):
+def test_sampling_options_through_the_server_equal_the_library(client, server, library, options):
     """The server passes each option on: its text equals `generate` with the same options, and the
     option changes the text (for the penalties: vs the unpenalised greedy text)."""
     from mlx_gemma.generation import generate
-    from mlx_gemma.loading import load
 
-    net, tok = load(str(model_dir))
+    net, tok = library
     prompt = "List the numbers: one, two, one, two, one, two,"
     library = {"temperature": "temp", "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
                "repetition_penalty": "repetition_penalty", "top_k": "top_k", "min_p": "min_p", "seed": "seed"}

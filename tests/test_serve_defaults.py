@@ -3,15 +3,12 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from test_lora import tiny_tokenizer_model
-from test_serve import free_port, raw
+from test_serve import free_port, raw, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # starts a server process
 
@@ -31,32 +28,17 @@ def server(tmp_path_factory):
     from tiny import TINY
 
     root = tmp_path_factory.mktemp("serve-defaults")
+    tokenizer = GemmaTokenizer.from_bytes(tiny_tokenizer_model())
     cfg = {k: v for k, v in TINY["gemma3_text"].items() if k != "sliding_window_pattern"}
+    cfg["vocab_size"] = tokenizer.vocab_size  # every id the model can sample is a piece of the tokenizer
     mx.random.seed(0)
     model = Gemma(GemmaConfig.from_dict(dict(cfg, model_type="gemma3_text")))
-    model_dir = save_model(model, GemmaTokenizer.from_bytes(tiny_tokenizer_model()), root / "model")
+    model_dir = save_model(model, tokenizer, root / "model")
     port, log = free_port(), root / "server.log"
-    env = dict(os.environ, MLX_GEMMA_API_KEY=ENV_KEY)
-    with open(log, "w") as out:  # no --api-key, no --max-body
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir),
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if raw(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
+    cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+    proc = start_server(cmd, port, log, env=dict(os.environ, MLX_GEMMA_API_KEY=ENV_KEY))  # no --api-key, --max-body
     yield port
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def test_api_key_comes_from_the_environment(server):
