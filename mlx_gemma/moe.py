@@ -37,7 +37,8 @@ class Router(nn.Module):
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        # indices carry no gradient (the weights do, through take_along_axis)
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         weights = mx.take_along_axis(probs, idx, axis=-1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
         return weights * self.per_expert_scale[idx], idx

@@ -51,26 +51,28 @@ UNIFIED = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_
 KINDS = ("gemma4_e2b", "gemma4_moe", "gemma4_multimodal", "gemma4_unified", "gemma3n")
 
 
-def make_hf_model(kind, seed=0):
-    """A transformers model of one of KINDS with random weights (eval mode, eager attention)."""
+def make_hf_model(kind, seed=0, **overrides):
+    """A transformers model of one of KINDS with random weights (eval mode, eager attention);
+    overrides replace fields of the text config (e.g. vocab_size)."""
     import torch
     import transformers as tf
 
     if kind == "gemma4_e2b":
-        config = tf.Gemma4TextConfig(**E2B)
+        config = tf.Gemma4TextConfig(**{**E2B, **overrides})
         cls = tf.Gemma4ForCausalLM
     elif kind == "gemma4_moe":
-        config = tf.Gemma4TextConfig(**MOE)
+        config = tf.Gemma4TextConfig(**{**MOE, **overrides})
         cls = tf.Gemma4ForCausalLM
     elif kind == "gemma4_multimodal":
-        text = {**E2B, "num_hidden_layers": 6, "layer_types": [S, S, F, S, S, F], "num_kv_shared_layers": 2}
+        text = {**E2B, "num_hidden_layers": 6, "layer_types": [S, S, F, S, S, F], "num_kv_shared_layers": 2,
+                **overrides}
         config = tf.Gemma4Config(text_config=text, vision_config=None, audio_config=None)
         cls = tf.Gemma4ForConditionalGeneration
     elif kind == "gemma4_unified":
-        config = tf.Gemma4UnifiedConfig(text_config=UNIFIED, vision_config=None, audio_config=None)
+        config = tf.Gemma4UnifiedConfig(text_config={**UNIFIED, **overrides}, vision_config=None, audio_config=None)
         cls = tf.Gemma4UnifiedForConditionalGeneration
     elif kind == "gemma3n":
-        config = tf.Gemma3nTextConfig(**GEMMA3N)
+        config = tf.Gemma3nTextConfig(**{**GEMMA3N, **overrides})
         cls = tf.Gemma3nForCausalLM
     else:
         raise ValueError(kind)

@@ -160,3 +160,11 @@ def test_unified_text_has_no_per_layer_embeddings_or_experts():
     config = GemmaConfig.from_dict(raw)
     assert config.model_type == "gemma4_text" and config.per_layer_input_size == 0 and not config.enable_moe_block
     assert config.layer_types[-1] == "full_attention" and config.layer_head_dim(5) == 512
+
+
+def test_cpu_host_decoder_declines_gemma4_and_3n(pair):
+    """hostdecode computes Gemma 1-3 layers only; for these it must leave decoding to the MLX step."""
+    from mlx_gemma.hostdecode import HostDecoder
+
+    _, _, path = pair
+    assert HostDecoder.of(load_dir(path)) is None
