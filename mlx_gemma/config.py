@@ -46,6 +46,16 @@ _FAMILY_DEFAULTS = {
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
+@dataclass(frozen=True)
+class LayerCacheSpec:
+    """What one layer keeps in the KV cache; `GemmaConfig.layer_cache_specs` is the only source."""
+
+    kv_heads: int  # key/value heads this layer's cache holds
+    head_dim: int
+    window: Optional[int]  # None: every position (full attention); else a ring of this many slots
+    source: int  # the layer whose cache this layer reads; its own index when it owns one
+
+
 @dataclass
 class GemmaConfig:
     model_type: str  # "gemma" | "gemma2" | "gemma3_text"
@@ -255,6 +265,14 @@ class GemmaConfig:
     def per_layer_input_size(self) -> int:
         """Width of each layer's per-layer embedding (0: none)."""
         return self.hidden_size_per_layer_input or 0
+
+    def layer_cache_specs(self) -> list:
+        """One LayerCacheSpec per layer: the only place a cache layout comes from. Gemma 1-3 give
+        every layer its own cache with the model's KV heads and head size; sliding layers keep a
+        ring of `sliding_window` slots."""
+        return [LayerCacheSpec(self.num_key_value_heads, self.head_dim,
+                               self.sliding_window if self.is_sliding(i) else None, i)
+                for i in range(self.num_hidden_layers)]
 
     @property
     def has_ffw_norms(self) -> bool:
