@@ -267,11 +267,12 @@ class GemmaConfig:
         return self.hidden_size_per_layer_input or 0
 
     def layer_cache_specs(self) -> list:
-        """One LayerCacheSpec per layer: the only place a cache layout comes from. Gemma 1-3 give
-        every layer its own cache with the model's KV heads and head size; sliding layers keep a
-        ring of `sliding_window` slots."""
-        return [LayerCacheSpec(self.num_key_value_heads, self.head_dim,
-                               self.sliding_window if self.is_sliding(i) else None, i)
+        """One LayerCacheSpec per layer: the only place a cache layout comes from. Sliding layers
+        keep a ring of `sliding_window` slots. Gemma 1-3 give every layer its own cache with the
+        model's KV heads and head size; Gemma 4's global layers have their own head size and KV
+        heads, and Gemma 4 / 3n's KV-shared layers read their source layer's cache (no arrays)."""
+        return [LayerCacheSpec(self.layer_kv_heads(i), self.layer_head_dim(i),
+                               self.sliding_window if self.is_sliding(i) else None, self.kv_source(i))
                 for i in range(self.num_hidden_layers)]
 
     @property
