@@ -66,6 +66,8 @@ def expert_matmul(experts: nn.Module, name: str, x: mx.array, idx: mx.array) -> 
     scales = experts.get(name + "_scales")
     if scales is None:
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
-    q = experts["quantization"]
     return mx.gather_qmm(x, w, scales, experts.get(name + "_biases"), rhs_indices=idx, transpose=True,
-                         group_size=q["group_size"], bits=q["bits"])
+                         group_size=experts.group_size, bits=experts.bits, mode=experts.mode)
+
+
+EXPERT_MATRICES = ("gate_up_proj", "down_proj")

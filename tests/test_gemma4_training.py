@@ -138,3 +138,40 @@ def test_convert_to_hf_is_read_by_transformers(kind, tmp_path):
     assert set(back.state_dict()) <= set(source) | {"lm_head.weight"}
     # and our loader reads the export back to the same network
     assert np.abs(np.array(load_dir(out)(mx.array(ids))) - a).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gemma4_moe", "gemma4_e2b", "gemma3n"])
+def test_quantized_model_equals_transformers_on_its_dequantized_weights(kind, tmp_path):
+    """quantize (8-bit, group 32; the 3-D expert tensors too, routing matrices kept dense), save,
+    load back; then the HF export of the quantized dir (dequantized weights) in transformers gives
+    our quantized model's logits."""
+    import transformers as tf
+    from mlx_gemma.export import convert_to_hf
+    from mlx_gemma.loading import load, save_model
+    from mlx_gemma.quant import quantize_model
+    from mlx_gemma.tokenizer import GemmaTokenizer
+    from test_export import VOCAB, tiny_tokenizer_bytes
+
+    widths = {} if kind == "gemma4_moe" else {"hidden_size_per_layer_input": 32, "vocab_size_per_layer_input": VOCAB}
+    if kind == "gemma3n":
+        widths.update(laurel_rank=32, vocab_size_per_layer_input=300)
+    hf = make_hf_model(kind, vocab_size=VOCAB, **widths)
+    src = save(hf, tmp_path / "src")
+    GemmaTokenizer.from_bytes(tiny_tokenizer_bytes()).save(src)
+    model, tokenizer = load(str(src), dtype="float32")
+    quantize_model(model, bits=8, group_size=32)
+    layer = model.model.layers[0]
+    if kind == "gemma4_moe":
+        assert layer.experts.gate_up_proj.dtype == mx.uint32 and "gate_up_proj_scales" in layer.experts
+        assert layer.router.proj.weight.dtype == mx.float32  # routing stays dense
+    assert layer.mlp.gate_proj.weight.dtype == mx.uint32
+    ids = random_ids(VOCAB, (1, 20))
+    quantized = np.array(model(mx.array(ids)))
+    save_model(model, tokenizer, tmp_path / "q8")
+    again, _ = load(str(tmp_path / "q8"), dtype="float32")
+    assert np.array_equal(np.array(again(mx.array(ids))), quantized)
+    out = convert_to_hf(str(tmp_path / "q8"), tmp_path / "hf", dtype="float32")
+    back = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = back(torch.tensor(ids)).logits.numpy()
+    assert np.abs(quantized - expected).max() <= 1e-4
