@@ -41,7 +41,7 @@ def median_seconds(fn, reps: int, warmup: int = 3) -> float:
 
 
 def read_bandwidth_gbs(reps: int) -> float:
-    from mlx_gemma.runtime import sgemv
+    from mlx_gemma.cpu.runtime import sgemv
 
     a = np.ones((256 * 1024, 1024), np.float32)  # 1 GiB
     x, out = np.ones(1024, np.float32), np.empty(256 * 1024, np.float32)

@@ -26,10 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from .adapters import set_row_adapters
-from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
-from .hostdecode import HostDecoder, OneRowHead
+from .cpu.hostdecode import OneRowHead, row_decoder, row_head  # noqa: F401  (OneRowHead: tests import it here)
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -101,8 +100,8 @@ class DecodeStep:
         self.model = model
         self.scratch = model.make_cache()
         self.compiled = mx.compile(self._traced) if compile else None
-        self.host_head = OneRowHead.of(model) if policy().host_gemv else None
-        self.host_body = HostDecoder.of(model) if policy().host_decode else None
+        self.host_head = row_head(model)
+        self.host_body = row_decoder(model)
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
         for c, kv in zip(self.scratch, state):

@@ -16,14 +16,14 @@ import torch
 from mlx_gemma import backend
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.generation import DecodeStep, generate_step
-from mlx_gemma.hostdecode import HostDecoder
+from mlx_gemma.cpu.hostdecode import HostDecoder
 from mlx_gemma.loading import build_model, read_config
-from mlx_gemma.runtime import BLAS_STATUS
+from mlx_gemma.cpu import BLAS_STATUS
 
 from tiny import make_hf_model, random_ids, save_hf_model
 
 pytestmark = pytest.mark.skipif(not BLAS_STATUS.get("library"),
-                                reason="no OpenBLAS loaded by mlx_gemma.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
+                                reason="no OpenBLAS loaded by mlx_gemma.cpu.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
 
 VARIANTS = {
     "gemma1-gqa": ("gemma", {}),
@@ -172,7 +172,7 @@ def test_lora_adapter_decodes_on_the_host_like_mlx_and_the_fused_model(pair):
 
 
 def native_kernel():
-    from mlx_gemma.native import STATUS, qgemv
+    from mlx_gemma.cpu.native import STATUS, qgemv
 
     fn = qgemv()
     if fn is None:
@@ -231,7 +231,7 @@ def test_quantized_host_decoding_equals_mlx_kernels(pair, bits):
 def test_native_build_failure_leaves_nothing_and_falls_back(tmp_path):
     """A compiler that fails: qgemv() is None with the reason, no file is left in the cache,
     and decoding a quantized model still works on MLX's kernel."""
-    code = "import mlx_gemma.native as n; print(n.qgemv() is None); print(n.STATUS['note'])"
+    code = "import mlx_gemma.cpu.native as n; print(n.qgemv() is None); print(n.STATUS['note'])"
     env = {**os.environ, "CC": "false", "MLX_GEMMA_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
