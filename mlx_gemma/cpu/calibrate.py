@@ -233,6 +233,7 @@ def calibrate(model, measure: Callable = time_pair) -> dict:
         choices[name], decided[name] = choice, choice.on
     if changed:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, {"machine": key, "models": models})
         except OSError:  # an unwritable cache: the choice holds for this process only
             pass
