@@ -209,3 +209,86 @@ def test_info_prints_the_cached_choices_and_what_the_cli_enabled(tiny_models, tm
         "  row_decode  on  (cached, MLX time / path time 1.70 (on from 1.15))"]
     assert "backend       cpu, compute dtype float32, CPU paths: host gemv head, host one-row decode" in lines
     assert "malloc        large freed blocks kept (enabled by the CLI)" in lines
+
+
+# ---- every choice computes the same thing ------------------------------------------------------
+
+OFF = {p: False for p in cpu.PATHS}
+
+
+def greedy_with_logits(model, prompt, steps, choices: dict):
+    """Greedy ids and each step's logits (prefill in chunks of 5, so cached prefill attention runs)
+    with exactly these CPU paths on."""
+    seen = []
+
+    def record(history, logits):
+        seen.append(np.array(logits[0]))
+        return logits
+
+    with backend.override(**backend.cpu_path_fields(choices)):
+        ids = [t.item() for t in generate_step(model, mx.array(prompt), max_tokens=steps,
+                                               logits_processors=[record], prefill_step=5)]
+    return ids, seen
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("path", ["fast_math", "attention", "row_decode", "all"])
+def test_each_forced_path_gives_the_same_tokens_and_logits(tiny_models, kind, path):
+    """Greedy decoding with one path forced on (or all of them) against all paths off: the same
+    ids and every step's logits within float32 rounding."""
+    model = tiny_models[kind]
+    prompt = random_ids(512, (1, 13), seed=21)
+    ref_ids, ref_logits = greedy_with_logits(model, prompt, 16, OFF)
+    on = {p: True for p in cpu.PATHS} if path == "all" else {**OFF, path: True}
+    ids, logits = greedy_with_logits(model, prompt, 16, on)
+    assert ids == ref_ids
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_kernel_choice_gives_the_same_tokens_and_logits(tiny_models, bits):
+    """A quantized model decoding on the host with the native kernel, against all paths off
+    (MLX's quantized_matmul in its compiled step)."""
+    import copy
+
+    from mlx_gemma.cpu.native import STATUS, qgemv
+    from mlx_gemma.quant import quantize_model
+
+    if qgemv() is None:
+        pytest.skip(f"no native kernel here: {STATUS['note']}")
+    base = tiny_models["gemma3"]
+    model = type(base)(copy.deepcopy(base.config))
+    model.update(base.parameters())
+    quantize_model(model, bits=bits, group_size=32)
+    prompt = random_ids(512, (1, 13), seed=22)
+    ref_ids, ref_logits = greedy_with_logits(model, prompt, 16, OFF)
+    ids, logits = greedy_with_logits(model, prompt, 16, {**OFF, "row_decode": True, "native": True})
+    assert ids == ref_ids
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_host_loss_choice_gives_the_same_losses_and_gradients(tiny_models, kind):
+    """The training loss and its gradients with the host loss (and fast math) on and off."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma.training.loss import loss_and_grad, loss_positions
+
+    model = tiny_models[kind]
+    rng = np.random.default_rng(4)
+    inputs = mx.array(rng.integers(0, 512, (2, 12)), mx.int32)
+    targets = mx.array(rng.integers(0, 512, (2, 12)), mx.int32)
+    idx, w = (mx.array(a) for a in loss_positions(np.ones((2, 12), np.float32)))
+    results = []
+    for on in (False, True):
+        with backend.override(**backend.cpu_path_fields({**OFF, "host_loss": on, "fast_math": on})):
+            (loss, count), grads = loss_and_grad(model, chunk=128)(inputs, targets, idx, w)
+            mx.eval(loss, count, grads)
+        results.append((float(loss), dict(tree_flatten(grads))))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        np.testing.assert_allclose(np.array(g1[name]), np.array(g0[name]), atol=1e-5, rtol=1e-4, err_msg=name)
