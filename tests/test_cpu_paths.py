@@ -124,6 +124,8 @@ def machine(monkeypatch, tmp_path):
     state = {"isa": ("avx2", "fma"), "versions": {"mlx": "0.32.4", "numpy": "2.0.0"}}
     monkeypatch.setattr(calibrate, "isa_features", lambda: state["isa"])
     monkeypatch.setattr(calibrate, "library_versions", lambda: dict(state["versions"]))
+    monkeypatch.setattr(calibrate, "machine_is_quiet", lambda: state["quiet"])
+    state["quiet"] = True
     return state
 
 
@@ -156,6 +158,15 @@ def test_calibration_is_cached_reused_and_invalidated_by_cpu_features_and_mlx(ma
     machine["isa"], machine["versions"]["mlx"] = ("avx2", "fma"), "0.32.4"  # back: the first file is read again
     calibrate.calibrate(model, measure=timer)
     assert timer.calls == 12
+
+
+def test_a_choice_measured_under_load_is_used_but_not_stored(machine, tiny_models, tmp_path):
+    machine["quiet"] = False
+    timer = FakeTimer([2.0])
+    assert calibrate.calibrate(tiny_models["gemma3"], measure=timer)["fast_math"].on
+    assert not (tmp_path / "calibration").exists()
+    calibrate.calibrate(tiny_models["gemma3"], measure=timer)
+    assert timer.calls == 8  # measured again
 
 
 def test_a_cache_file_from_another_key_is_not_read(machine, tiny_models):
@@ -193,6 +204,7 @@ def test_info_prints_the_cached_choices_and_what_the_cli_enabled(tiny_models, tm
     environment forces into the policy, and the malloc tuning it did."""
     monkeypatch.setenv("MLX_GEMMA_HOME", str(tmp_path))
     monkeypatch.delenv(cpu.ENV, raising=False)
+    monkeypatch.setattr(calibrate, "machine_is_quiet", lambda: True)
     calibrate.calibrate(tiny_models["gemma3"], measure=FakeTimer([2.5, 0.8, 1.3, 1.7]))
     env = {**os.environ, cpu.ENV: "all=off,row_decode=on"}
     exe = os.path.join(os.path.dirname(sys.executable), "mlx-gemma")

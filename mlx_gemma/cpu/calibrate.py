@@ -7,7 +7,9 @@ time is at least MARGIN; the decision and that ratio are stored in
 $MLX_GEMMA_HOME/calibration/<key>.json, where the key hashes the CPU's model name and
 instruction-set features, the MLX and numpy versions and a hash of this package's CPU code. A
 cache written under another key is never read: a new CPU, a new MLX or a changed kernel is timed
-again. The whole calibration of the 270M takes a few hundred milliseconds, once per machine.
+again. A measurement taken while the 1-minute load average exceeded the core count is used by
+the process that took it but not stored: on an oversubscribed machine a timing measures the
+scheduler more than the kernels, and a stored choice would outlive the load.
 
 MLX_GEMMA_CPU_PATHS forces choices instead (`mlx_gemma.cpu.forced`); forced paths are not timed.
 """
@@ -55,6 +57,11 @@ LAST: dict = {}  # {path: Choice} of the latest prepared model, for `mlx-gemma i
 def machine_key() -> dict:
     """What a stored choice depends on besides the model's shapes."""
     return {"cpu": cpu_name(), "isa": list(isa_features()), **library_versions(), "code": code_version()}
+
+
+def machine_is_quiet() -> bool:
+    """Whether the 1-minute load average is at most the core count (measurements worth storing)."""
+    return os.getloadavg()[0] <= (os.cpu_count() or 1)
 
 
 def cache_file(key: dict):
@@ -219,6 +226,7 @@ def calibrate(model, measure: Callable = time_pair) -> dict:
     models = _read(path, key)
     stored = models.setdefault(shape_signature(model), {})
     choices, decided, changed = {}, {}, False
+    quiet = machine_is_quiet()
     for name, pair in CANDIDATES.items():
         if name in force:
             choice = Choice(force[name], None, "forced")
@@ -231,7 +239,7 @@ def calibrate(model, measure: Callable = time_pair) -> dict:
             stored[name] = {"on": choice.on, "ratio": ratio, "load": round(os.getloadavg()[0], 1)}
             changed = True
         choices[name], decided[name] = choice, choice.on
-    if changed:
+    if changed and quiet:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, {"machine": key, "models": models})

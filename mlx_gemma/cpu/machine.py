@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 # The flags that decide which instructions a compiler may emit or a library may pick at run time
-# (x86: SSE/AVX/AVX-512/AMX families, FMA, F16C; Arm: NEON/SVE/dot-product/bf16/i8mm).
-ISA_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c", "bmi", "asimd", "sve", "sme", "fp16", "bf16",
-                "i8mm", "dotprod", "asimddp", "vnni")
+# (x86: SSE/AVX/AVX-512/AMX families, FMA, F16C, BMI; Arm: NEON/SVE/SME/dot-product/bf16/i8mm).
+ISA_FLAG = re.compile(r"^(sse|ssse|avx|amx|fma|f16c|bmi|asimd|sve|sme\d*$|fphp|fp16|bf16|i8mm|dotprod|vnni)")
 
 
 @lru_cache(maxsize=1)
@@ -45,7 +45,7 @@ def cpu_name() -> str:
 
 def isa_features() -> tuple:
     """The CPU's instruction-set features, sorted (e.g. ('avx', 'avx2', 'avx512f', ..., 'fma'))."""
-    return tuple(sorted(f for f in _cpuinfo()[1] if f.startswith(ISA_PREFIXES)))
+    return tuple(sorted(f for f in _cpuinfo()[1] if ISA_FLAG.match(f)))
 
 
 def isa_level() -> str:
