@@ -200,9 +200,11 @@ def llama_cpp_build() -> str:
     """How the installed llama.cpp was built: its version and the instruction sets compiled in."""
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    on = sorted({part.split("=")[0].strip() for part in info.replace("|", ";").split(";") if part.strip().endswith("= 1")})
-    return f"llama-cpp-python {llama_cpp.__version__}, built with {', '.join(on) or info.strip()}"
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")  # "CPU : SSE3 = 1 | AVX = 1 | ..."
+    on = [part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+    vector = [f for f in on if f.startswith(("AVX", "AMX", "SSE", "SSSE", "F16C", "FMA", "NEON", "SVE"))]
+    native = "" if any(f.startswith("AVX512") for f in on) else " (no AVX-512: a portable GGML_NATIVE=OFF build)"
+    return f"llama-cpp-python {llama_cpp.__version__}, compiled for {', '.join(vector) or info.strip()}{native}"
 
 
 def spread(values) -> str:
