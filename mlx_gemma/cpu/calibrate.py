@@ -12,6 +12,10 @@ the process that took it but not stored: on an oversubscribed machine a timing m
 scheduler more than the kernels, and a stored choice would outlive the load.
 
 MLX_GEMMA_CPU_PATHS forces choices instead (`mlx_gemma.cpu.forced`); forced paths are not timed.
+
+The backend policy is one per process: `prepare(model)` sets it from that model's choices, so with
+two models (a target and a quantized draft model) the one prepared last decides. Call `prepare`
+again after changing a model's storage (`quantize_model` after `load`).
 """
 
 from __future__ import annotations
