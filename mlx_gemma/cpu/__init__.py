@@ -10,7 +10,7 @@ code that works around each, and decides per machine, by measurement, which of i
     native.py       qgemv.c, the 4/8-bit one-row kernel, built for this CPU at first use
     fastmath.py     polynomial exp / tanh / GELU / softmax in MLX ops
     hostloss.py     the LM-head cross-entropy and its gradient in numpy
-    hostdecode.py   the one-row decode step on the host; `row_decoder(model)` is the seam the
+    hostdecode.py   the one-row decode step on the host; `host_paths(model)` is the seam the
                     decode step asks
     calibrate.py    times each path against MLX's own kernel on the model's shapes, keeps it only
                     where it wins by a margin, caches the choice per machine

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import backend
 from ..files import home_dir, write_json_atomic
-from ..generation import DecodeStep
+from ..engine.step import DecodeStep
 from ..model import attention
 from ..training.loss import HostHead, chunked_cross_entropy
 from . import enabled, fastmath, forced

@@ -16,9 +16,9 @@ Quantized weights (MLX's affine 4/8-bit format, what `mlx-gemma quantize` writes
 `native.qgemv`, a small C kernel compiled for the machine at first use: it reads the codes once
 and converts them in registers, where MLX's CPU `quantized_matmul` loops one scalar at a time.
 
-`row_decoder(model)` is the seam the decode step asks: a HostDecoder where the backend policy
-has the host step on (mlx_gemma.cpu.calibrate measured it faster here, or a test forced it) and
-the model is one this module covers exactly, else None.
+`host_paths(model)` is the seam the decode step asks: a HostDecoder where the backend policy has
+the host step on (mlx_gemma.cpu.calibrate measured it faster here, or a test forced it) and the
+model is one this module covers exactly, else None (and the same for the one-row LM head).
 
 It covers what the MLX path computes for a float32 Gemma 1/2/3 (GQA, soft-caps, q/k norms,
 sliding-window rings, per-layer RoPE bases and linear scaling; dense or affine-quantized
@@ -82,16 +82,11 @@ def covers(model) -> bool:
     return all(set(module.keys()) <= KNOWN_CHILDREN[kind] for kind, module in trees)
 
 
-def row_decoder(model) -> Optional["HostDecoder"]:
-    """The seam of the decode step: a HostDecoder for `model` where the policy has the host
-    one-row step on and the model is one it computes exactly, else None (MLX's step runs)."""
-    return HostDecoder.of(model) if policy().host_decode else None
-
-
-def row_head(model) -> Optional["OneRowHead"]:
-    """The one-row LM head on the host for a step that runs MLX's body (batches of one with
-    per-row adapters), where the policy has it on; else None."""
-    return OneRowHead.of(model) if policy().host_gemv else None
+def host_paths(model) -> tuple:
+    """The seam of the decode step: (row decoder, one-row LM head) for `model`, each None where the
+    backend policy has that path off (MLX's step and head run) or it does not cover the model."""
+    p = policy()
+    return (HostDecoder.of(model) if p.host_decode else None), (OneRowHead.of(model) if p.host_gemv else None)
 
 
 def _view(a: mx.array) -> np.ndarray:
