@@ -38,8 +38,12 @@ def model_and_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_and_tokenizer):
-    return model_and_tokenizer[1]
+def tokenizer():
+    """The 270M's tokenizer without its weights (the mask tests need no model: not `slow`)."""
+    from mlx_gemma.loading import resolve
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    return GemmaTokenizer(resolve("gemma-3-270m"))
 
 
 def allowed_ids(mask: GrammarMask) -> np.ndarray:

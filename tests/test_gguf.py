@@ -473,6 +473,7 @@ def test_real_270m_metadata(real_ckpt):
     assert all(t.dtype == np.float32 for t in real_ckpt.tensors.values())
 
 
+@pytest.mark.slow  # reads the real 270M GGUF's tensors (read_gguf)
 def test_real_vocab_round_trips_through_write_gguf(real_ckpt, tmp_path):
     """GGUF vocab -> tokenizer.model (convert.spm) -> write_gguf -> read_gguf keeps every piece.
 
