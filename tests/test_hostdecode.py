@@ -334,7 +334,7 @@ def test_quantized_model_decodes_on_mlx_when_the_native_build_fails(tmp_path):
     code = """
 import json
 import mlx_gemma, numpy as np, mlx.core as mx
-import mlx_gemma.native as native
+import mlx_gemma.cpu.native as native
 from mlx_gemma import backend
 from mlx_gemma.config import GemmaConfig
 from mlx_gemma.generation import generate_step
