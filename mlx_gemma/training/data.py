@@ -314,6 +314,10 @@ def encode_pair(record: dict, tokenizer, where: str):
     fmt = _pair_format(record, where)
     sides = []
     for key in ("chosen", "rejected"):
+        text = record[key] if fmt == "text pair" else "".join(
+            str(m.get("content", "")) for m in record[key] if isinstance(m, dict))
+        if not text.strip():
+            raise UserError(f"{where}: {key!r} is empty (no answer to train on)")
         if fmt == "chat pair":
             if not record["prompt"] or not all(isinstance(m, dict) for m in record["prompt"]):
                 raise UserError(f"{where}: \"prompt\" must be a non-empty list of messages")
@@ -327,8 +331,6 @@ def encode_pair(record: dict, tokenizer, where: str):
         mask = np.asarray(mask, np.int32)
         if len(mask):
             mask[0] = 0
-        if not mask.any():
-            raise UserError(f"{where}: {key!r} has no tokens to train on (an empty answer)")
         sides.append((np.asarray(ids, np.int32), mask))
     return fmt, sides[0], sides[1]
 

@@ -1,0 +1,162 @@
+"""`mlx-gemma train --method dpo|orpo` and the preference reader on tiny models: TRL's record
+formats (plain text and conversational), one-line errors for malformed lines, the CLI run with
+TRL's metric names in metrics.jsonl, the rewards panel in loss.png, resume, --adapter-init."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma.errors import UserError
+from mlx_gemma.training import data as D
+from test_train import tiny_model
+from test_train_data import WORDS, random_chat, tiny_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def words(rng, lo, hi):
+    return " ".join(rng.choice(WORDS, rng.integers(lo, hi)))
+
+
+def chat_pair(rng):
+    chat = random_chat(rng)["messages"]
+    return {"prompt": chat[:-1], "chosen": [chat[-1]],
+            "rejected": [{"role": "assistant", "content": words(rng, 2, 10)}]}
+
+
+def text_pair(rng):
+    return {"prompt": words(rng, 2, 6), "chosen": words(rng, 2, 8), "rejected": words(rng, 2, 8)}
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    write_jsonl(d / "train.jsonl", [chat_pair(rng) if i % 2 else text_pair(rng) for i in range(12)])
+    write_jsonl(d / "valid.jsonl", [chat_pair(rng) for _ in range(4)])
+    return d
+
+
+def test_both_formats_tokenize_as_trl_lays_them_out(tok, pair_dir):
+    """Plain text: <bos> + prompt, then answer + <eos> (loss on the answer and <eos>); chat: the
+    template's tokens, loss on the answer and its <end_of_turn> only (earlier turns are prompt)."""
+    rng = np.random.default_rng(3)
+    rec = text_pair(rng)
+    fmt, (ids, mask), (rids, rmask) = D.encode_pair(rec, tok, "x:1")
+    prompt = [tok.bos_id] + tok.encode(rec["prompt"], add_bos=False)
+    assert fmt == "text pair"
+    assert ids.tolist() == prompt + tok.encode(rec["chosen"], add_bos=False) + [tok.eos_id]
+    assert mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+    assert rids.tolist()[:len(prompt)] == prompt and rids[-1] == tok.eos_id
+    rec = {"prompt": random_chat(rng, turns=2)["messages"][:-1], "chosen": [{"role": "assistant", "content": "a b"}],
+           "rejected": [{"role": "assistant", "content": "c"}]}
+    fmt, (ids, mask), _ = D.encode_pair(rec, tok, "x:1")
+    full, full_mask = tok.encode_chat(rec["prompt"] + rec["chosen"])
+    head = tok.encode_chat(rec["prompt"], add_generation_prompt=True)[0]
+    assert fmt == "chat pair" and ids.tolist() == full
+    assert mask.tolist() == [0] * len(head) + full_mask[len(head):] and sum(full_mask[:len(head)]) > 0
+    ds = D.load_pair_dataset(pair_dir / "train.jsonl", tok, max_seq_len=64)
+    assert len(ds) == 12 and len(ds.examples) == 24 and ds.formats == {"chat pair": 6, "text pair": 6}
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "chosen": "b"}', "x.jsonl:2: a preference record needs .* \\(missing 'rejected'\\)"),
+    ('{"prompt": "a", "chosen": "b", "rejected": 3}', "x.jsonl:2: .* must be all strings .* or all message lists"),
+    ('{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}], '
+     '"rejected": [{"role": "assistant", "content": "c"}]}', "x.jsonl:2: 'chosen' must hold one assistant message"),
+    ('{"prompt": "a", "chosen": "b", "rejected": ""}', "x.jsonl:2: 'rejected' is empty"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"', "x.jsonl:2: malformed JSON line"),
+    ('["a", "b"]', "x.jsonl:2: a record must be a JSON object"),
+])
+def test_each_malformed_line_is_one_clear_error(tok, tmp_path, line, message):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n")
+    with pytest.raises(UserError, match=message):
+        D.load_pair_dataset(path, tok)
+
+
+def run_cli(*args):
+    from mlx_gemma.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    from mlx_gemma.loading import save_model
+
+    d = tmp_path_factory.mktemp("m") / "tiny"
+    save_model(tiny_model(), tok, d)
+    return d
+
+
+@pytest.mark.parametrize("method,extra", [("dpo", ["--beta", "0.2", "--dpo-loss", "sigmoid,hinge"]),
+                                          ("orpo", ["--orpo-alpha", "0.3"])])
+def test_cli_preference_run_writes_trl_metrics_resumes_and_plots(model_dir, pair_dir, tmp_path, method, extra):
+    out = tmp_path / "run"
+    common = ["train", "--model", model_dir, "--data", pair_dir, "--method", method, *extra, "--out", out,
+              "--batch-size", 2, "--max-seq-len", 64, "--lr", 3e-3, "--eval-every", 2, "--save-every", 2, "--rank", 4,
+              "--dropout", 0.0]
+    res = run_cli(*common, "--iters", 4)
+    assert res.exit_code == 0, res.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert len(steps) == 4 and [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"} <= set(m)
+        assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"], abs=1e-5)
+        assert 0.0 <= m["rewards/accuracies"] <= 1.0
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4]
+    if method == "dpo":  # step 1: policy == reference (a new adapter, B = 0): sigmoid log 2 + hinge 1
+        assert steps[0]["loss"] == pytest.approx(np.log(2.0) + 1.0, abs=1e-6)
+        assert steps[0]["rewards/margins"] == 0.0
+    from PIL import Image
+
+    assert Image.open(out / "loss.png").size[1] == 720  # the reward panel below the loss
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["method"] == method
+    # resume to 6 steps: the first 4 steps' records kept, 2 more
+    res = run_cli("train", "--out", out, "--resume", "--iters", 6, "--no-report")
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dpo_from_an_sft_adapter_caches_its_reference(model_dir, pair_dir, tmp_path):
+    """--adapter-init: the run starts from the SFT adapter (policy == reference, so the first
+    rewards are exactly 0) and trains it further."""
+    data = tmp_path / "chat"
+    rng = np.random.default_rng(1)
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [random_chat(rng) for _ in range(8)])
+    sft = tmp_path / "sft"
+    res = run_cli("train", "--model", model_dir, "--data", data, "--out", sft, "--iters", 3, "--batch-size", 2,
+                  "--max-seq-len", 64, "--lr", 1e-2, "--rank", 4, "--no-report", "--eval-every", 0)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "dpo"
+    res = run_cli("train", "--model", model_dir, "--data", pair_dir, "--method", "dpo", "--adapter-init", sft,
+                  "--out", out, "--iters", 2, "--batch-size", 2, "--max-seq-len", 64, "--eval-every", 0)
+    assert res.exit_code == 0, res.output
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # 0 up to float noise: the cached log-probs were computed in batches of another padded length
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    assert first["loss"] == pytest.approx(np.log(2.0), abs=1e-5)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "dpo"], "--method dpo needs --data"),
+    (["--method", "dpo", "--dpo-loss", "kto"], "--dpo-loss must be one or more of sigmoid, ipo, hinge"),
+    (["--method", "orpo", "--pack"], "--pack does not apply to --method orpo"),
+    (["--method", "dpo", "--beta", "0"], "--beta must be above 0"),
+])
+def test_bad_preference_options_are_one_line(args, message, tmp_path):
+    res = run_cli("train", "--out", tmp_path / "o", *args)
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
