@@ -633,7 +633,7 @@ def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, tr
     click.echo(f"{source}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['tokens']} tokens)")
 
 
-@main.group(context_settings=CONTEXT)
+@main.group(cls=Group, context_settings=CONTEXT)  # Group: errors worded with the subcommand's own flags
 def data():
     """Prepare training data."""
 
@@ -655,6 +655,29 @@ def data_hc3(src, out_dir, system, test_size, valid_size, seed, force):
     click.echo(f"{report['records']} records from {report['source']}: train {report['train']}, "
                f"valid {report['valid']}, test {report['test']} (skipped {report['skipped_empty']} empty, "
                f"{report['skipped_duplicate']} duplicates) -> {report['out_dir']}")
+
+
+@data.command("pairs", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out")
+@model_option
+@click.option("--adapter", "-a", "adapter", default=None, help="LoRA adapter dir to apply (e.g. the SFT run's --out).")
+@dtype_option
+@click.option("--max-tokens", default=128, type=click.IntRange(min=1),
+              help="Most new tokens per greedy answer; an answer without <end_of_turn> by then is a failure.")
+@click.option("--max-repeat", default=0.25, type=float,
+              help="An answer whose share of repeated 4-grams exceeds this loops (the main job's target).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Answer only the first N records.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def data_pairs(src, out, model, adapter, dtype, max_tokens, max_repeat, limit, force):
+    """Preference pairs (TRL format) from the model's failures on the chat records of SRC (a file,
+    or a data dir's train split): its greedy answers that loop or do not stop become `rejected`,
+    the reference answers `chosen`. Writes the JSONL file OUT for `train --method dpo|orpo`."""
+    from .training.pairs import write_pairs
+
+    r = write_pairs(src, out, model, adapter, max_tokens, max_repeat, limit, force, dtype)
+    click.echo(f"{r['pairs']} pairs from {r['answered']} answers ({r['loops']} loop, {r['no stop']} do not stop; "
+               f"{r['blank']} blank failures skipped) -> {r['out']}")
 
 
 @main.command(context_settings=CONTEXT)

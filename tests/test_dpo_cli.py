@@ -160,3 +160,64 @@ def test_bad_preference_options_are_one_line(args, message, tmp_path):
     res = run_cli("train", "--out", tmp_path / "o", *args)
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def answering_model_dir(tmp_path_factory, tok):
+    """A tiny model whose vocabulary is the tokenizer's (it generates only ids the tokenizer knows)."""
+    import mlx.core as mx
+
+    from mlx_gemma.config import GemmaConfig
+    from mlx_gemma.loading import save_model
+    from mlx_gemma.model import Gemma
+    from tiny import TINY
+
+    cfg = dict(TINY["gemma3_text"], model_type="gemma3_text", vocab_size=tok.vocab_size)
+    cfg.pop("sliding_window_pattern")
+    mx.random.seed(0)
+    model = Gemma(GemmaConfig.from_dict(cfg))
+    d = tmp_path_factory.mktemp("m") / "answering"
+    save_model(model, tok, d)
+    return d
+
+
+def test_data_pairs_keeps_the_failed_answers_as_rejected(answering_model_dir, tmp_path):
+    """A random tiny model neither stops nor avoids loops often: every record whose greedy answer
+    (generated here again, one by one, by mlx_gemma.generate) fails becomes a pair."""
+    from mlx_gemma.loading import load
+    from mlx_gemma.training.pairs import failure
+    from mlx_gemma.training.report import answer_greedily
+
+    rng = np.random.default_rng(5)
+    src = write_jsonl(tmp_path / "train.jsonl", [random_chat(rng) for _ in range(5)])
+    out = tmp_path / "pairs.jsonl"
+    model_dir = answering_model_dir
+    res = run_cli("data", "pairs", src, out, "--model", model_dir, "--max-tokens", 12)
+    assert res.exit_code == 0, res.output
+    pairs = [json.loads(x) for x in out.read_text().splitlines()]
+    records = [json.loads(x) for x in src.read_text().splitlines()]
+    model, tok = load(str(model_dir))
+    rows = [answer_greedily(model, tok, [r["messages"][:-1]], 12, 1)[0] for r in records]
+    failed = [(r, row) for r, row in zip(records, rows) if failure(row, tok, 0.25) and row["text"].strip()]
+    assert len(failed) >= 1 and f"{len(pairs)} pairs from 5 answers" in res.output
+    assert len(pairs) == len(failed)
+    for pair, (record, row) in zip(pairs, failed):
+        assert pair["prompt"] == record["messages"][:-1] and pair["chosen"] == [record["messages"][-1]]
+        assert pair["rejected"] == [{"role": "assistant", "content": row["text"]}]
+    assert len(D.load_pair_dataset(out, tok, max_seq_len=128)) == len(pairs)  # what train --method dpo reads
+    res = run_cli("data", "pairs", src, out, "--model", model_dir)
+    assert res.exit_code == 1 and "already exists" in res.output and "--force" in res.output
+
+
+def test_loop_and_stop_rules():
+    from mlx_gemma.training.pairs import failure
+
+    class T:
+        stop_ids, end_of_turn_id = (1, 106), 106
+
+    assert failure({"tokens": [5, 6, 7, 8], "stop_token": 106}, T, 0.25) is None
+    assert failure({"tokens": [5, 6, 7, 8], "stop_token": None}, T, 0.25) == "no stop"
+    assert failure({"tokens": [5, 6, 7, 8], "stop_token": 1}, T, 0.25) == "no stop"  # <eos>, not <end_of_turn>
+    loop = [5, 6, 7, 8] * 4  # 13 4-grams, 9 repeat one before them
+    assert failure({"tokens": loop, "stop_token": 106}, T, 0.25) == "loops"
+    assert failure({"tokens": loop, "stop_token": 106}, T, 0.7) is None
