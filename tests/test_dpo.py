@@ -21,7 +21,7 @@ from mlx_gemma.lora import fuse_lora, lora_layers, load_adapter
 from mlx_gemma.training import data as D
 from mlx_gemma.training import trainer as T
 from mlx_gemma.training.preference import DPO, ORPO, adapter_off, sequence_logps
-from tiny import TINY, make_hf_model, save_hf_model
+from tiny import TINY, make_hf_model, randomize_peft_lora_b, save_hf_model
 
 torch = pytest.importorskip("torch")
 MODEL = "gemma3_text"
@@ -72,12 +72,7 @@ def setup_dirs(tmp_path_factory):
     peft = get_peft_model(make_hf_model(MODEL), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     peft.save_pretrained(str(d / "fresh"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    peft.save_pretrained(str(d / "adapter"))
+    randomize_peft_lora_b(peft, seed=1).save_pretrained(str(d / "adapter"))
     return d
 
 

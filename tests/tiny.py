@@ -87,3 +87,16 @@ def random_lora_adapter(model, out, *, seed, rank, alpha, scale, base_model=None
         if hasattr(m, "lora_B"):
             m.lora_B = mx.random.normal(m.lora_B.shape) * scale
     return save_adapter(model, out, config)
+
+
+def randomize_peft_lora_b(peft_model, seed: int, std: float = 0.05):
+    """Give a PEFT model's lora_B random values instead of PEFT's zeros (the adapter then changes
+    the answers, and gradients reach lora_A too); returns the model."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * std)
+    return peft_model
