@@ -175,3 +175,27 @@ def test_quantized_model_equals_transformers_on_its_dequantized_weights(kind, tm
     with torch.no_grad():
         expected = back(torch.tensor(ids)).logits.numpy()
     assert np.abs(quantized - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gemma4_e2b", "gemma3n"])
+def test_gradient_checkpointing_keeps_kv_sharing_gradients(kind, tmp_path):
+    """Shared keys/values flow between layers outside a checkpointed call: those layers are left
+    unchecked, so the gradients equal the plain ones (a checkpointed source layer lost them)."""
+    from mlx_gemma.training.setup import enable_grad_checkpoint
+
+    path = save(make_hf_model(kind), tmp_path / kind)
+    ids = mx.array(random_ids(256, (2, 16)))
+
+    def grads(checkpoint):
+        model = load_dir(path)
+        mx.random.seed(0)
+        apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, dropout=0.0)
+        for _, layer in lora_layers(model):
+            layer.lora_B = mx.full(layer.lora_B.shape, 0.01)
+        if checkpoint:
+            enable_grad_checkpoint(model)
+        loss = lambda m: nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()  # noqa: E731
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
+
+    plain, checkpointed = grads(False), grads(True)
+    assert max(float(mx.abs(plain[k] - checkpointed[k]).max()) for k in plain) <= 1e-6
