@@ -29,6 +29,7 @@ from .errors import UserError
 from .files import atomic_output_dir, home_dir
 from .model import Gemma
 from .backend import parse_dtype
+from .cpu.calibrate import prepare as prepare_cpu_paths
 from .quant.quantize import quantize_structure
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -287,6 +288,7 @@ def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None, vocab=None
         from .lora import load_adapter
 
         load_adapter(model, adapter)
+    prepare_cpu_paths(model)  # after cpu.enable() only: this machine's calibrated CPU paths for this model
     return model, tokenizer
 
 

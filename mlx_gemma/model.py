@@ -32,12 +32,13 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fastmath
 from .backend import policy
 from .cache import make_cache
 from .config import GemmaConfig
+from .cpu import fastmath
 from .masks import causal_mask
 from .moe import Experts, Router
+from .numerics import norm_scale
 
 
 class RMSNorm(nn.Module):
@@ -52,7 +53,8 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         # mx.fast.rms_norm accumulates in float32, like HF's x.float() upcast.
-        weight = self.weight if self.offset == 0.0 else self.offset + self.weight
+        # Gemma 1-3 store w zero-centred and scale by (1 + w); Gemma 3n / 4 store the scale itself.
+        weight = self.weight if self.offset == 0.0 else norm_scale(self.weight)
         return mx.fast.rms_norm(x, weight, self.eps)
 
 
@@ -72,9 +74,9 @@ def attention(q, k, v, *, scale: float, mask, logit_cap: Optional[float], fused:
     """softmax(q k^T * scale [soft-capped] + mask) v with grouped KV heads.
 
     q: (B, H, L, D); k, v: (B, K, S, D); mask: None, "causal", or bool broadcastable to (B, 1, L, S).
-    fused=False computes the scores explicitly even without a cap: on MLX's CPU backend, with
-    fastmath's softmax, that is ~1.6x faster than its scaled_dot_product_attention (8.3 vs 13.5 ms
-    for 4 heads x 511 x 511 x 256), whose softmax runs a scalar exp.
+    fused=False computes the scores explicitly even without a cap: on some CPUs, with fastmath's
+    softmax, that beats MLX's scaled_dot_product_attention, whose softmax runs a scalar exp
+    (mlx_gemma.cpu.calibrate measures it per machine).
     """
     if logit_cap is None and fused:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -159,9 +161,9 @@ class Attention(nn.Module):
             k, v = self._keys_values(x, cache, pos, fresh, offset)
             if kv_store is not None:
                 kv_store[self.layer] = (k, v)
-        # Cached forwards (prefill, batched decoding) on the CPU take the explicit path; training
-        # (no cache) keeps the fused kernel and its gradient.
-        fused = cache is None or not policy().fast_math
+        # Cached forwards (prefill, batched decoding) take the explicit path where the CPU
+        # calibration chose it; training (no cache) keeps the fused kernel and its gradient.
+        fused = cache is None or not policy().explicit_attention
         out = attention(q, k, v, scale=self.scale, mask=mask, logit_cap=self.logit_cap, fused=fused)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

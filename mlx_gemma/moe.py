@@ -20,7 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fastmath
+from .cpu import fastmath
 
 
 class Router(nn.Module):

@@ -164,7 +164,7 @@ def test_unified_text_has_no_per_layer_embeddings_or_experts():
 
 def test_cpu_host_decoder_declines_gemma4_and_3n(pair):
     """hostdecode computes Gemma 1-3 layers only; for these it must leave decoding to the MLX step."""
-    from mlx_gemma.hostdecode import HostDecoder
+    from mlx_gemma.cpu.hostdecode import HostDecoder
 
     _, _, path = pair
     assert HostDecoder.of(load_dir(path)) is None
