@@ -212,3 +212,33 @@ def test_convert_to_gguf_refuses_gemma4_in_one_line_and_writes_nothing(tmp_path)
     with pytest.raises(UserError, match="'gemma4_text' \\(Gemma 4 / 3n\\) is not supported"):
         convert_to_gguf(str(src), tmp_path / "out.gguf", out_type="f32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_qlora_on_quantized_moe_equals_peft_on_the_dequantized_model(tmp_path):
+    """QLoRA: LoRA over the 8-bit Gemma 4 MoE (experts quantized); PEFT with our adapter on
+    transformers' model holding the dequantized weights gives the same logits."""
+    import transformers as tf
+    from peft import PeftModel
+    from mlx_gemma.export import convert_to_hf
+    from mlx_gemma.loading import load, save_model
+    from mlx_gemma.quant import quantize_model
+    from mlx_gemma.tokenizer import GemmaTokenizer
+    from test_export import VOCAB, tiny_tokenizer_bytes
+
+    src = save(make_hf_model("gemma4_moe", vocab_size=VOCAB), tmp_path / "src")
+    GemmaTokenizer.from_bytes(tiny_tokenizer_bytes()).save(src)
+    model, tokenizer = load(str(src), dtype="float32")
+    save_model(quantize_model(model, bits=8, group_size=32), tokenizer, tmp_path / "q8")
+    base = tf.AutoModelForCausalLM.from_pretrained(str(convert_to_hf(str(tmp_path / "q8"), tmp_path / "hf",
+                                                                     dtype="float32")), dtype=torch.float32)
+    model, _ = load(str(tmp_path / "q8"), dtype="float32")
+    config = apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, dropout=0.0)
+    mx.random.seed(4)
+    for _, layer in lora_layers(model):
+        layer.lora_B = mx.random.normal(layer.lora_B.shape) * 0.05
+    save_adapter(model, tmp_path / "adapter", config)
+    ids = random_ids(VOCAB, (1, 18))
+    peft_model = PeftModel.from_pretrained(base.eval(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4
