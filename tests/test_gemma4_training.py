@@ -242,3 +242,13 @@ def test_qlora_on_quantized_moe_equals_peft_on_the_dequantized_model(tmp_path):
     with torch.no_grad():
         expected = peft_model(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4
+
+
+def test_parameter_count_unpacks_quantized_experts(tmp_path):
+    from mlx_gemma.lora import count_parameters
+    from mlx_gemma.quant import quantize_model
+
+    model = load_dir(save(make_hf_model("gemma4_moe"), tmp_path / "moe"))
+    dense = count_parameters(model)["total"]
+    quantize_model(model, bits=4, group_size=32)
+    assert count_parameters(model)["total"] == dense
