@@ -167,7 +167,8 @@ def test_a_choice_measured_under_load_is_reused_until_the_machine_is_quiet(machi
     machine["quiet"] = False
     busy = FakeTimer([2.0])
     assert calibrate.calibrate(model, measure=busy)["fast_math"].on and busy.calls == 4
-    assert calibrate.calibrate(model, measure=busy)["fast_math"].how == "cached" and busy.calls == 4
+    assert calibrate.calibrate(model, measure=busy)["fast_math"].how.startswith("cached, measured at load")
+    assert busy.calls == 4
     machine["quiet"] = True
     quiet = FakeTimer([0.5])
     again = calibrate.calibrate(model, measure=quiet)

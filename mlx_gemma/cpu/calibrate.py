@@ -220,8 +220,12 @@ def _read(path, key: dict) -> dict:
 def stored_choices() -> dict:
     """{model signature: {path: Choice}} measured earlier on this machine (this key's cache file)."""
     key = machine_key()
-    return {sig: {name: Choice(c["on"], c["ratio"], "cached") for name, c in paths.items()}
-            for sig, paths in _read(cache_file(key), key).items()}
+    return {sig: {name: _cached(c) for name, c in paths.items()} for sig, paths in _read(cache_file(key), key).items()}
+
+
+def _cached(entry: dict) -> Choice:
+    busy = f", measured at load {entry.get('load')}" if entry.get("busy") else ""
+    return Choice(entry["on"], entry["ratio"], "cached" + busy)
 
 
 def calibrate(model, measure: Callable = time_pair) -> dict:
@@ -236,7 +240,7 @@ def calibrate(model, measure: Callable = time_pair) -> dict:
         if name in force:
             choice = Choice(force[name], None, "forced")
         elif name in stored and not (quiet and stored[name].get("busy")):  # busy: measure again when quiet
-            choice = Choice(stored[name]["on"], stored[name]["ratio"], "cached")
+            choice = _cached(stored[name])
         else:
             candidates = pair(model, decided)
             ratio = None if candidates is None else round(measure(*candidates), 3)
