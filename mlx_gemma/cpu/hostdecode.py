@@ -259,7 +259,7 @@ class HostDecoder:
         """A HostDecoder for a float32 model whose every product (layers, embedding, LM head) is a
         plain float32 matrix or an affine 4/8-bit one (when the native kernel builds); None
         otherwise (the caller keeps the MLX path)."""
-        if blas_sgemv() is None or not covers(model):
+        if blas_sgemv() is None or getattr(model.config, "unit_norms", False) or not covers(model):
             return None
         embed = _product(model.model.embed_tokens)
         head = _product(model.lm_head) if "lm_head" in model else embed
