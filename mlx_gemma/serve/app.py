@@ -1,6 +1,7 @@
 """The HTTP side of the server: a Starlette (ASGI) app run by uvicorn.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET / (the
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus text, serve/metrics.py), GET / (the
 chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
 handed to the engine thread; answers stream back as server-sent events (`data: {json}` lines,
 ending with `data: [DONE]`) or as one JSON object.
@@ -21,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from ..constrain import GrammarMask
@@ -28,6 +30,7 @@ from ..errors import UserError
 from ..generation import Event
 from . import protocol
 from .engine import Engine, Job
+from .metrics import ServerMetrics, StatusMiddleware
 from .protocol import APIError, ParsedRequest
 
 log = logging.getLogger("mlx_gemma.serve")
@@ -136,6 +139,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
     """The ASGI app over a started Engine."""
     state = ServerState(engine, model_name, api_key, max_body, default_max_tokens)
+    metrics = ServerMetrics(engine)
 
     async def completions(request: Request, kind: str) -> Response:
         if not _authorized(state, request):
@@ -179,7 +183,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         text = "".join(answer.text)
         if req.echo and isinstance(req.prompt, str):
             text = req.prompt + text
-        _log_done(req, job, n_prompt, answer)
+        _log_done(req, job, n_prompt, answer, metrics)
         return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
                                                    answer.logprobs))
 
@@ -205,7 +209,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                         yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
                     break
             yield "data: [DONE]\n\n"
-            _log_done(req, job, n_prompt, answer)
+            _log_done(req, job, n_prompt, answer, metrics)
         except (UserError, RuntimeError) as exc:
             yield _sse(APIError(500, str(exc), None, "engine_error").body())
         finally:
@@ -235,6 +239,12 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             body["error"] = engine.error or "the engine thread is not running"
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
+    async def metrics_route(request: Request) -> Response:
+        if not _authorized(state, request):
+            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
+                                   "invalid_api_key"))
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     async def page(request: Request) -> Response:
         html = resources.files("mlx_gemma.serve").joinpath("chat.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
@@ -252,13 +262,16 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         Route("/v1/completions", completion_route, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
         Route("/", page, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                     middleware=[Middleware(StatusMiddleware, metrics=metrics)])
 
 
-def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer) -> None:
+def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer, metrics: ServerMetrics) -> None:
     end = job.finished or time.perf_counter()
+    metrics.finished(n_prompt, job.cached, answer.n_out, job.submitted, job.first_token, end)
     ttft = (job.first_token or end) - job.submitted
     rate = (answer.n_out - 1) / (end - job.first_token) if job.first_token and answer.n_out > 1 and end > job.first_token else 0.0
     log.info("%s model=%s prompt=%d out=%d ttft=%.3fs %.1f tok/s finish=%s", req.id, req.model, n_prompt,

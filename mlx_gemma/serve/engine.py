@@ -46,6 +46,7 @@ class Job:
     first_token: Optional[float] = None
     finished: Optional[float] = None
     n_out: int = 0
+    cached: int = 0  # prompt tokens the prefix cache supplied (set on the engine thread at submission)
 
     def __aiter__(self):
         return self
@@ -78,6 +79,10 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and self.error is None
+
+    def load(self) -> tuple[int, int]:
+        """(rows decoding, requests queued or prefilling); plain reads, safe from any thread."""
+        return len(self.generator.active), len(self.generator.waiting) + self.inbox.qsize()
 
     def check(self, ids: Sequence[int]) -> None:
         """UserError for a prompt the model cannot take (empty, past the context, foreign ids).
