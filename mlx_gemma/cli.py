@@ -779,9 +779,11 @@ def _adapter_pairs(values) -> dict:
               help="Most new tokens per answer when a request gives no max_tokens.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Server log level (one line per request at info).")
+@click.option("--prompt-cache-mb", default=512, type=click.FloatRange(min=0), show_default=True,
+              help="MB of served prompts' KV kept (LRU) so prompts that start the same way prefill only the rest; 0: off.")
 @dtype_option
 def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_body, default_max_tokens, log_level,
-          dtype):
+          prompt_cache_mb, dtype):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
 
     Concurrent requests share one continuously batched decode; each may pick the base model or
@@ -791,7 +793,7 @@ def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_bo
 
     run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
                dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
-               log_level=log_level)
+               log_level=log_level, prompt_cache_mb=prompt_cache_mb)
 
 
 if __name__ == "__main__":  # pragma: no cover

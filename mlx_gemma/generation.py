@@ -19,7 +19,7 @@ Shapes: B batch rows, T tokens, V vocabulary, E hidden size.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -30,6 +30,7 @@ from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
 from .hostdecode import HostDecoder, OneRowHead
+from .prefix_cache import PrefixCache
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
                        make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
@@ -292,6 +293,7 @@ class Event:
     tokens: Optional[list] = None  # every id the row generated (a stop token included), once it ended
     cache: Optional[list] = None  # the row's cache once it ended (Request.keep_cache)
     cached: int = 0  # positions that cache holds
+    prompt_cached: int = 0  # prompt tokens a PrefixCache supplied (set on the event that ends the row)
 
 
 class _Row:
@@ -302,6 +304,10 @@ class _Row:
         self.fed = 0  # prompt tokens prefilled into self.cache (all but the last are)
         self.pos = req.start  # position of the next token to feed
         self.history = list(req.history) + self.ids  # what the processors see
+        # history[p] is the id at position p (what a PrefixCache stores) when the request gave
+        # the whole history of its cache
+        self.history_is_sequence = len(req.history) == req.start
+        self.prompt_cached = 0
         self.processors = make_logits_processors(self.params, len(self.history)) + list(req.processors)
         self.sampler = Sampler(self.params)
         self.max_tokens = min(self.params.max_tokens, context_length(model) - req.start - len(self.ids))
@@ -368,8 +374,10 @@ class BatchGenerator:
     """
 
     def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None):
+                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None,
+                 prefix_cache: Optional[PrefixCache] = None):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache = prefix_cache  # reused prompt prefixes (requests without a cache of their own)
         self.prefill_step = prefill_step
         self.decode = DecodeStep(model, compile)
         if speculative not in (None,) + SPECULATIVE:
@@ -400,7 +408,16 @@ class BatchGenerator:
         check_prompt(self.model, list(req.ids), req.start)
         rid = self._next_rid
         self._next_rid += 1
-        self.waiting.append(_Row(rid, req, self.model, self.tokenizer))
+        cached = 0
+        if self.prefix_cache is not None and req.cache is None and req.start == 0:
+            hit = self.prefix_cache.lookup(self.model, req.adapter, req.ids)
+            if hit is not None:
+                cache, cached = hit
+                ids = list(req.ids)
+                req = replace(req, ids=ids[cached:], cache=cache, start=cached, history=ids[:cached])
+        row = _Row(rid, req, self.model, self.tokenizer)
+        row.prompt_cached = cached
+        self.waiting.append(row)
         return rid
 
     def cancel(self, rid: int) -> Optional[Event]:
@@ -447,6 +464,9 @@ class BatchGenerator:
         return max(n, 0)
 
     def _join(self, row: _Row) -> None:
+        if self.prefix_cache is not None and row.fed and row.history_is_sequence:
+            # now, while every ring ends at the prompt: later a long prefix no longer fits
+            self.prefix_cache.remember(self.model, row.req.adapter, row.history[:row.pos + row.fed], row.cache)
         row.pos += row.fed
         for batch_cache, row_cache in zip(self.cache, row.cache):
             batch_cache.concat(row_cache)
@@ -463,6 +483,12 @@ class BatchGenerator:
         for mine, theirs in zip(out, self.cache):
             mine.state = (theirs.keys[i:i + 1], theirs.values[i:i + 1])
         return out
+
+    def _finished(self, row: _Row, i: int, event: Event) -> None:
+        """Fill the ending event of row i of the batch; store its sequence in the prefix cache."""
+        event.tokens, event.prompt_cached = list(row.tokens), row.prompt_cached
+        if self.prefix_cache is not None and row.history_is_sequence:
+            self.prefix_cache.remember(self.model, row.req.adapter, row.history[:row.pos], self.cache, i)
 
     def _drop(self, rows: Sequence[int]) -> None:
         keep = [i for i in range(len(self.active)) if i not in set(rows)]
@@ -502,7 +528,7 @@ class BatchGenerator:
                 event.logprob, event.top_logprobs = scores[i]
             if event.finish_reason:
                 finished.append(i)
-                event.tokens = list(row.tokens)
+                self._finished(row, i, event)
                 if row.req.keep_cache:
                     event.cache, event.cached = self._row_cache(i), row.pos
             events.append(event)
@@ -543,7 +569,7 @@ class BatchGenerator:
         self.accepted += len(events) - 1
         _restore_ring_slots(self.cache, saved, row.pos, start + k)
         if events[-1].finish_reason:
-            events[-1].tokens = list(row.tokens)
+            self._finished(row, 0, events[-1])
             if row.req.keep_cache:
                 events[-1].cache, events[-1].cached = self._row_cache(0), row.pos
             self._drop([0])
@@ -634,10 +660,12 @@ class GenerationChunk:
 
 def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: bool,
                     on_end: Optional[Callable[[Event], None]] = None,
-                    speculative: Optional[str] = None, draft_model=None) -> Iterator[GenerationChunk]:
+                    speculative: Optional[str] = None, draft_model=None,
+                    prompt_cache: Optional[PrefixCache] = None) -> Iterator[GenerationChunk]:
     """Run one request alone on a BatchGenerator, as GenerationChunks with timing stats.
     on_end receives the last event (also when the consumer stops early: then a cancel event)."""
-    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative, draft_model=draft_model)
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative, draft_model=draft_model,
+                            prefix_cache=prompt_cache)
     rid = engine.submit(req)
     stats = GenerationStats(prompt_tokens=len(req.ids))
     mx.reset_peak_memory()
@@ -672,7 +700,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
                     system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
                     prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
                     json_schema=None, regex: Optional[str] = None, speculative: Optional[str] = None,
-                    draft_model=None, **options) -> Iterator[GenerationChunk]:
+                    draft_model=None, prompt_cache: Optional[PrefixCache] = None,
+                    **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
@@ -690,13 +719,16 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     draft_model: a smaller model with the same tokenizer proposes the drafts instead (greedy,
     4 tokens a step); the text is again exactly plain greedy's. The stats count drafted /
     accepted tokens.
+    prompt_cache: a `PrefixCache` shared by calls: the prompt reuses the longest prefix of its ids
+    an earlier call with this model stored (prompt, or prompt + answer), and prefills only the
+    rest; this call's prompt and answer are stored for later ones. The text is the same.
     """
     params = SamplingParams.of(params, **options)
     mask = grammar_mask(tokenizer, json_schema, regex)
     ids = encode_prompt(tokenizer, prompt, system)
     req = Request(ids, params, processors=list(logits_processors) + ([mask] if mask else []))
     yield from _stream_request(model, tokenizer, req, prefill_step, compile, speculative=speculative,
-                               draft_model=draft_model)
+                               draft_model=draft_model, prompt_cache=prompt_cache)
 
 
 def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options) -> str:

@@ -185,7 +185,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             text = req.prompt + text
         _log_done(req, job, n_prompt, answer, metrics)
         return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
-                                                   answer.logprobs))
+                                                   answer.logprobs, job.cached))
 
     async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
         answer = _Answer(engine.tokenizer, req.params.logprobs)
@@ -206,7 +206,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                 if event.finish_reason:
                     yield _sse(protocol.chunk(req, finish=event.finish_reason))
                     if req.include_usage:
-                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
+                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out, job.cached))
                     break
             yield "data: [DONE]\n\n"
             _log_done(req, job, n_prompt, answer, metrics)

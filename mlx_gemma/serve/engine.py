@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..generation import BatchGenerator, Event, Request, check_prompt
+from ..prefix_cache import PrefixCache
 from ..sampling import LogitsProcessor, SamplingParams
 
 log = logging.getLogger("mlx_gemma.serve")
@@ -61,10 +62,12 @@ class Job:
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: Optional[dict] = None, prefill_step: int = 256,
-                 compile: bool = True):
+                 compile: bool = True, prompt_cache_bytes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.adapters = dict(adapters or {})  # name -> row adapter index (mlx_gemma.adapters)
-        self.generator = BatchGenerator(model, tokenizer, prefill_step, compile)
+        # served prompts' KV, reused by later prompts that start the same way (keyed by adapter row)
+        self.prefix_cache = PrefixCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.generator = BatchGenerator(model, tokenizer, prefill_step, compile, prefix_cache=self.prefix_cache)
         self.inbox: queue.Queue = queue.Queue()
         self.jobs: dict[int, Job] = {}
         self.thread = threading.Thread(target=self._run, name="mlx-gemma-engine", daemon=True)
@@ -147,7 +150,7 @@ class Engine:
                     if job.first_token is None:
                         job.first_token = now
                     if event.finish_reason:
-                        job.finished = now
+                        job.finished, job.cached = now, event.prompt_cached
                         del self.jobs[event.rid]
                     self._deliver(job, event)
                 self.steps += 1

@@ -223,9 +223,11 @@ def parse(kind: str, body: Any, default_max_tokens: int) -> ParsedRequest:
 # ---- responses -----------------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: the prompt tokens the prefix cache supplied."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _head(req: ParsedRequest, obj: str) -> dict:
@@ -252,7 +254,7 @@ def completion_logprobs(items: list, offset0: int) -> dict:
 
 
 def full_response(req: ParsedRequest, text: str, finish: str, n_prompt: int, n_out: int,
-                  logprobs: Optional[list]) -> dict:
+                  logprobs: Optional[list], n_cached: int = 0) -> dict:
     if req.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                   "logprobs": chat_logprob_entries(logprobs) if logprobs is not None else None,
@@ -263,7 +265,7 @@ def full_response(req: ParsedRequest, text: str, finish: str, n_prompt: int, n_o
                   "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None}
         out = _head(req, "text_completion")
     out["choices"] = [choice]
-    out["usage"] = usage(n_prompt, n_out)
+    out["usage"] = usage(n_prompt, n_out, n_cached)
     return out
 
 
@@ -290,8 +292,8 @@ def chunk(req: ParsedRequest, text: Optional[str] = None, finish: Optional[str] 
     return out
 
 
-def usage_chunk(req: ParsedRequest, n_prompt: int, n_out: int) -> dict:
+def usage_chunk(req: ParsedRequest, n_prompt: int, n_out: int, n_cached: int = 0) -> dict:
     out = _head(req, "chat.completion.chunk" if req.kind == "chat" else "text_completion")
     out["choices"] = []
-    out["usage"] = usage(n_prompt, n_out)
+    out["usage"] = usage(n_prompt, n_out, n_cached)
     return out
