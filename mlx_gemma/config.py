@@ -28,6 +28,16 @@ ARCHITECTURES = {
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
+@dataclass(frozen=True)
+class LayerCacheSpec:
+    """What one layer keeps in the KV cache; `GemmaConfig.layer_cache_specs` is the only source."""
+
+    kv_heads: int  # key/value heads this layer's cache holds
+    head_dim: int
+    window: Optional[int]  # None: every position (full attention); else a ring of this many slots
+    source: int  # the layer whose cache this layer reads; its own index when it owns one
+
+
 @dataclass
 class GemmaConfig:
     model_type: str  # "gemma" | "gemma2" | "gemma3_text"
@@ -117,6 +127,14 @@ class GemmaConfig:
         if kind != "linear":
             raise UserError(f"unsupported rope_scaling type {kind!r}; mlx-gemma supports linear scaling")
         return 1.0 / float(scaling["factor"])
+
+    def layer_cache_specs(self) -> list:
+        """One LayerCacheSpec per layer: the only place a cache layout comes from. Gemma 1-3 give
+        every layer its own cache with the model's KV heads and head size; sliding layers keep a
+        ring of `sliding_window` slots."""
+        return [LayerCacheSpec(self.num_key_value_heads, self.head_dim,
+                               self.sliding_window if self.is_sliding(i) else None, i)
+                for i in range(self.num_hidden_layers)]
 
     @property
     def has_ffw_norms(self) -> bool:

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
 from .adapters import set_row_adapters
 from .backend import policy
 from .constrain import grammar_mask, make_constraint
 from .errors import UserError
 from .hostdecode import HostDecoder, OneRowHead
+from .masks import as_positions
 from .prefix_cache import PrefixCache
 from .tokenizer import StreamingDetokenizer
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
@@ -51,19 +51,9 @@ __all__ = ["BatchGenerator", "BatchOutput", "ChatSession", "DecodeStep", "Genera
 # ---- the token engine ----------------------------------------------------------------------
 
 
-def _kv_spec(model, batch: int):
-    """(batch, KV heads, head_dim, activation dtype) for cache buffers."""
-    cfg = model.config
-    dtype = model.model.embed_tokens(mx.array([0])).dtype  # lazy: only the dtype is read
-    return batch, cfg.num_key_value_heads, cfg.head_dim, dtype
-
-
-def _as_positions(start, batch: int) -> mx.array:
-    if isinstance(start, mx.array):
-        return start.astype(mx.int32)
-    if isinstance(start, int):
-        return mx.full((batch,), start, mx.int32)
-    return mx.array(list(start), mx.int32)
+def activation_dtype(model):
+    """The dtype of the model's activations, which its cache buffers hold."""
+    return model.model.embed_tokens(mx.array([0])).dtype  # lazy: only the dtype is read
 
 
 def prefill(model, tokens: mx.array, cache: list, start=0, step: int = DEFAULT_PREFILL_STEP,
@@ -72,16 +62,14 @@ def prefill(model, tokens: mx.array, cache: list, start=0, step: int = DEFAULT_P
     start .. start + T - 1 of each row into `cache` (start: int, or one int per row). When every
     row starts at 0, the first chunk is `fresh` (its sliding layers skip the empty ring)."""
     B, T = tokens.shape
-    spec = _kv_spec(model, B)
-    pos = _as_positions(start, B)
+    pos = as_positions(start, B)
     end = int(mx.max(pos).item()) + T
     fresh = end == T  # every row starts at position 0
-    for c in cache:
-        c.reserve(*spec, end)
+    cache.reserve(B, activation_dtype(model), end)
     set_row_adapters(model, adapter_rows)
     for i in range(0, T, step):
         model.model(tokens[:, i:i + step], cache=cache, pos=pos + i, fresh=fresh and i == 0)
-        mx.eval([c.state for c in cache])
+        mx.eval(cache.state)
 
 
 class DecodeStep:
@@ -106,17 +94,15 @@ class DecodeStep:
         self.host_body = HostDecoder.of(model) if policy().host_decode else None
 
     def _traced(self, tokens, pos, adapter_rows: list, state):
-        for c, kv in zip(self.scratch, state):
-            c.state = kv
+        self.scratch.state = state
         set_row_adapters(self.model, adapter_rows[0] if adapter_rows else None)
         hidden = self.model.model(tokens, cache=self.scratch, pos=pos)
-        return hidden[:, -1], [c.state for c in self.scratch]
+        return hidden[:, -1], self.scratch.state
 
     def __call__(self, cache: list, tokens: mx.array, pos: mx.array, end: int,
                  adapter_rows: Optional[mx.array] = None) -> mx.array:
         """`end`: one past the largest position written (max(pos) + 1), to size the buffers."""
-        for c in cache:
-            c.reserve(*_kv_spec(self.model, tokens.shape[0]), end)
+        cache.reserve(tokens.shape[0], activation_dtype(self.model), end)
         if self.host_body is not None and tokens.shape[0] == 1 and adapter_rows is None:
             return self.host_body.logits(self.host_body(cache, tokens.item(), pos.item()))
         if self.compiled is None:
@@ -124,9 +110,7 @@ class DecodeStep:
             hidden = self.model.model(tokens, cache=cache, pos=pos)[:, -1]
         else:
             rows = [] if adapter_rows is None else [adapter_rows]
-            hidden, state = self.compiled(tokens, pos, rows, [c.state for c in cache])
-            for c, kv in zip(cache, state):
-                c.state = kv
+            hidden, cache.state = self.compiled(tokens, pos, rows, cache.state)
         if self.host_head is not None and hidden.shape[0] == 1:
             return self.host_head(hidden)
         return self.model.logits(hidden)
@@ -150,21 +134,6 @@ def ngram_draft(history: Sequence[int], k: int, max_n: int = 3) -> list:
             if history[i] == tail[0] and list(history[i:i + n]) == tail:
                 return list(history[i + n:i + n + k])
     return []
-
-
-def _restore_ring_slots(cache: list, saved: list, first: int, last: int) -> None:
-    """Give the ring caches back the keys they held before positions first .. last were written
-    (rejected draft positions): a ring slot holds the key `window` positions earlier, which the
-    next queries still need. Full caches need nothing: the causal mask hides slots past a query
-    and the next step overwrites them."""
-    if last < first:
-        return
-    for c, old in zip(cache, saved):
-        if old is None:
-            continue
-        stale = mx.arange(first, last + 1) % c.window
-        hit = (mx.arange(c.capacity)[:, None] == stale[None]).any(axis=1)[None, None, :, None]
-        c.keys, c.values = mx.where(hit, old[0], c.keys), mx.where(hit, old[1], c.values)
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,
@@ -328,15 +297,14 @@ class _DraftModel:
             raise UserError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens and the model's "
                             f"{target.config.vocab_size}; a draft model must use the same tokenizer")
         self.model, self.step = draft, DecodeStep(draft, compile)
-        self.rid, self.cache, self.fed, self.saved = None, None, 0, None
+        self.rid, self.cache, self.fed, self.snap = None, None, 0, None
 
     def propose(self, row: "_Row", k: int) -> list:
         """k greedy draft tokens following the row's next input (at position row.pos)."""
         if self.rid != row.rid:
             self.rid, self.cache, self.fed = row.rid, self.model.make_cache(), 0
         missing = (row.ids + row.tokens)[self.fed:row.pos]  # inputs at positions fed .. row.pos - 1
-        for c in self.cache:
-            c.reserve(*_kv_spec(self.model, 1), row.pos + k)
+        self.cache.reserve(1, activation_dtype(self.model), row.pos + k)
         if self.step.host_body is not None and len(missing) <= 8:
             # the usual case, one or two accepted tokens: host steps without the LM head (a short
             # MLX forward of a quantized drafter would take MLX's slow one-row kernel)
@@ -345,9 +313,7 @@ class _DraftModel:
         elif missing:
             prefill(self.model, mx.array([missing], mx.int32), self.cache, self.fed)
         self.fed = row.pos
-        # copies: the host decode path writes into the cache buffers in place
-        self.saved = [(mx.array(np.array(c.keys)), mx.array(np.array(c.values))) if c.window else None
-                      for c in self.cache]
+        self.snap = self.cache.snapshot(row.pos, k)
         out, token = [], row.next_input
         for i in range(k):
             logits = self.step(self.cache, mx.array([[token]], mx.int32), mx.array([row.pos + i], mx.int32),
@@ -360,8 +326,8 @@ class _DraftModel:
         """After verification: the row moved from `start` to `pos`; the draft fed positions
         start .. start + k - 1, of which those before `pos` hold accepted inputs."""
         self.fed = min(pos, start + k)
-        _restore_ring_slots(self.cache, self.saved, self.fed, start + k - 1)
-        self.saved = None
+        self.cache.restore(self.snap, self.fed - start)
+        self.snap = None
 
 
 class BatchGenerator:
@@ -430,7 +396,7 @@ class BatchGenerator:
             if row.rid == rid:
                 event = Event(rid, None, "", "cancelled")
                 if row.req.keep_cache:
-                    event.cache, event.cached = self._row_cache(i), row.pos
+                    event.cache, event.cached = self.cache.row(i), row.pos
                 self._drop([i])
                 return event
         return None
@@ -468,8 +434,7 @@ class BatchGenerator:
             # now, while every ring ends at the prompt: later a long prefix no longer fits
             self.prefix_cache.remember(self.model, row.req.adapter, row.history[:row.pos + row.fed], row.cache)
         row.pos += row.fed
-        for batch_cache, row_cache in zip(self.cache, row.cache):
-            batch_cache.concat(row_cache)
+        self.cache.concat(row.cache)
         row.cache = None
         self.active.append(row)
 
@@ -477,12 +442,6 @@ class BatchGenerator:
         if not any(r.req.adapter for r in rows):
             return None
         return mx.array([r.req.adapter for r in rows], mx.int32)
-
-    def _row_cache(self, i: int) -> list:
-        out = self.model.make_cache()
-        for mine, theirs in zip(out, self.cache):
-            mine.state = (theirs.keys[i:i + 1], theirs.values[i:i + 1])
-        return out
 
     def _finished(self, row: _Row, i: int, event: Event) -> None:
         """Fill the ending event of row i of the batch; store its sequence in the prefix cache."""
@@ -494,17 +453,15 @@ class BatchGenerator:
         keep = [i for i in range(len(self.active)) if i not in set(rows)]
         if len(keep) == len(self.active):
             return
-        if keep:
-            for c in self.cache:
-                c.take(keep)
-        else:
-            self.cache = self.model.make_cache()
+        self.cache.take(keep)
         self.active = [self.active[i] for i in keep]
 
     def _decode(self) -> list[Event]:
         rows = self.active
         if self._can_speculate(rows):
-            row, k = rows[0], min(self.draft_tokens, rows[0].max_tokens - len(rows[0].tokens) - 1)
+            # k drafts + the row's input are rolled back together: at most one snapshot's span
+            row = rows[0]
+            k = min(self.draft_tokens, row.max_tokens - len(row.tokens) - 1, self.cache.max_snapshot - 1)
             if self.draft is None:
                 draft = ngram_draft(row.history, k)
                 if draft:
@@ -530,7 +487,7 @@ class BatchGenerator:
                 finished.append(i)
                 self._finished(row, i, event)
                 if row.req.keep_cache:
-                    event.cache, event.cached = self._row_cache(i), row.pos
+                    event.cache, event.cached = self.cache.row(i), row.pos
             events.append(event)
         self._drop(finished)
         return events
@@ -551,9 +508,8 @@ class BatchGenerator:
         including the first one that disagrees with the draft (1 .. k + 1 tokens, as plain greedy
         decoding would give them), then undo the ring-cache writes of the rejected positions."""
         start, k = row.pos, len(draft)
-        for c in self.cache:
-            c.reserve(*_kv_spec(self.model, 1), start + k + 1)
-        saved = [(c.keys, c.values) if c.window else None for c in self.cache]
+        self.cache.reserve(1, activation_dtype(self.model), start + k + 1)
+        snap = self.cache.snapshot(start, k + 1)
         set_row_adapters(self.model, self._adapters([row]))
         hidden = self.model.model(mx.array([[row.next_input] + draft], mx.int32), cache=self.cache,
                                   pos=mx.array([start], mx.int32))[0]  # (k + 1, E)
@@ -567,11 +523,11 @@ class BatchGenerator:
             if events[-1].finish_reason or i == k or token != draft[i]:
                 break
         self.accepted += len(events) - 1
-        _restore_ring_slots(self.cache, saved, row.pos, start + k)
+        self.cache.restore(snap, row.pos - start)
         if events[-1].finish_reason:
             self._finished(row, 0, events[-1])
             if row.req.keep_cache:
-                events[-1].cache, events[-1].cached = self._row_cache(0), row.pos
+                events[-1].cache, events[-1].cached = self.cache.row(0), row.pos
             self._drop([0])
         return events
 

@@ -234,6 +234,6 @@ class Gemma(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list:
-        """A fresh, empty KV cache per layer: full for global layers, a window-bounded ring for sliding ones."""
-        window = self.config.sliding_window
-        return make_cache([window if layer.is_sliding else None for layer in self.layers])
+        """A fresh, empty KV cache per layer (`GemmaConfig.layer_cache_specs`): full for global
+        layers, a window-bounded ring for sliding ones."""
+        return make_cache(self.config.layer_cache_specs())
