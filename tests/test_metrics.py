@@ -29,10 +29,10 @@ def served(tmp_path_factory):
     path = save_hf_model(make_hf_model("gemma3_text"), tmp_path_factory.mktemp("g3"))
     model = build_model(read_config(path), hf_convert.load_safetensors(hf_convert.safetensors_files(path)),
                         str(path), "float32")
-    engine = Engine(model, NoStops())
+    engine = Engine(model, NoStops(), prompt_cache_bytes=64 << 20)
     engine.start()
     with running(build_app(engine, "tiny", api_key=KEY)) as url:
-        yield url
+        yield url, engine
     engine.stop()
 
 
@@ -66,14 +66,20 @@ def value(found, name, **labels):
 
 
 def test_metrics_count_what_was_sent(served):
+    served, engine = served
     client = openai.OpenAI(base_url=f"{served}/v1", api_key=KEY, max_retries=0, timeout=120)
-    prompts = [random_ids(512, (n,), seed=n).tolist() for n in (5, 17, 40)]
+    # distinct first ids: no prompt shares a prefix with another
+    prompts = [[10 + i] + random_ids(512, (n - 1,), seed=n).tolist() for i, n in enumerate((5, 17, 40))]
     lengths = [3, 6, 9]
     for ids, n in zip(prompts, lengths):
         r = client.completions.create(model="tiny", prompt=ids, max_tokens=n, temperature=0)
         assert r.usage.completion_tokens == n and r.usage.prompt_tokens == len(ids)
-    stream = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4, temperature=0, stream=True)
-    assert sum(len(c.choices[0].text) for c in stream if c.choices) == 4
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # the first prompt again: all but its last id come from the prefix cache
+    chunks = list(client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert sum(len(c.choices[0].text) for c in chunks if c.choices) == 4
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(prompts[0]) - 1
     assert post(served, "/v1/completions", {"model": "nope", "prompt": [2, 3]}) == 404
     assert post(served, "/v1/completions", {"prompt": [2, 3], "n": 2}) == 400
     assert post(served, "/v1/completions", {"prompt": [2, 3]}, key="wrong") == 401
@@ -93,3 +99,10 @@ def test_metrics_count_what_was_sent(served):
     assert value(found, "mlx_gemma_time_to_first_token_seconds_sum") > 0
     assert value(found, "mlx_gemma_time_per_output_token_seconds_count") == ok  # every answer had > 1 token
     assert value(found, "mlx_gemma_running_rows") == 0 and value(found, "mlx_gemma_waiting_rows") == 0
+    assert value(found, "mlx_gemma_prompt_cached_tokens_total") == len(prompts[0]) - 1
+    assert value(found, "mlx_gemma_prompt_cache_lookups_total") == ok
+    assert value(found, "mlx_gemma_prompt_cache_hits_total") == 1
+    assert value(found, "mlx_gemma_prompt_cache_hit_rate") == 1 / ok
+    held = sum(k.nbytes + v.nbytes for e in engine.prefix_cache.entries.values() for k, v in e.prefix.layers)
+    assert value(found, "mlx_gemma_prompt_cache_bytes") == held > 0
+    assert value(found, "mlx_gemma_prompt_cache_entries") == len(engine.prefix_cache.entries)

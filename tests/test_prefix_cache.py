@@ -171,3 +171,37 @@ def test_generate_takes_a_prompt_cache(tiny):
     chunks = list(stream_generate(tiny, NoStops(), follow, max_tokens=5, temp=0.0, prompt_cache=store))
     assert chunks[-1].tokens == greedy_alone(tiny, follow, 5)
     assert store.hits == 1 and store.lookups == 2
+
+
+@pytest.mark.slow
+def test_served_multi_turn_chat_on_the_270m(tmp_path):
+    """The real 270M behind the real openai client: a three-turn chat with a shared system prompt,
+    each turn's greedy text equal to `generate` without any cache, and each later turn reports at
+    least the previous prompt (all but its last id) as cached."""
+    openai = pytest.importorskip("openai")
+    from mlx_gemma.generation import generate
+    from mlx_gemma.loading import load
+    from mlx_gemma.serve import create_server
+
+    from inproc_server import running
+
+    app, engine = create_server("gemma-3-270m", prompt_cache_mb=256)
+    net, tok = load("gemma-3-270m")
+    messages = [{"role": "system", "content": "你是一个知识丰富的人工智能助手，请简洁地回答。"}]
+    try:
+        with running(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+            previous = 0
+            for question in ("长江有多长？", "它流经哪些省份？", "Say it again in English."):
+                messages.append({"role": "user", "content": question})
+                r = client.chat.completions.create(model="gemma-3-270m", messages=messages, max_tokens=16,
+                                                   temperature=0)
+                text = r.choices[0].message.content
+                assert text == generate(net, tok, messages, max_tokens=16, temp=0.0)
+                cached = r.usage.prompt_tokens_details.cached_tokens
+                assert cached == 0 if previous == 0 else previous - 1 <= cached < r.usage.prompt_tokens
+                previous = r.usage.prompt_tokens
+                messages.append({"role": "assistant", "content": text})
+            assert engine.prefix_cache.hits == 2
+    finally:
+        engine.stop()
