@@ -1,17 +1,15 @@
-"""Text generation: prefill, the compiled decode step, a batch engine with rows at their own
-positions, and the text-level entry points on top of it.
+"""Text generation: the public entry points (generate, stream_generate, batch_generate,
+ChatSession, and generate_step for raw token ids), all on the model's one engine
+(`mlx_gemma.engine`: the scheduler, decode step, sampler, finisher and speculation).
 
-Layers, bottom up:
-- `prefill(model, tokens, cache, start)`: the prompt through the model in chunks; only the KV
-  caches are evaluated (the LM head never runs for prompt positions);
-- `DecodeStep`: tokens (B, 1) at positions pos (B,) -> logits (B, V), compiled once per
-  buffer shape (the positions are an argument, see cache.py), so rows may sit anywhere;
 - `generate_step`: raw token ids for rows that share their positions (tests, benchmarks); it
   dispatches step t+1 before step t's token reaches Python (`mx.async_eval`);
-- `BatchGenerator`: the engine. Requests join a running decode batch after a chunked prefill
-  of their own and leave it when done, each with its own SamplingParams, stop strings, length,
-  adapter and logits processors. `batch_generate`, `stream_generate`, `ChatSession` and the
-  server all run on it, so stopping and streaming have one implementation.
+- `stream_generate` / `generate`: one request on a `BatchGenerator`, as text chunks with stats;
+- `batch_generate`: several prompts as rows of one continuous batch;
+- `ChatSession`: a conversation whose cache is kept between turns.
+`batch_generate`, `stream_generate`, `ChatSession` and the server all run on `BatchGenerator`, so
+stopping and streaming have one implementation, and on the decode step `engine_for(model)` keeps,
+so nothing is rebuilt or retraced between calls.
 
 Shapes: B batch rows, T tokens, V vocabulary, E hidden size.
 """
@@ -19,28 +17,20 @@ Shapes: B batch rows, T tokens, V vocabulary, E hidden size.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .adapters import set_row_adapters
-from .backend import policy
 from .constrain import grammar_mask, make_constraint
+from .engine import (DEFAULT_PREFILL_STEP, SPECULATIVE, BatchGenerator, DecodeStep, Event, PrefixCache, Request,
+                     check_prompt, context_length, engine_for, ngram_draft, prefill)
 from .errors import UserError
-from .hostdecode import HostDecoder, OneRowHead
-from .masks import as_positions
-from .prefix_cache import PrefixCache
-from .tokenizer import StreamingDetokenizer
-from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, Sampler, SamplingParams, StopStrings,
-                       make_logits_processors, make_sampler, min_p_filter, repetition_penalty_processor,
-                       top_k_filter, top_p_filter)
+from .hostdecode import OneRowHead  # noqa: F401 (benchmarks import it from here)
+from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, SamplingParams, make_sampler, min_p_filter,
+                       repetition_penalty_processor, top_k_filter, top_p_filter)
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]
-
-DEFAULT_PREFILL_STEP = 512
-SPECULATIVE = ("ngram",)  # draft sources for speculative decoding
-DEFAULT_DRAFT_TOKENS = 4
 
 __all__ = ["BatchGenerator", "BatchOutput", "ChatSession", "DecodeStep", "GenerationChunk", "GenerationStats",
            "Request", "SamplingParams", "batch_generate", "encode_prompt", "generate", "generate_step",
@@ -48,92 +38,7 @@ __all__ = ["BatchGenerator", "BatchOutput", "ChatSession", "DecodeStep", "Genera
            "top_k_filter", "top_p_filter"]
 
 
-# ---- the token engine ----------------------------------------------------------------------
-
-
-def activation_dtype(model):
-    """The dtype of the model's activations, which its cache buffers hold."""
-    return model.model.embed_tokens(mx.array([0])).dtype  # lazy: only the dtype is read
-
-
-def prefill(model, tokens: mx.array, cache: list, start=0, step: int = DEFAULT_PREFILL_STEP,
-            adapter_rows: Optional[mx.array] = None) -> None:
-    """Run tokens (B, T) through the model in chunks of `step`, writing positions
-    start .. start + T - 1 of each row into `cache` (start: int, or one int per row). When every
-    row starts at 0, the first chunk is `fresh` (its sliding layers skip the empty ring)."""
-    B, T = tokens.shape
-    pos = as_positions(start, B)
-    end = int(mx.max(pos).item()) + T
-    fresh = end == T  # every row starts at position 0
-    cache.reserve(B, activation_dtype(model), end)
-    set_row_adapters(model, adapter_rows)
-    for i in range(0, T, step):
-        model.model(tokens[:, i:i + step], cache=cache, pos=pos + i, fresh=fresh and i == 0)
-        mx.eval(cache.state)
-
-
-class DecodeStep:
-    """One decode step: tokens (B, 1) at positions pos (B,) -> logits (B, V), writing the new keys.
-
-    Compiled with mx.compile over a scratch copy of the cache structure: the buffers go in and
-    come out as arrays, the positions are an input, so one trace serves every position of a
-    buffer shape (retraced when the batch or the buffers grow) and MLX fuses the elementwise
-    work between the matmuls. The LM head runs outside (its weight is not copied into a trace).
-
-    On the CPU, one row of a float32 model decodes on the host instead (`HostDecoder`: every
-    weight product a cblas_sgemv, ~2x MLX's one-row sgemm, or a native kernel for 4/8-bit
-    weights); batches, per-row adapters and models it declines take the compiled path, with
-    `OneRowHead` for a dense head.
-    """
-
-    def __init__(self, model, compile: bool = True):
-        self.model = model
-        self.scratch = model.make_cache()
-        self.compiled = mx.compile(self._traced) if compile else None
-        self.host_head = OneRowHead.of(model) if policy().host_gemv else None
-        self.host_body = HostDecoder.of(model) if policy().host_decode else None
-
-    def _traced(self, tokens, pos, adapter_rows: list, state):
-        self.scratch.state = state
-        set_row_adapters(self.model, adapter_rows[0] if adapter_rows else None)
-        hidden = self.model.model(tokens, cache=self.scratch, pos=pos)
-        return hidden[:, -1], self.scratch.state
-
-    def __call__(self, cache: list, tokens: mx.array, pos: mx.array, end: int,
-                 adapter_rows: Optional[mx.array] = None) -> mx.array:
-        """`end`: one past the largest position written (max(pos) + 1), to size the buffers."""
-        cache.reserve(tokens.shape[0], activation_dtype(self.model), end)
-        if self.host_body is not None and tokens.shape[0] == 1 and adapter_rows is None:
-            return self.host_body.logits(self.host_body(cache, tokens.item(), pos.item()))
-        if self.compiled is None:
-            set_row_adapters(self.model, adapter_rows)
-            hidden = self.model.model(tokens, cache=cache, pos=pos)[:, -1]
-        else:
-            rows = [] if adapter_rows is None else [adapter_rows]
-            hidden, cache.state = self.compiled(tokens, pos, rows, cache.state)
-        if self.host_head is not None and hidden.shape[0] == 1:
-            return self.host_head(hidden)
-        return self.model.logits(hidden)
-
-    def greedy(self, hidden: mx.array) -> list:
-        """Greedy ids for final hidden states (N, E): argmax of the LM head, soft-capped as plain
-        decoding does (tanh can round two large logits to one value: the tie must break the same
-        way)."""
-        return mx.argmax(self.model.logits(hidden), axis=-1).tolist()
-
-
-def ngram_draft(history: Sequence[int], k: int, max_n: int = 3) -> list:
-    """Prompt-lookup drafting: the (up to) k tokens that followed the latest earlier occurrence of
-    the last n ids of `history` (n = max_n down to 1); [] when none occurs or k < 1. Copying from
-    the prompt and the answer so far pays on Q&A over a context, code edits, lists, repetitions."""
-    if k < 1:
-        return []
-    for n in range(min(max_n, len(history) - 1), 0, -1):
-        tail = list(history[-n:])
-        for i in range(len(history) - n - 1, -1, -1):
-            if history[i] == tail[0] and list(history[i:i + n]) == tail:
-                return list(history[i + n:i + n + k])
-    return []
+# ---- raw token ids -------------------------------------------------------------------------
 
 
 def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, start: int = 0,
@@ -154,7 +59,7 @@ def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, star
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or make_sampler()
     prefill(model, tokens[:, :-1], cache, start, prefill_step)
-    decode = DecodeStep(model, compile)
+    decode = engine_for(model).step(compile)
     track = bool(logits_processors)
     history = (tokens if history is None else mx.concatenate([history, tokens], axis=1)) if track else None
     position = start + T - 1
@@ -203,382 +108,6 @@ def encode_prompt(tokenizer, prompt: Prompt, system: Optional[str] = None) -> li
     if isinstance(last, dict) and isinstance(last.get("content"), str) and not last["content"].strip():
         raise UserError("the last message is empty; give the model something to answer")
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-
-
-def context_length(model) -> int:
-    return int(model.config.max_position_embeddings)
-
-
-def check_prompt(model, ids: Sequence[int], used: int = 0) -> None:
-    """UserError for an empty prompt, one past the context (on top of `used` cached positions),
-    or ids outside the vocabulary (a tokenizer that does not belong to the model)."""
-    if not ids:
-        raise UserError("the prompt is empty; give some text (or messages) to continue")
-    limit = context_length(model)
-    if used + len(ids) >= limit:
-        where = f" on top of {used} cached tokens" if used else ""
-        raise UserError(f"the prompt is {len(ids)} tokens{where}, but the model's context is {limit} tokens; "
-                        "shorten the prompt" + (" or reset the conversation" if used else ""))
-    vocab = model.config.vocab_size
-    bad = next((i for i in ids if not 0 <= i < vocab), None)
-    if bad is not None:
-        raise UserError(f"token id {bad} is outside the model's vocabulary ({vocab} tokens); "
-                        "the tokenizer does not belong to this model")
-
-
-# ---- the batch engine ----------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """One generation: prompt ids and how to sample them.
-
-    cache / start: continue a one-row cache whose positions [0, start) hold `history` (a chat's
-    earlier turns); `ids` are the new tokens. adapter: row index of a multi-adapter model
-    (mlx_gemma.adapters; 0 = the base). keep_cache: hand the row's cache back when it ends.
-    """
-
-    ids: Sequence[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    processors: Sequence[LogitsProcessor] = ()
-    adapter: int = 0
-    cache: Optional[list] = None
-    start: int = 0
-    history: Sequence[int] = ()
-    keep_cache: bool = False
-
-
-@dataclass
-class Event:
-    """What one engine step produced for one request."""
-
-    rid: int
-    token: Optional[int]  # the id sampled this step (None on an event that carries no new token)
-    text: str  # text that became final with it ("" while a character or a possible stop is held)
-    finish_reason: Optional[str] = None  # "stop" (stop token or string), "length", None while running
-    stop_token: Optional[int] = None  # the stop id that ended the row, if one did
-    logprob: Optional[float] = None  # log-probability of `token` under the model (params.logprobs)
-    top_logprobs: Optional[list] = None  # [(id, logprob)] most likely alternatives (params.top_logprobs)
-    tokens: Optional[list] = None  # every id the row generated (a stop token included), once it ended
-    cache: Optional[list] = None  # the row's cache once it ended (Request.keep_cache)
-    cached: int = 0  # positions that cache holds
-    prompt_cached: int = 0  # prompt tokens a PrefixCache supplied (set on the event that ends the row)
-
-
-class _Row:
-    def __init__(self, rid: int, req: Request, model, tokenizer):
-        self.rid, self.req, self.params = rid, req, req.params
-        self.ids = list(req.ids)
-        self.cache = req.cache if req.cache is not None else model.make_cache()
-        self.fed = 0  # prompt tokens prefilled into self.cache (all but the last are)
-        self.pos = req.start  # position of the next token to feed
-        self.history = list(req.history) + self.ids  # what the processors see
-        # history[p] is the id at position p (what a PrefixCache stores) when the request gave
-        # the whole history of its cache
-        self.history_is_sequence = len(req.history) == req.start
-        self.prompt_cached = 0
-        self.processors = make_logits_processors(self.params, len(self.history)) + list(req.processors)
-        self.sampler = Sampler(self.params)
-        self.max_tokens = min(self.params.max_tokens, context_length(model) - req.start - len(self.ids))
-        self.tokens: list = []
-        self.detok = StreamingDetokenizer(tokenizer, skip_special=True)
-        self.stopper = StopStrings(self.params.stop)
-        self.next_input = self.ids[-1]
-
-
-class _DraftModel:
-    """A smaller model proposing drafts for one greedy row: it keeps its own KV cache of the row's
-    sequence, catches up on the tokens the target accepted, decodes k greedy tokens, and after
-    verification keeps the positions that were accepted (rejected ones are overwritten next time;
-    its ring caches get back the keys they displaced, as the target's do)."""
-
-    def __init__(self, draft, target, compile: bool):
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise UserError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens and the model's "
-                            f"{target.config.vocab_size}; a draft model must use the same tokenizer")
-        self.model, self.step = draft, DecodeStep(draft, compile)
-        self.rid, self.cache, self.fed, self.snap = None, None, 0, None
-
-    def propose(self, row: "_Row", k: int) -> list:
-        """k greedy draft tokens following the row's next input (at position row.pos)."""
-        if self.rid != row.rid:
-            self.rid, self.cache, self.fed = row.rid, self.model.make_cache(), 0
-        missing = (row.ids + row.tokens)[self.fed:row.pos]  # inputs at positions fed .. row.pos - 1
-        self.cache.reserve(1, activation_dtype(self.model), row.pos + k)
-        if self.step.host_body is not None and len(missing) <= 8:
-            # the usual case, one or two accepted tokens: host steps without the LM head (a short
-            # MLX forward of a quantized drafter would take MLX's slow one-row kernel)
-            for i, token in enumerate(missing):
-                self.step.host_body(self.cache, token, self.fed + i)
-        elif missing:
-            prefill(self.model, mx.array([missing], mx.int32), self.cache, self.fed)
-        self.fed = row.pos
-        self.snap = self.cache.snapshot(row.pos, k)
-        out, token = [], row.next_input
-        for i in range(k):
-            logits = self.step(self.cache, mx.array([[token]], mx.int32), mx.array([row.pos + i], mx.int32),
-                               row.pos + i + 1)
-            token = int(mx.argmax(logits, axis=-1).item())
-            out.append(token)
-        return out
-
-    def settle(self, start: int, k: int, pos: int) -> None:
-        """After verification: the row moved from `start` to `pos`; the draft fed positions
-        start .. start + k - 1, of which those before `pos` hold accepted inputs."""
-        self.fed = min(pos, start + k)
-        self.cache.restore(self.snap, self.fed - start)
-        self.snap = None
-
-
-class BatchGenerator:
-    """Continuous batching: `submit` requests, call `step()` until `busy` is False.
-
-    Each step prefills one chunk of the oldest waiting prompt (several while nothing decodes),
-    moves prompts whose prefill is complete into the decode batch, and runs one decode step for
-    every row in it. A row leaves the batch as soon as it stops (its stop token, a stop string,
-    its max_tokens or the context), or when `cancel`led; the other rows go on untouched.
-    """
-
-    def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None,
-                 prefix_cache: Optional[PrefixCache] = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.prefix_cache = prefix_cache  # reused prompt prefixes (requests without a cache of their own)
-        self.prefill_step = prefill_step
-        self.decode = DecodeStep(model, compile)
-        if speculative not in (None,) + SPECULATIVE:
-            raise UserError(f"unknown speculative {speculative!r}; use one of {', '.join(SPECULATIVE)} (or None)")
-        if draft_tokens < 1:
-            raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        self.draft = None
-        if draft_model is not None:
-            if speculative is not None:
-                raise UserError(f"speculative={speculative!r} and a draft model both propose drafts; use one")
-            self.draft = _DraftModel(draft_model, model, compile)
-            speculative = "model"
-        self.speculative, self.draft_tokens = speculative, draft_tokens
-        self.drafted = self.accepted = 0  # speculative statistics: draft tokens proposed / accepted
-        self.stop_ids = set(tokenizer.stop_ids)
-        self.waiting: list[_Row] = []
-        self.active: list[_Row] = []
-        self.cache = model.make_cache()  # the decode batch: row i of every layer is self.active[i]
-        self._next_rid = 0
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting or self.active)
-
-    def submit(self, req: Request) -> int:
-        """Queue a request (checked first: UserError for a bad prompt or options); returns its id."""
-        req.params.check()
-        check_prompt(self.model, list(req.ids), req.start)
-        rid = self._next_rid
-        self._next_rid += 1
-        cached = 0
-        if self.prefix_cache is not None and req.cache is None and req.start == 0:
-            hit = self.prefix_cache.lookup(self.model, req.adapter, req.ids)
-            if hit is not None:
-                cache, cached = hit
-                ids = list(req.ids)
-                req = replace(req, ids=ids[cached:], cache=cache, start=cached, history=ids[:cached])
-        row = _Row(rid, req, self.model, self.tokenizer)
-        row.prompt_cached = cached
-        self.waiting.append(row)
-        return rid
-
-    def cancel(self, rid: int) -> Optional[Event]:
-        """Drop a request wherever it is; for a keep_cache request, an Event with its cache."""
-        for row in self.waiting:
-            if row.rid == rid:
-                self.waiting.remove(row)
-                return Event(rid, None, "", "cancelled", cache=row.cache, cached=row.pos + row.fed)
-        for i, row in enumerate(self.active):
-            if row.rid == rid:
-                event = Event(rid, None, "", "cancelled")
-                if row.req.keep_cache:
-                    event.cache, event.cached = self.cache.row(i), row.pos
-                self._drop([i])
-                return event
-        return None
-
-    def step(self) -> list[Event]:
-        """Advance every request by one step; the events of this step, in row order.
-
-        While rows decode, a step prefills at most `prefill_step` prompt tokens (so the running
-        streams keep flowing), shared by the waiting prompts in order: a burst of short prompts
-        all joins in one step. With nothing decoding, prompts are prefilled until one can join.
-        """
-        budget = self.prefill_step
-        while self.waiting and (budget > 0 or not self.active):
-            row = self.waiting[0]
-            budget -= self._prefill_chunk(row, max(budget, 1))
-            if len(row.ids) - 1 - row.fed <= 0:
-                self.waiting.pop(0)
-                self._join(row)
-        return self._decode() if self.active else []
-
-    # -- internals --
-
-    def _prefill_chunk(self, row: _Row, most: int) -> int:
-        """Prefill up to `most` more tokens of the row's prompt (all but its last token, which the
-        first decode step feeds); returns how many."""
-        n = min(len(row.ids) - 1 - row.fed, most, self.prefill_step)
-        if n > 0:
-            chunk = mx.array([row.ids[row.fed:row.fed + n]], mx.int32)
-            prefill(self.model, chunk, row.cache, row.pos + row.fed, n, self._adapters([row]))
-            row.fed += n
-        return max(n, 0)
-
-    def _join(self, row: _Row) -> None:
-        if self.prefix_cache is not None and row.fed and row.history_is_sequence:
-            # now, while every ring ends at the prompt: later a long prefix no longer fits
-            self.prefix_cache.remember(self.model, row.req.adapter, row.history[:row.pos + row.fed], row.cache)
-        row.pos += row.fed
-        self.cache.concat(row.cache)
-        row.cache = None
-        self.active.append(row)
-
-    def _adapters(self, rows) -> Optional[mx.array]:
-        if not any(r.req.adapter for r in rows):
-            return None
-        return mx.array([r.req.adapter for r in rows], mx.int32)
-
-    def _finished(self, row: _Row, i: int, event: Event) -> None:
-        """Fill the ending event of row i of the batch; store its sequence in the prefix cache."""
-        event.tokens, event.prompt_cached = list(row.tokens), row.prompt_cached
-        if self.prefix_cache is not None and row.history_is_sequence:
-            self.prefix_cache.remember(self.model, row.req.adapter, row.history[:row.pos], self.cache, i)
-
-    def _drop(self, rows: Sequence[int]) -> None:
-        keep = [i for i in range(len(self.active)) if i not in set(rows)]
-        if len(keep) == len(self.active):
-            return
-        self.cache.take(keep)
-        self.active = [self.active[i] for i in keep]
-
-    def _decode(self) -> list[Event]:
-        rows = self.active
-        if self._can_speculate(rows):
-            # k drafts + the row's input are rolled back together: at most one snapshot's span
-            row = rows[0]
-            k = min(self.draft_tokens, row.max_tokens - len(row.tokens) - 1, self.cache.max_snapshot - 1)
-            if self.draft is None:
-                draft = ngram_draft(row.history, k)
-                if draft:
-                    return self._speculate(row, draft)
-            elif k >= 1:
-                start = row.pos
-                draft = self.draft.propose(row, k)
-                events = self._speculate(row, draft)
-                self.draft.settle(start, len(draft), row.pos)
-                return events
-        tokens = mx.array([[r.next_input] for r in rows], mx.int32)
-        pos = mx.array([r.pos for r in rows], mx.int32)
-        logits = self.decode(self.cache, tokens, pos, max(r.pos for r in rows) + 1, self._adapters(rows))
-        sampled, scores = self._sample(logits, rows)
-        events, finished = [], []
-        for i, (row, token) in enumerate(zip(rows, sampled)):
-            row.pos += 1
-            row.next_input = token
-            event = self._advance(row, token)
-            if scores[i] is not None:
-                event.logprob, event.top_logprobs = scores[i]
-            if event.finish_reason:
-                finished.append(i)
-                self._finished(row, i, event)
-                if row.req.keep_cache:
-                    event.cache, event.cached = self.cache.row(i), row.pos
-            events.append(event)
-        self._drop(finished)
-        return events
-
-    # -- speculative decoding (one greedy row, drafts verified in one forward) --
-
-    def _can_speculate(self, rows) -> bool:
-        """Drafts pay only for one greedy row whose tokens need no per-step logits."""
-        if self.speculative is None or len(rows) != 1:
-            return False
-        p = rows[0].params
-        if self.draft is not None and rows[0].req.start != 0:
-            return False  # a draft model needs the whole sequence; a cached prefix is not in `ids`
-        return p.greedy and not rows[0].processors and not p.logprobs
-
-    def _speculate(self, row: _Row, draft: list) -> list[Event]:
-        """Feed the row's next input and `draft` (k tokens) at once; emit the greedy tokens up to and
-        including the first one that disagrees with the draft (1 .. k + 1 tokens, as plain greedy
-        decoding would give them), then undo the ring-cache writes of the rejected positions."""
-        start, k = row.pos, len(draft)
-        self.cache.reserve(1, activation_dtype(self.model), start + k + 1)
-        snap = self.cache.snapshot(start, k + 1)
-        set_row_adapters(self.model, self._adapters([row]))
-        hidden = self.model.model(mx.array([[row.next_input] + draft], mx.int32), cache=self.cache,
-                                  pos=mx.array([start], mx.int32))[0]  # (k + 1, E)
-        picked = self.decode.greedy(hidden)
-        self.drafted += k
-        events = []
-        for i, token in enumerate(picked):
-            row.pos += 1
-            row.next_input = token
-            events.append(self._advance(row, token))
-            if events[-1].finish_reason or i == k or token != draft[i]:
-                break
-        self.accepted += len(events) - 1
-        self.cache.restore(snap, row.pos - start)
-        if events[-1].finish_reason:
-            self._finished(row, 0, events[-1])
-            if row.req.keep_cache:
-                events[-1].cache, events[-1].cached = self.cache.row(0), row.pos
-            self._drop([0])
-        return events
-
-    def _sample(self, logits: mx.array, rows: list) -> tuple[list, list]:
-        """Per-row processors and samplers over logits (B, V); (token ids, logprob info per row)."""
-        if all(r.params.greedy and not r.processors for r in rows):
-            picked = mx.argmax(logits, axis=-1)
-        else:
-            parts = []
-            for i, r in enumerate(rows):
-                row_logits = logits[i:i + 1]
-                if r.processors:
-                    history = mx.array([r.history], mx.int32)
-                    for process in r.processors:
-                        row_logits = process(history, row_logits)
-                parts.append(r.sampler(row_logits))
-            picked = mx.concatenate(parts)
-        scores = [None] * len(rows)
-        wanted = [i for i, r in enumerate(rows) if r.params.logprobs]
-        if wanted:
-            sub = logits[mx.array(wanted)].astype(mx.float32)
-            logp = sub - mx.logsumexp(sub, axis=-1, keepdims=True)
-            k = max(rows[i].params.top_logprobs for i in wanted)
-            top = mx.argpartition(-logp, k - 1, axis=-1)[:, :k] if k else None  # the k best, unordered
-            top_lp = mx.take_along_axis(logp, top, axis=-1) if k else None
-            chosen = mx.take_along_axis(logp, picked[mx.array(wanted)][:, None], axis=-1)[:, 0]
-            mx.eval(picked, chosen, *([top, top_lp] if k else []))
-            for j, i in enumerate(wanted):
-                n = rows[i].params.top_logprobs
-                alts = sorted(zip(top[j].tolist(), top_lp[j].tolist()), key=lambda a: -a[1])[:n] if n else []
-                scores[i] = (float(chosen[j].item()), alts)
-        return picked.tolist(), scores
-
-    def _advance(self, row: _Row, token: int) -> Event:
-        """Record a sampled token: the text it completes, and whether the row ends."""
-        row.tokens.append(token)
-        row.history.append(token)
-        if token in self.stop_ids:
-            return Event(row.rid, token, self._flush(row), "stop", stop_token=token)
-        text, hit = row.stopper.feed(row.detok.add_token(token))
-        if hit:
-            return Event(row.rid, token, text, "stop")
-        if len(row.tokens) >= row.max_tokens:
-            return Event(row.rid, token, text + self._flush(row), "length")
-        return Event(row.rid, token, text)
-
-    @staticmethod
-    def _flush(row: _Row) -> str:
-        """The detokenizer's and the stop-string holder's remaining text at the end of a row."""
-        text, hit = row.stopper.feed(row.detok.finalize())
-        return text if hit else text + row.stopper.flush()
 
 
 # ---- text in, text out ---------------------------------------------------------------------
@@ -676,7 +205,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     4 tokens a step); the text is again exactly plain greedy's. The stats count drafted /
     accepted tokens.
     prompt_cache: a `PrefixCache` shared by calls: the prompt reuses the longest prefix of its ids
-    an earlier call with this model stored (prompt, or prompt + answer), and prefills only the
+    an earlier call with this model stored (its prompt, or prompt + answer) and prefills only the
     rest; this call's prompt and answer are stored for later ones. The text is the same.
     """
     params = SamplingParams.of(params, **options)

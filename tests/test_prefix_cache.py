@@ -1,4 +1,4 @@
-"""The prompt-prefix cache (mlx_gemma/prefix_cache.py) on a tiny random Gemma 3 whose sliding
+"""The prompt-prefix cache (mlx_gemma/engine/prefix.py) on a tiny random Gemma 3 whose sliding
 window (8) is far shorter than the prompts, so every ring wraps.
 
 Reference: greedy ids from uncached full forward passes of the same model (no cache, no batching),
@@ -15,7 +15,7 @@ from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.generation import BatchGenerator, Request, stream_generate
 from mlx_gemma.loading import build_model, read_config
 from mlx_gemma.lora import load_adapter
-from mlx_gemma.prefix_cache import PrefixCache
+from mlx_gemma.engine import PrefixCache
 from mlx_gemma.sampling import SamplingParams
 
 from inproc_server import NoStops

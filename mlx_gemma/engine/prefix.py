@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cache import CachePrefix, ModelCache
-from .errors import UserError
+from ..cache import CachePrefix, ModelCache
+from ..errors import UserError
 
 
 @dataclass
