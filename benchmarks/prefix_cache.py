@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve import free_port, machine_line, start, wait_up
+from serve import free_port, machine_line, start, stop_all, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {"mlx-gemma (prefix cache)": ("mlx-gemma", ()),
@@ -116,9 +116,7 @@ def main() -> None:
                 print(f"round {r + 1} {name:34s} turn-5 ttft {ttft:.3f} s ({history_tokens} prompt tokens)",
                       file=sys.stderr, flush=True)
     finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(timeout=30)
+        stop_all(procs.values())
     load_after = os.getloadavg()
     print(f"\n{machine_line(started, load_before[0], load_after[0])} · {args.rounds} rounds · turn 5 prompt: "
           f"{history_tokens} tokens · answers of {args.answer_tokens} tokens\n")

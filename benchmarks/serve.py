@@ -48,6 +48,14 @@ def machine_line(started: datetime.datetime, load_before: float, load_after: flo
             f"{load_before:.2f} before, {load_after:.2f} after{busy}")
 
 
+def stop_all(procs) -> None:
+    """Terminate the server processes this benchmark started and wait for them."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,9 +160,7 @@ def main() -> None:
                     print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s",
                           file=sys.stderr, flush=True)
     finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(timeout=30)
+        stop_all(procs.values())
     load_after = os.getloadavg()
     print(f"\n{machine_line(started, load_before[0], load_after[0])} · {args.rounds} rounds · "
           f"{args.max_tokens} new tokens per request\n")

@@ -18,21 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import time
 
+from decode_profile import median_seconds
 from serve import machine_line
 
 
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+def median_ms(fn, reps: int) -> float:
+    return 1000 * median_seconds(fn, reps, warmup=2)
 
 
 def main() -> None:

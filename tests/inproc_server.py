@@ -7,19 +7,6 @@ import time
 from contextlib import contextmanager
 
 
-class NoStops:
-    """A stand-in tokenizer for tiny random models, whose vocabularies have no text: no stop ids
-    (every answer runs to max_tokens), one byte per token, prompts sent as token ids."""
-
-    stop_ids = ()
-
-    def token_bytes(self, token_id, skip_special=False):
-        return b"x"
-
-    def is_special(self, token_id):
-        return False
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

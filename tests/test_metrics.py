@@ -13,8 +13,8 @@ import pytest
 openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from inproc_server import NoStops, running  # noqa: E402
-from tiny import make_hf_model, random_ids, save_hf_model  # noqa: E402
+from inproc_server import running  # noqa: E402
+from tiny import NoStops, make_hf_model, random_ids, save_hf_model  # noqa: E402
 
 KEY = "metrics-key"
 

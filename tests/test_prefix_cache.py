@@ -18,8 +18,7 @@ from mlx_gemma.lora import load_adapter
 from mlx_gemma.engine import PrefixCache
 from mlx_gemma.sampling import SamplingParams
 
-from inproc_server import NoStops
-from tiny import make_hf_model, random_ids, random_lora_adapter, save_hf_model
+from tiny import NoStops, greedy_alone, make_hf_model, random_ids, random_lora_adapter, save_hf_model
 
 WINDOW = 8
 MB = 1 << 20
@@ -47,14 +46,6 @@ def ids_of(n, seed, first=None):
     if first is not None:
         out[0] = first
     return out
-
-
-def greedy_alone(model, ids, n):
-    """Reference: greedy ids from uncached full forward passes."""
-    seq = list(ids)
-    for _ in range(n):
-        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
-    return seq[len(ids):]
 
 
 def ask(engine, ids, n, adapter=0):
