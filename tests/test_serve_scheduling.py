@@ -13,16 +13,13 @@ Every wait is bounded; the server is stopped at the end.
 
 import http.client
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from test_serve import free_port, raw
+from test_serve import launch, raw, stop
 
 pytestmark = pytest.mark.slow  # the 270M model in a server process
 
@@ -33,29 +30,10 @@ LONG_PROMPT = 4000  # token ids: several seconds of prefill in 256-token chunks 
 def server(tmp_path_factory):
     from mlx_gemma.loading import resolve
 
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(resolve("gemma-3-270m")),
-           "--port", str(port), "--prefill-step", "256"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if raw(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
+    proc, port = launch(resolve("gemma-3-270m"), log, "--prefill-step", "256")
     yield {"port": port, "proc": proc, "log": log}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
 
 
 def health(port) -> dict:
