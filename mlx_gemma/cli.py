@@ -535,7 +535,8 @@ def _removed_if_left_empty(out):
 @_train_options
 @click.pass_context
 def train(ctx, config_file, report, report_max_tokens, ranks, **options):
-    """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
+    """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data, or preference-tune it
+    on prompt/chosen/rejected pairs (--method dpo / orpo; --report applies to sft).
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
     train_config.json, metrics.jsonl, loss.png and checkpoints/. Ctrl-C saves a checkpoint;
@@ -562,8 +563,8 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
 
     quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
     with _removed_if_left_empty(args.out):
-        if report and not args.resume:
-            from .training.report import run_main_job
+        if report and not args.resume and args.method == "sft":  # the report evaluates SFT on chat data
+            from .training.job import run_main_job
 
             result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
         else:
@@ -577,10 +578,9 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
 def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens: int) -> int:
     """`train --ranks N`: check the options here, then start N ranks running the same train
     command; the exit status says how the ranks ended."""
-    from pathlib import Path
-
     from .training import distributed
-    from .training.trainer import check_args, prepare_out_dir, resolve_defaults, train_argv
+    from .training.job import prepare_out_dir, ranks_outcome, train_argv
+    from .training.trainer import check_args, resolve_defaults
 
     if distributed.launched():
         raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
@@ -590,24 +590,10 @@ def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens
         "train", "--report" if report else "--no-report", "--report-max-tokens", str(report_max_tokens),
         *train_argv(args)]
     ended = distributed.launch_local(ranks, argv)
-    codes = dict(ended["failed"])
-    if not codes and ended["returncode"] == 0:
-        return 0
-    ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
-    resume = (f"continue from {ckpts[-1].name} with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
-              if ckpts else "no checkpoint was saved")
-    stopped = (130, 143, -2, -15)  # Ctrl-C, or terminated by the launcher because another rank ended
-    killed = [(r, c) for r, c in sorted(codes.items()) if c is None or c < 0 and c not in stopped]
-    failed = [(r, c) for r, c in sorted(codes.items()) if c is not None and c not in stopped]
-    if not killed and not failed:  # Ctrl-C: every rank stopped after the same step
-        click.echo(f"interrupted; {resume}", err=True)
-        return 130
-    if not killed and ended["said_error"]:
-        return 1  # the failing rank's own one-line message is above
-    rank, code = (killed or failed)[0]
-    how = "was killed" if code is None else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    click.echo(f"error: rank {rank} {how}, so every rank was stopped; {resume}", err=True)
-    return 1
+    code, line = ranks_outcome(ended, args.out, ranks)
+    if line:
+        click.echo(line, err=True)
+    return code
 
 
 @main.command(context_settings=CONTEXT)

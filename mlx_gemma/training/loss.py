@@ -294,24 +294,71 @@ def loss_and_grad(model, chunk: int = DEFAULT_CHUNK):
         return partial(nn.value_and_grad(model, partial(batch_loss, chunk=chunk)), model)
 
     def fn(inputs, targets, idx, w, segment_ids=None):
-        params = model.trainable_parameters()
-        names, values = zip(*tree_flatten(params))
-        E = model.config.hidden_size
-
-        def hidden_at_loss_positions(*values):
-            model.update(tree_unflatten(list(zip(names, values))))
-            hidden = model.model(inputs, segment_ids=segment_ids)  # (B, L, E)
-            return [hidden.reshape(-1, E)[idx].astype(mx.float32)]  # (N, E)
-
-        cotangent = mx.array(np.zeros((idx.shape[0], E), np.float32))  # a real buffer, filled below
-        (h,), grads = mx.vjp(hidden_at_loss_positions, list(values), [cotangent])
-        model.update(params)
-        mx.eval(h, targets, idx, w)
+        h, cotangent, grads = _hidden_and_backward(model, inputs, idx, segment_ids)
+        mx.eval(targets, w)
         flat_t = np.array(targets).reshape(-1)[np.array(idx)]
         weights = np.array(w)
-        losses, dh = host_cross_entropy(np.array(h), flat_t, HostHead(model), chunk, grad=True)
-        np.array(cotangent, copy=False)[:] = dh * weights[:, None]  # d (sum of w * loss) / d h
+        losses, dh = host_cross_entropy(h, flat_t, HostHead(model), chunk, grad=True)
+        cotangent[:] = dh * weights[:, None]  # d (sum of w * loss) / d h
         loss_sum = float((losses * weights).sum())
-        return (mx.array(loss_sum), mx.array(float(weights.sum()))), tree_unflatten(list(zip(names, grads)))
+        return (mx.array(loss_sum), mx.array(float(weights.sum()))), grads()
+
+    return fn
+
+
+def _hidden_and_backward(model, inputs, idx, segment_ids=None):
+    """The CPU path's two halves: (h (N, E) float32 numpy, the hidden states at positions idx,
+    evaluated; the cotangent buffer d loss / d h (numpy, to fill in place); grads() -> the
+    trainable parameters' gradients once the buffer is filled)."""
+    params = model.trainable_parameters()
+    names, values = zip(*tree_flatten(params))
+    E = model.config.hidden_size
+
+    def hidden_at_loss_positions(*values):
+        model.update(tree_unflatten(list(zip(names, values))))
+        hidden = model.model(inputs, segment_ids=segment_ids)  # (B, L, E)
+        return [hidden.reshape(-1, E)[idx].astype(mx.float32)]  # (N, E)
+
+    cotangent = mx.array(np.zeros((idx.shape[0], E), np.float32))  # a real buffer, filled by the caller
+    (h,), grads = mx.vjp(hidden_at_loss_positions, list(values), [cotangent])
+    model.update(params)
+    mx.eval(h, idx)
+    return np.array(h), np.array(cotangent, copy=False), lambda: tree_unflatten(list(zip(names, grads)))
+
+
+def hidden_at(model, inputs, idx):
+    """The final hidden states (N, E) at flat positions idx of a (B, L) batch."""
+    hidden = model.model(inputs)
+    return hidden.reshape(-1, hidden.shape[-1])[idx]
+
+
+def reduced_loss_and_grad(model, reduce, chunk: int = DEFAULT_CHUNK):
+    """fn(inputs, targets, idx, *rest) -> (reduce(token losses (N,), *rest), grads): a loss that is
+    a differentiable function `reduce` of the token cross-entropies at positions idx (DPO, ORPO:
+    sums per sequence), whose first output is minimised. The 262k-word head stays chunked (numpy
+    on the CPU: d loss / d h = d reduce / d ce * d ce / d h, per position)."""
+    if not policy().host_loss:
+        def loss(model, inputs, targets, idx, *rest):
+            return reduce(chunked_cross_entropy(hidden_at(model, inputs, idx), targets.reshape(-1)[idx], model,
+                                                chunk), *rest)
+
+        return partial(nn.value_and_grad(model, loss), model)
+
+    def fn(inputs, targets, idx, *rest):
+        h, cotangent, grads = _hidden_and_backward(model, inputs, idx)
+        flat_t = np.array(targets).reshape(-1)[np.array(idx)]
+        ce, dh = host_cross_entropy(h, flat_t, HostHead(model), chunk, grad=True)
+        outputs, dce = mx.value_and_grad(lambda c: reduce(c, *rest))(mx.array(ce))
+        mx.eval(outputs, dce)
+        cotangent[:] = dh * np.array(dce)[:, None]
+        return outputs, grads()
+
+    return fn
+
+
+def reduced_loss(model, reduce, chunk: int = DEFAULT_CHUNK):
+    """`reduced_loss_and_grad` without gradients: fn(inputs, targets, idx, *rest) -> reduce(...)."""
+    def fn(inputs, targets, idx, *rest):
+        return reduce(token_losses(model, hidden_at(model, inputs, idx), targets.reshape(-1)[idx], chunk), *rest)
 
     return fn
