@@ -23,8 +23,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .constrain import grammar_mask, make_constraint
-from .engine import (DEFAULT_PREFILL_STEP, SPECULATIVE, BatchGenerator, DecodeStep, Event, PrefixCache, Request,
-                     check_prompt, context_length, engine_for, ngram_draft, prefill)
+from .engine import (DEFAULT_PREFILL_STEP, BatchGenerator, DecodeStep, Event, PrefixCache, Request, check_prompt,
+                     engine_for, ngram_draft, prefill)
 from .errors import UserError
 from .cpu.hostdecode import OneRowHead  # noqa: F401 (benchmarks import it from here)
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, SamplingParams, make_sampler, min_p_filter,
