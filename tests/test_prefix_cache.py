@@ -196,3 +196,17 @@ def test_served_multi_turn_chat_on_the_270m(tmp_path):
             assert engine.prefix_cache.hits == 2
     finally:
         engine.stop()
+
+
+def test_a_draft_model_still_drafts_after_a_prefix_hit(tiny, model_dir):
+    """Speculation with a draft model on a prompt that continues a cached prefix: the drafter
+    gets the whole sequence (the cached part included), and the text stays plain greedy's."""
+    store = PrefixCache(64 * MB)
+    drafter = load_dir(model_dir)
+    first = ids_of(20, seed=8, first=2)
+    list(stream_generate(tiny, NoStops(), first, max_tokens=4, temp=0.0, prompt_cache=store))
+    follow = first + [9, 10]
+    chunks = list(stream_generate(tiny, NoStops(), follow, max_tokens=8, temp=0.0, prompt_cache=store,
+                                  draft_model=drafter))
+    assert chunks[-1].tokens == greedy_alone(tiny, follow, 8)
+    assert store.hits == 1 and chunks[-1].stats.drafted > 0 and chunks[-1].stats.accepted > 0
