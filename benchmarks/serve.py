@@ -112,13 +112,24 @@ def stream_one(port: int, model: str, question: str, max_tokens: int) -> tuple[s
 
 
 def burst(port: int, model: str, concurrency: int, max_tokens: int, tokenizer) -> dict:
+    """One burst of `concurrency` clients; a request the server fails (a reset connection, an
+    HTTP error) counts in "failed" and adds no tokens."""
     jobs = [QUESTIONS[i % len(QUESTIONS)] for i in range(concurrency)]
+
+    def one(question):
+        try:
+            return stream_one(port, model, question, max_tokens)
+        except OSError:  # ConnectionResetError, urllib's HTTPError / URLError
+            return None
+
     start = time.perf_counter()
     with futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda q: stream_one(port, model, q, max_tokens), jobs))
+        results = list(pool.map(one, jobs))
     wall = time.perf_counter() - start
-    tokens = sum(len(tokenizer.encode(text, add_bos=False)) for text, _ in results)
-    return {"tps": tokens / wall, "ttft": statistics.median(t for _, t in results), "tokens": tokens}
+    done = [r for r in results if r is not None]
+    tokens = sum(len(tokenizer.encode(text, add_bos=False)) for text, _ in done)
+    ttft = statistics.median(t for _, t in done) if done else float("nan")
+    return {"tps": tokens / wall, "ttft": ttft, "tokens": tokens, "failed": len(results) - len(done)}
 
 
 def spread(values) -> str:
@@ -157,19 +168,21 @@ def main() -> None:
                 for e in (engines if r % 2 == 0 else engines[::-1]):
                     res = burst(ports[e], names[e], c, args.max_tokens, tokenizer)
                     results[(e, c)].append(res)
-                    print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s",
-                          file=sys.stderr, flush=True)
+                    print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s, "
+                          f"{res['failed']} failed", file=sys.stderr, flush=True)
     finally:
         stop_all(procs.values())
     load_after = os.getloadavg()
     print(f"\n{machine_line(started, load_before[0], load_after[0])} · {args.rounds} rounds · "
           f"{args.max_tokens} new tokens per request\n")
-    print("| engine | clients | aggregate tok/s (min / median / max) | time to first token, s (min / median / max) |")
-    print("|---|---|---|---|")
+    print("| engine | clients | aggregate tok/s (min / median / max) | time to first token, s (min / median / max) "
+          "| failed requests |")
+    print("|---|---|---|---|---|")
     for c in levels:
         for e in engines:
             runs = results[(e, c)]
-            print(f"| {e} | {c} | {spread([x['tps'] for x in runs])} | {spread([x['ttft'] for x in runs])} |")
+            print(f"| {e} | {c} | {spread([x['tps'] for x in runs])} | {spread([x['ttft'] for x in runs])} "
+                  f"| {sum(x['failed'] for x in runs)} |")
     if len(engines) == 2:
         print()
         for c in levels:
