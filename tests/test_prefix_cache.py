@@ -100,11 +100,25 @@ def test_prefixes_past_the_window_are_reused_only_with_their_rings_intact(tiny):
     extended = long + [7, 8, 9]
     answer, cached = ask(engine, extended, 4)
     assert answer == greedy_alone(tiny, extended, 4) and cached == len(long) - 1
-    # sharing only 30 ids: the stored rings hold positions 31..38 or later, not 23..29, so nothing
-    # of it is reused (the prompt is prefilled whole, and its answer is still the reference's)
+    # sharing only 30 ids: the whole-prompt entry's rings hold positions 31..38, not the 23..29 that
+    # position 30 needs, so it is not used; the checkpoint its prefill stored at 24 (a multiple of
+    # the window) is, and the rest is prefilled
     diverged = long[:30] + [11, 12, 13]
     answer, cached = ask(engine, diverged, 4)
-    assert answer == greedy_alone(tiny, diverged, 4) and cached == 0
+    assert answer == greedy_alone(tiny, diverged, 4) and cached == 24
+
+
+def test_a_long_shared_system_prompt_is_reused_up_to_its_last_checkpoint(tiny):
+    store = PrefixCache(64 * MB)
+    engine = BatchGenerator(tiny, NoStops(), prefix_cache=store)
+    system = ids_of(20, seed=9, first=2)  # 2.5 windows long
+    for i in range(3):
+        prompt = system + ids_of(4, seed=30 + i, first=200 + i)
+        answer, cached = ask(engine, prompt, 5)
+        assert answer == greedy_alone(tiny, prompt, 5)
+        # entries past the window serve only their whole length: the checkpoint at 16 is the
+        # longest one inside the shared 20 ids
+        assert cached == (0 if i == 0 else 16)
 
 
 def test_adapters_and_models_never_share_keys(model_dir, tmp_path):

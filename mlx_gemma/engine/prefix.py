@@ -18,7 +18,10 @@ Sliding-window layers keep only their last `window` keys, so an entry of `length
 serve a shorter prefix n only when its rings still hold every key position n needs
 (`ModelCache.prefix_fits(n, length)`: length <= window, or n == length). The engine therefore
 stores each prompt right after its prefill (every ring exactly at the prompt's end) and each
-finished row (prompt + answer): the next turn of a chat then matches one of the two whole.
+finished row (prompt + answer): the next turn of a chat then matches one of the two whole. A
+prompt longer than the smallest window is also stored at every multiple of that window on the way
+(`checkpoint_every`): prompts that share only its beginning (a long system prompt, then different
+questions) reuse the last checkpoint before they part.
 
 Least recently used entries go first once the bytes held would pass `max_bytes`; an entry
 larger than the whole bound is not stored.
@@ -120,6 +123,13 @@ class PrefixCache:
         self.entries[key] = _Entry(np.asarray(tokens, np.int32), prefix, ModelCache(prefix.specs))
         self.nbytes += prefix.nbytes
         return True
+
+    @staticmethod
+    def checkpoint_every(cache: ModelCache) -> Optional[int]:
+        """Positions between the checkpoints of a long prompt's prefill: the smallest sliding
+        window of the cache's layers (None without one: any prefix of an entry is usable)."""
+        windows = [s.window for s in cache.specs if s.window]
+        return min(windows) if windows else None
 
     def clear(self) -> None:
         """Drop every entry (after a model's weights changed in place)."""

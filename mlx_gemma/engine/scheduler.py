@@ -104,9 +104,14 @@ class Scheduler:
 
     def _prefill_chunk(self, row: Row, most: int) -> int:
         n = min(row.prompt_left, most)
+        every = self.prefix_cache.checkpoint_every(row.cache) if self.prefix_cache is not None else None
+        if every:
+            n = min(n, every - (row.pos + row.fed) % every)  # a chunk ends on each checkpoint
         chunk = mx.array([row.ids[row.fed:row.fed + n]], mx.int32)
         prefill(self.model, chunk, row.cache, row.pos + row.fed, n, row.adapter_rows)
         row.fed += n
+        if every and (row.pos + row.fed) % every == 0 and row.prompt_left > 0:
+            self.remember(row, row.cache, 0, row.pos + row.fed)  # a checkpoint inside a long prompt
         return n
 
     def _join(self, row: Row) -> None:
