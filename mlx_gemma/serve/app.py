@@ -1,8 +1,7 @@
 """The HTTP side of the server: a Starlette (ASGI) app run by uvicorn.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
-(Prometheus text, serve/metrics.py), GET / (the
-chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
+(Prometheus text, serve/metrics.py), GET / (the chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
 handed to the engine thread; answers stream back as server-sent events (`data: {json}` lines,
 ending with `data: [DONE]`) or as one JSON object.
 """

@@ -46,7 +46,7 @@ class Job:
     first_token: Optional[float] = None
     finished: Optional[float] = None
     n_out: int = 0
-    cached: int = 0  # prompt tokens the prefix cache supplied (set on the engine thread at submission)
+    cached: int = 0  # prompt tokens the prefix cache supplied (set by the engine thread when the job ends)
 
     def __aiter__(self):
         return self
