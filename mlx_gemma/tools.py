@@ -29,7 +29,8 @@ with "auto" it is free text, or free text then calls (the grammar takes over at 
 with "none" nothing is constrained and no call is parsed. For the JSON format the arguments are
 the schema itself (llguidance's JSON Schema support); Gemma 4's syntax is not JSON, so its grammar
 is built here from the schema (`_NativeGrammar`: type, properties, required, items, enum, const,
-anyOf/oneOf; a keyword that would constrain further, such as pattern or minimum, is refused).
+anyOf/oneOf, minLength/maxLength; a keyword that would constrain further, such as pattern or
+minimum, is refused with a UserError rather than left unenforced).
 
 `StreamParser` turns generated ids into OpenAI deltas: content, then per call the index, id and
 function name first, then argument fragments (JSON text; Gemma 4's syntax is transcoded as it
@@ -114,8 +115,7 @@ class ToolSpec:
                             f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
         if not isinstance(parallel_tool_calls, bool):
             raise UserError(f"parallel_tool_calls must be true or false, got {parallel_tool_calls!r}")
-        fmt = Gemma4Format(tokenizer) if tokenizer.piece_to_id("<|tool_call>") is not None else JsonFormat()
-        spec = cls(tuple(functions), choice, parallel_tool_calls, fmt)
+        spec = cls(tuple(functions), choice, parallel_tool_calls, _format_of(tokenizer))
         grammar = spec.grammar()  # a schema the grammar cannot express fails here, before any model work
         if grammar is not None:
             lark_constraint(grammar, "the tools' parameter schemas")
@@ -374,8 +374,7 @@ def native_to_json(text: str, final: bool = True) -> str:
     return "".join(out)
 
 
-_REFUSED = ("pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
-            "maxLength", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "allOf", "not",
+_REFUSED = ("pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "allOf", "not",
             "if", "then", "else", "$ref", "patternProperties", "prefixItems", "contains", "dependentRequired")
 
 
@@ -406,8 +405,8 @@ class _NativeGrammar:
         refused = [k for k in _REFUSED if k in schema]
         if refused:
             raise UserError(f"tool parameters use {refused[0]!r}, which Gemma 4's call grammar does not "
-                            "enforce; drop it from the schema (type, properties, required, items, enum and "
-                            "anyOf are enforced)")
+                            "enforce; drop it from the schema (type, properties, required, items, enum, "
+                            "const, anyOf, minLength and maxLength are enforced)")
         if "const" in schema or "enum" in schema:
             options = [schema["const"]] if "const" in schema else schema["enum"]
             return self._rule(name, " | ".join(self._literal(v) for v in options))
@@ -417,6 +416,10 @@ class _NativeGrammar:
         kinds = schema.get("type")
         if isinstance(kinds, list):
             return self._rule(name, " | ".join(self.value({**schema, "type": t}, f"{name}_{t}") for t in kinds))
+        if kinds == "string" and ("minLength" in schema or "maxLength" in schema):
+            low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+            length = f"{{{low},{'' if high is None else int(high)}}}"
+            return self._rule(name, f"{self.q} /(?s:.{length})/ {self.q}")
         body = {"string": f"{self.q} STR {self.q}", "integer": "INT", "number": "NUM",
                 "boolean": '"true" | "false"', "null": '"null"'}.get(kinds)
         if body is not None:
@@ -520,8 +523,7 @@ def render_prompt(tokenizer, messages: list, spec: Optional[ToolSpec], add_gener
     """The prompt (ids, or text) for a conversation that may hold tool calls and results, with the
     tools of `spec` declared (none for tool_choice "none" in the JSON format; Gemma 4 still sees
     them, as its template declares whatever it is given)."""
-    fmt = spec.format if spec is not None else (
-        Gemma4Format(tokenizer) if tokenizer.piece_to_id("<|tool_call>") is not None else JsonFormat())
+    fmt = spec.format if spec is not None else _format_of(tokenizer)
     if isinstance(fmt, JsonFormat):
         return tokenizer.apply_chat_template(_plain_messages(messages, spec), add_generation_prompt, tokenize)
     tools = [f.openai() for f in spec.functions] if spec is not None else None
@@ -533,12 +535,20 @@ def encode_conversation(tokenizer, messages: list, tools: Optional[list] = None)
     """(ids, loss_mask) of a training conversation that may declare tools and hold calls and
     results: every assistant turn (its calls, its text, its end marker) carries loss."""
     spec = ToolSpec.of(tokenizer, tools) if tools else None
-    if isinstance(spec.format if spec else None, Gemma4Format) or (
-            spec is None and tokenizer.piece_to_id("<|tool_call>") is not None):
-        fmt = spec.format if spec else Gemma4Format(tokenizer)
-        return tokenizer.encode_chat(_native_messages(messages), tools=[f.openai() for f in spec.functions]
-                                     if spec else None, tool_format=fmt)
-    return tokenizer.encode_chat(_plain_messages(messages, spec))
+    has_calls = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)
+    if spec is None and not has_calls:
+        return tokenizer.encode_chat(messages)
+    fmt = spec.format if spec is not None else _format_of(tokenizer)
+    if isinstance(fmt, JsonFormat):
+        return tokenizer.encode_chat(_plain_messages(messages, spec))
+    declared = [f.openai() for f in spec.functions] if spec is not None else None
+    return tokenizer.encode_chat(_native_messages(messages), tools=declared, tool_format=fmt)
+
+
+def _format_of(tokenizer):
+    """Gemma 4's native format when the vocabulary has its tool tokens, else the JSON prompt format."""
+    return Gemma4Format(tokenizer) if tokenizer.piece_to_id("<|tool_call>") is not None else JsonFormat()
 
 
 def call_mask(tokenizer, spec: Optional[ToolSpec]) -> Optional[GrammarMask]:

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import tools
 from ..constrain import GrammarMask
 from ..errors import UserError
 from ..generation import Event
@@ -86,14 +87,33 @@ def _authorized(state: ServerState, request: Request) -> bool:
 
 
 def _grammar(state: ServerState, req: ParsedRequest) -> list:
-    """The row's logits processors for req.constraint: a fresh grammar matcher (built here, off
-    the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
+    """The row's logits processors for req.constraint or its tool calls: a fresh grammar matcher
+    (built here, off the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
+    if req.tool_spec is not None:
+        mask = tools.call_mask(state.engine.tokenizer, req.tool_spec)
+        return [mask] if mask is not None else []
     return [GrammarMask(req.constraint, state.engine.tokenizer)] if req.constraint is not None else []
+
+
+def _tool_spec(tok, req: ParsedRequest) -> Optional[tools.ToolSpec]:
+    """The request's tools checked against the model's format (None without tools)."""
+    if req.tools is None:
+        return None
+    try:
+        return tools.ToolSpec.of(tok, req.tools, req.tool_choice, req.parallel_tool_calls)
+    except UserError as exc:
+        param = "tool_choice" if str(exc).startswith("tool_choice") else "tools"
+        raise APIError(400, str(exc), param, "invalid_value") from None
 
 
 def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
     tok = state.engine.tokenizer
-    if req.kind == "chat":
+    req.tool_spec = _tool_spec(tok, req)
+    uses_tools = req.kind == "chat" and (req.tool_spec is not None or any(
+        m.get("tool_calls") or m["role"] == "tool" for m in req.prompt))
+    if uses_tools:
+        ids = tools.render_prompt(tok, req.prompt, req.tool_spec)
+    elif req.kind == "chat":
         ids = tok.apply_chat_template(req.prompt, add_generation_prompt=True, tokenize=True)
     elif isinstance(req.prompt, str):
         if not req.prompt:
@@ -164,9 +184,11 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
 
     async def _whole(req: ParsedRequest, job: Job, n_prompt: int) -> Response:
         answer = _Answer(engine.tokenizer, req.params.logprobs)
+        ids = []
         try:
             async for event in job:
                 answer.add(event)
+                ids.append(event.token)
                 if event.finish_reason:
                     break
         except UserError as exc:
@@ -180,12 +202,20 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         if req.echo and isinstance(req.prompt, str):
             text = req.prompt + text
         _log_done(req, job, n_prompt, answer)
+        if _parses_calls(req):
+            read = tools.parse_answer(engine.tokenizer, req.tool_spec, ids, answer.finish)
+            return JSONResponse(protocol.full_response(req, read.content, read.finish_reason, n_prompt,
+                                                       answer.n_out, answer.logprobs, read.tool_calls))
         return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
                                                    answer.logprobs))
 
     async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
         answer = _Answer(engine.tokenizer, req.params.logprobs)
         offset = 0
+        if _parses_calls(req):
+            async for line in _stream_calls(req, job, n_prompt, answer):
+                yield line
+            return
         try:
             if req.kind == "chat":
                 yield _sse(protocol.chunk(req, first=True))
@@ -201,6 +231,31 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                     pending = []
                 if event.finish_reason:
                     yield _sse(protocol.chunk(req, finish=event.finish_reason))
+                    if req.include_usage:
+                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
+                    break
+            yield "data: [DONE]\n\n"
+            _log_done(req, job, n_prompt, answer)
+        except (UserError, RuntimeError) as exc:
+            yield _sse(APIError(500, str(exc), None, "engine_error").body())
+        finally:
+            if job.finished is None:  # client disconnected mid-stream: free its row now
+                engine.cancel(job)
+
+    async def _stream_calls(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer):
+        """A stream whose answer may hold tool calls: content and tool_calls deltas as the parser
+        reads them; finish_reason "tool_calls" when the answer made calls."""
+        parser = tools.StreamParser(engine.tokenizer, req.tool_spec)
+        try:
+            yield _sse(protocol.chunk(req, first=True))
+            async for event in job:
+                answer.add(event)
+                deltas = parser.feed(event.token) + (parser.finish() if event.finish_reason else [])
+                for d in deltas:
+                    yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
+                if event.finish_reason:
+                    finish = "tool_calls" if parser.calls and event.finish_reason == "stop" else event.finish_reason
+                    yield _sse(protocol.chunk(req, finish=finish))
                     if req.include_usage:
                         yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
                     break
@@ -255,6 +310,11 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         Route("/", page, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _parses_calls(req: ParsedRequest) -> bool:
+    """True when the answer is read for tool calls (tools given and tool_choice is not "none")."""
+    return req.tool_spec is not None and req.tool_spec.choice != "none"
 
 
 def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer) -> None:
