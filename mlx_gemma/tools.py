@@ -198,7 +198,7 @@ class JsonFormat:
                          for n, r in zip(_result_names(calls, results), results))
 
     def grammar(self, functions: tuple, parallel: bool, forced: bool) -> str:
-        bodies = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+        bodies = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
                    "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
         schema = dict(bodies[0]) if len(bodies) == 1 else {"anyOf": bodies}
         schema["x-guidance"] = self._JSON
@@ -222,6 +222,21 @@ class JsonFormat:
     def arguments(self, text: str, final: bool) -> str:
         # One character behind: the body's last "}" closes the call object, not the arguments.
         return text[:-1]
+
+
+def _closed(schema):
+    """The schema with `additionalProperties: false` on every object that does not say otherwise:
+    a call holds the declared arguments only (as Gemma 4's grammar and OpenAI's strict mode do);
+    an open object would let a model write keys of its own until max_tokens."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k in ("items", "anyOf", "oneOf", "allOf") else v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 class Gemma4Format:
@@ -391,8 +406,9 @@ class _NativeGrammar:
         head = ["start: calls"] if forced else ["start: TEXT calls?", "TEXT: /(?s:.*)/"]
         lines = head + ["calls: call+" if parallel else "calls: call",
                         f'call: {self.open} "call:" fn {self.close}', f"fn: {alts}",
-                        "STR: /(?s:.*)/", "INT: /-?(0|[1-9][0-9]*)/",
-                        "NUM: /-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?/"]
+                        # Up to 17 significant digits: what a double (JSON's number) holds.
+                        "STR: /(?s:.*)/", "INT: /-?(0|[1-9][0-9]{0,16})/",
+                        "NUM: /-?(0|[1-9][0-9]{0,16})(\\.[0-9]{1,17})?([eE][+-]?[0-9]{1,3})?/"]
         lines += [f"{name}: {body}" for name, body in self.rules.items()]
         return "\n".join(lines) + "\n"
 

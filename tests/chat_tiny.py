@@ -79,8 +79,10 @@ def trl_template(name: str) -> str:
 def tiny_model_dir(path: Path, gemma4: bool, seed: int = 0, template: str = None) -> Path:
     """A tiny random Gemma 3 network (transformers-made) with a tiny tokenizer of either format.
     The network is Gemma 3's: the chat and tool formats are the tokenizer's, not the network's."""
+    from mlx_gemma.tokenizer import GemmaTokenizer
     from tiny import make_hf_model, save_hf_model
 
     tokenizer_dir(path, gemma4, template)
-    save_hf_model(make_hf_model("gemma3_text", seed=seed, vocab_size=512, max_position_embeddings=2048), path)
+    vocab = GemmaTokenizer(path).vocab_size  # every id the network can sample decodes
+    save_hf_model(make_hf_model("gemma3_text", seed=seed, vocab_size=vocab, max_position_embeddings=2048), path)
     return path
