@@ -252,3 +252,44 @@ def test_unconstrained_sampling_does_not_validate(tiny):
     spec = T.ToolSpec.of(tok, SAMPLE_TOOLS, "required", parallel_tool_calls=False)
     sampled = _sample(model, tok, spec, 50, constrained=False)
     assert _valid_calls(tok, spec, sampled) == 0
+
+
+# ---- the library and the CLI ------------------------------------------------------------------------
+
+
+def test_generate_with_tools_returns_validated_calls(tiny):
+    from mlx_gemma import generate
+
+    model, tok = tiny
+    answer = generate(model, tok, [{"role": "user", "content": "Draw."}], tools=SAMPLE_TOOLS,
+                      tool_choice={"type": "function", "function": {"name": "draw"}}, temp=1.0, seed=2,
+                      max_tokens=240)
+    assert isinstance(answer, T.ToolAnswer) and answer.finish_reason == "tool_calls"
+    assert [c["function"]["name"] for c in answer.tool_calls][:1] == ["draw"]
+    for call in answer.tool_calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SAMPLE_SCHEMAS["draw"])
+    with pytest.raises(UserError, match="tools or json_schema"):
+        generate(model, tok, "hi", tools=SAMPLE_TOOLS, json_schema={"type": "object"})
+
+
+def test_cli_generate_tools(tmp_path):
+    import subprocess
+    import sys
+
+    d = tiny_model_dir(tmp_path / "m", gemma4=False)
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(SAMPLE_TOOLS))
+    cmd = [sys.executable, "-m", "mlx_gemma.cli", "generate", "--model", str(d), "--prompt", "Weather?",
+           "--tools", str(tools_file), "--tool-choice", "get_weather", "--temp", "1", "--seed", "4",
+           "--max-tokens", "240"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    calls = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    assert calls and all(c["name"] == "get_weather" for c in calls)
+    for c in calls:
+        jsonschema.validate(c["arguments"], SAMPLE_SCHEMAS["get_weather"])
+    assert "finish_reason: tool_calls" in run.stderr
+    tools_file.write_text('[{"type": "function", "function": {"name": "bad name"}}]')
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert f"--tools {tools_file}: tools[0].function.name" in bad.stderr
