@@ -54,6 +54,13 @@ def server(model_dir, adapter_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--adapter", f"zh={adapter_dir}", "--api-key", KEY, "--max-body", "262144"]
+    proc = start_server(cmd, port, log)
+    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    stop_server(proc)
+
+
+def start_server(cmd: list, port: int, log) -> subprocess.Popen:
+    """Run a `mlx-gemma serve` command (output to the file `log`) until /health answers 200."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
@@ -61,14 +68,16 @@ def server(model_dir, adapter_dir, tmp_path_factory):
         try:
             status, _ = raw(port, "GET", "/health")
             if status == 200:
-                break
+                return proc
         except OSError:
             time.sleep(0.5)
         assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
-    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    proc.kill()
+    pytest.fail("server did not come up:\n" + log.read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not exited after 30 s."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)

@@ -8,10 +8,7 @@ the prompt tokens the server reports for the conversation holding the call and i
 """
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -33,34 +30,17 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module", params=["gemma4", "gemma3"])
 def server(request, tmp_path_factory):
-    from test_serve import free_port, raw
+    from test_serve import free_port, start_server, stop_server
 
     gemma4 = request.param == "gemma4"
     d = tiny_model_dir(tmp_path_factory.mktemp(request.param), gemma4=gemma4,
                        template=trl_template("gemma4_v5") if gemma4 else None)
     port = free_port()
-    log = d / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(d), "--port",
-                                 str(port), "--model-name", "m"], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if raw(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
+    proc = start_server([sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(d), "--port", str(port),
+                         "--model-name", "m"], port, d / "server.log")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
     yield {"client": client, "dir": d, "family": request.param, "port": port}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def _history(call_id, name, arguments):

@@ -212,10 +212,8 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
     async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
         answer = _Answer(engine.tokenizer, req.params.logprobs)
         offset = 0
-        if _parses_calls(req):
-            async for line in _stream_calls(req, job, n_prompt, answer):
-                yield line
-            return
+        # With tools, the parser turns tokens into content and tool_calls deltas.
+        parser = tools.StreamParser(engine.tokenizer, req.tool_spec) if _parses_calls(req) else None
         try:
             if req.kind == "chat":
                 yield _sse(protocol.chunk(req, first=True))
@@ -225,37 +223,16 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             pending: list = []  # logprob entries of tokens whose text is still held back
             async for event in job:
                 pending += answer.add(event)
-                if event.text or (pending and event.finish_reason):
+                if parser is not None:
+                    for d in parser.feed(event.token) + (parser.finish() if event.finish_reason else []):
+                        yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
+                elif event.text or (pending and event.finish_reason):
                     yield _sse(protocol.chunk(req, text=event.text, logprobs=pending, text_offset=offset))
                     offset += len(event.text)
                     pending = []
                 if event.finish_reason:
-                    yield _sse(protocol.chunk(req, finish=event.finish_reason))
-                    if req.include_usage:
-                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
-                    break
-            yield "data: [DONE]\n\n"
-            _log_done(req, job, n_prompt, answer)
-        except (UserError, RuntimeError) as exc:
-            yield _sse(APIError(500, str(exc), None, "engine_error").body())
-        finally:
-            if job.finished is None:  # client disconnected mid-stream: free its row now
-                engine.cancel(job)
-
-    async def _stream_calls(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer):
-        """A stream whose answer may hold tool calls: content and tool_calls deltas as the parser
-        reads them; finish_reason "tool_calls" when the answer made calls."""
-        parser = tools.StreamParser(engine.tokenizer, req.tool_spec)
-        try:
-            yield _sse(protocol.chunk(req, first=True))
-            async for event in job:
-                answer.add(event)
-                deltas = parser.feed(event.token) + (parser.finish() if event.finish_reason else [])
-                for d in deltas:
-                    yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
-                if event.finish_reason:
-                    finish = "tool_calls" if parser.calls and event.finish_reason == "stop" else event.finish_reason
-                    yield _sse(protocol.chunk(req, finish=finish))
+                    called = parser is not None and parser.calls and event.finish_reason == "stop"
+                    yield _sse(protocol.chunk(req, finish="tool_calls" if called else event.finish_reason))
                     if req.include_usage:
                         yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
                     break
