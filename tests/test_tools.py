@@ -293,3 +293,27 @@ def test_cli_generate_tools(tmp_path):
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert f"--tools {tools_file}: tools[0].function.name" in bad.stderr
+
+
+def test_our_gemma4_tool_prompt_equals_googles_template(tmp_path):
+    """Without a template in the dir, our Gemma 4 rendering of declarations (nested schemas), a
+    call, its result, a final answer and a new question gives transformers' ids with Google's
+    templates (the release and the current revision)."""
+    d = tokenizer_dir(tmp_path / "g4", gemma4=True)
+    tok, hf = GemmaTokenizer(d), hf_tokenizer(d)
+    messages = [
+        {"role": "system", "content": "Be useful."}, {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": json.dumps(HARD_ARGS[1], ensure_ascii=False)}},
+            {"id": "c2", "type": "function", "function": {"name": "draw", "arguments": json.dumps(HARD_ARGS[2])}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"}, {"role": "tool", "tool_call_id": "c2", "content": "ok"},
+        {"role": "assistant", "content": "It is 21 C."}, {"role": "user", "content": "Thanks"}]
+    for tools in (TOOLS, SAMPLE_TOOLS):
+        ours = T.render_prompt(tok, messages, T.ToolSpec.of(tok, tools))
+        with_dicts = [dict(m, tool_calls=[{**c, "function": {"name": c["function"]["name"],
+                                                             "arguments": json.loads(c["function"]["arguments"])}}
+                                          for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in messages]
+        for name in ("gemma4_v5", "gemma4"):
+            assert ours == hf.apply_chat_template(with_dicts, tools=tools, chat_template=trl_template(name),
+                                                  tokenize=True, add_generation_prompt=True, return_dict=False)
