@@ -139,7 +139,8 @@ class ToolSpec:
 
 
 def _arguments(call: dict, where: str) -> dict:
-    """A history call's arguments as a dict (OpenAI sends them as JSON text)."""
+    """A history call's arguments as a dict (OpenAI sends them as JSON text); UserError when the
+    call is not {"function": {"name": str, "arguments": JSON object or its text}}."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise UserError(f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name', 'arguments'}}}}")
@@ -156,9 +157,7 @@ def _arguments(call: dict, where: str) -> dict:
 
 def _result_text(message: dict) -> str:
     content = message.get("content")
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    return _text(content) if isinstance(content, (str, list)) else json.dumps(content, ensure_ascii=False)
 
 
 def _result_names(calls: list, results: list) -> list:
@@ -189,8 +188,10 @@ class JsonFormat:
                 f"Functions:\n{listing}")
 
     def calls(self, tool_calls: list) -> str:
-        blocks = [json.dumps({"name": c["function"]["name"], "arguments": _arguments(c, f"tool_calls[{i}]")},
-                             ensure_ascii=False) for i, c in enumerate(tool_calls)]
+        blocks = []
+        for i, c in enumerate(tool_calls):
+            args = _arguments(c, f"tool_calls[{i}]")
+            blocks.append(json.dumps({"name": c["function"]["name"], "arguments": args}, ensure_ascii=False))
         return self.separator.join(f"{self.opener}{b}{self.closer}" for b in blocks)
 
     def results(self, calls: list, results: list) -> str:
@@ -258,8 +259,11 @@ class Gemma4Format:
         return "".join(f"<|tool>{_declaration(f)}<tool|>" for f in parse_tools(tools))
 
     def calls(self, tool_calls: list) -> str:
-        return "".join(f"<|tool_call>call:{c['function']['name']}{_native(_arguments(c, f'tool_calls[{i}]'))}<tool_call|>"
-                       for i, c in enumerate(tool_calls))
+        out = []
+        for i, c in enumerate(tool_calls):
+            args = _arguments(c, f"tool_calls[{i}]")
+            out.append(f"<|tool_call>call:{c['function']['name']}{_native(args)}<tool_call|>")
+        return "".join(out)
 
     def results(self, calls: list, results: list) -> str:
         return "".join(f"<|tool_response>response:{n}{{value:{_native(_result_text(r))}}}<tool_response|>"
@@ -498,38 +502,52 @@ def _plain_messages(messages: list, spec: Optional[ToolSpec]) -> list:
     fmt = JsonFormat()
     out: list = []
     for k, m in enumerate(messages):
-        role = m.get("role")
-        if role == "tool":
-            calls = next((p.get("_calls", []) for p in reversed(out) if p.get("_calls")), [])
+        if not isinstance(m, dict):  # the tokenizer words the error
+            out.append(m)
+            continue
+        prev = out[-1] if out and isinstance(out[-1], dict) else {}
+        if m.get("role") == "tool":
+            calls = next((p["_calls"] for p in reversed(out) if isinstance(p, dict) and p.get("_calls")), [])
+            if not (prev.get("_calls") or prev.get("_results")):
+                raise UserError(f"message {k} is a tool result with no assistant tool_calls before it")
             text = fmt.results(calls, [m])
-            if out and out[-1]["role"] == "user" and out[-1].get("_results"):
-                out[-1]["content"] += "\n" + text
+            if prev.get("_results"):
+                prev["content"] += "\n" + text
             else:
                 out.append({"role": "user", "content": text, "_results": True})
             continue
         m = dict(m)
         if m.get("tool_calls"):
-            text = m.get("content") or ""
+            text = _text(m.get("content"))
             m["content"] = (text.strip() + "\n" if text.strip() else "") + fmt.calls(m["tool_calls"])
             m["_calls"] = m.pop("tool_calls")
         out.append(m)
     if spec is not None and spec.choice != "none":
         declared = fmt.declarations([f.openai() for f in spec.functions])
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{declared}"}
+        if out and isinstance(out[0], dict) and out[0].get("role") == "system":
+            out[0] = {"role": "system", "content": f"{_text(out[0].get('content'))}\n\n{declared}"}
         else:
             out.insert(0, {"role": "system", "content": declared})
-    return [{k: v for k, v in m.items() if not k.startswith("_")} for m in out]
+    return [{k: v for k, v in m.items() if not k.startswith("_")} if isinstance(m, dict) else m for m in out]
+
+
+def _text(content) -> str:
+    """A message's text: a string, or the text of a list of {"type": "text"} parts."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _native_messages(messages: list) -> list:
     """History calls with their arguments as objects (Google's template writes them key by key)."""
     out = []
     for k, m in enumerate(messages):
-        if m.get("tool_calls"):
-            m = dict(m, tool_calls=[{**c, "function": {"name": c["function"]["name"],
-                                                       "arguments": _arguments(c, f"messages[{k}].tool_calls[{i}]")}}
-                                    for i, c in enumerate(m["tool_calls"])])
+        if isinstance(m, dict) and m.get("tool_calls"):
+            calls = []
+            for i, c in enumerate(m["tool_calls"]):
+                args = _arguments(c, f"messages[{k}].tool_calls[{i}]")
+                calls.append({**c, "function": {"name": c["function"]["name"], "arguments": args}})
+            m = dict(m, tool_calls=calls)
         out.append(m)
     return out
 

@@ -317,3 +317,47 @@ def test_our_gemma4_tool_prompt_equals_googles_template(tmp_path):
         for name in ("gemma4_v5", "gemma4"):
             assert ours == hf.apply_chat_template(with_dicts, tools=tools, chat_template=trl_template(name),
                                                   tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "draw", "arguments": '{"points": []}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    {"role": "assistant", "content": "Drawn."}]
+
+
+def _loss_runs(tok, ids, mask):
+    runs, current = [], []
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs
+
+
+def test_json_format_prompt_and_training_mask(toks):
+    """Gemma 1-3: the declarations lead the first user turn, the call is the model's text, the
+    result is the next user turn; loss on the call block and the answer, each with <end_of_turn>."""
+    tok = toks["gemma3"]
+    text = T.render_prompt(tok, CONVERSATION[:3], T.ToolSpec.of(tok, SAMPLE_TOOLS), tokenize=False)
+    assert text.startswith("<bos><start_of_turn>user\nYou can call the functions below.")
+    assert text.endswith('Weather in Paris?<end_of_turn>\n<start_of_turn>model\n```tool_call\n'
+                         '{"name": "draw", "arguments": {"points": []}}\n```<end_of_turn>\n<start_of_turn>user\n'
+                         '```tool_response\n{"name": "draw", "content": "done"}\n```<end_of_turn>\n'
+                         '<start_of_turn>model\n')
+    ids, mask = T.encode_conversation(tok, CONVERSATION, SAMPLE_TOOLS)
+    assert _loss_runs(tok, ids, mask) == ['```tool_call\n{"name": "draw", "arguments": {"points": []}}\n```<end_of_turn>',
+                                          "Drawn.<end_of_turn>"]
+    with pytest.raises(UserError, match="message 1 is a tool result with no assistant tool_calls"):
+        T.render_prompt(tok, [CONVERSATION[0], CONVERSATION[2]], None)
+
+
+def test_gemma4_training_mask_with_our_template(toks):
+    tok = toks["gemma4"]
+    ids, mask = T.encode_conversation(tok, CONVERSATION, SAMPLE_TOOLS)
+    assert _loss_runs(tok, ids, mask) == ["<|tool_call>call:draw{points:[]}<tool_call|><|tool_response>",
+                                          "Drawn.<turn|>"]
+    assert tok.decode(ids).count("<|tool_response>") == 1  # the result continues the call's marker
