@@ -78,6 +78,26 @@ async def _read_json(request: Request, limit: int):
         raise APIError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client has closed the connection (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first_done(*coroutines) -> int:
+    """Run the coroutines until one ends; cancel the others; the index of the one that ended
+    (its exception, if it raised)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    first = next(i for i, t in enumerate(tasks) if t in done)
+    tasks[first].result()
+    return first
+
+
 def _authorized(state: ServerState, request: Request) -> bool:
     if state.api_key is None:
         return True
@@ -126,11 +146,12 @@ def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
 
 
 class _Answer:
-    """Collects one job's events: text, token count, logprob entries, finish reason."""
+    """Collects one job's events: text, token ids (read for tool calls), token count, logprob
+    entries, finish reason."""
 
     def __init__(self, tokenizer, want_logprobs: bool):
         self.tok, self.want = tokenizer, want_logprobs
-        self.text, self.n_out, self.finish = [], 0, None
+        self.text, self.ids, self.n_out, self.finish = [], [], 0, None
         self.logprobs: Optional[list] = [] if want_logprobs else None
 
     def _entry(self, token_id: int):
@@ -141,6 +162,7 @@ class _Answer:
         """Record an event; returns its logprob entries (empty without logprobs)."""
         self.n_out += event.token is not None
         self.text.append(event.text)
+        self.ids.append(event.token)
         if event.finish_reason:
             self.finish = event.finish_reason
         if not self.want or event.logprob is None:
@@ -180,17 +202,21 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         if req.stream:
             return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(req, job, len(ids))
+        return await _whole(req, job, len(ids), request)
 
-    async def _whole(req: ParsedRequest, job: Job, n_prompt: int) -> Response:
+    async def _collect(job: Job, answer: _Answer) -> None:
+        async for event in job:
+            answer.add(event)
+            if event.finish_reason:
+                break
+
+    async def _whole(req: ParsedRequest, job: Job, n_prompt: int, request: Request) -> Response:
         answer = _Answer(engine.tokenizer, req.params.logprobs)
-        ids = []
         try:
-            async for event in job:
-                answer.add(event)
-                ids.append(event.token)
-                if event.finish_reason:
-                    break
+            # A client that closes its connection frees its row at once, as a stream's does
+            # (nothing else would notice before the answer is complete).
+            if await _first_done(_collect(job, answer), _until_disconnect(request)) == 1:
+                return Response(status_code=499)  # nobody reads it
         except UserError as exc:
             return _error(APIError(400, str(exc), None, "invalid_value"))
         except RuntimeError as exc:
@@ -203,7 +229,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             text = req.prompt + text
         _log_done(req, job, n_prompt, answer)
         if _parses_calls(req):
-            read = tools.parse_answer(engine.tokenizer, req.tool_spec, ids, answer.finish)
+            read = tools.parse_answer(engine.tokenizer, req.tool_spec, answer.ids, answer.finish)
             return JSONResponse(protocol.full_response(req, read.content, read.finish_reason, n_prompt,
                                                        answer.n_out, answer.logprobs, read.tool_calls))
         return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
