@@ -56,6 +56,8 @@ def _checkpointed_class(cls):
 def enable_grad_checkpoint(model) -> None:
     """Per layer instance (not class-wide, so other models in the process are untouched)."""
     for layer in model.layers:
+        if layer.self_attn.kv_crosses_layers:
+            continue  # Gemma 4 / 3n KV sharing: k/v pass between layers outside the checkpointed call
         layer.__class__ = _checkpointed_class(type(layer))
 
 
