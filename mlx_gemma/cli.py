@@ -123,6 +123,9 @@ def main(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    from . import cpu
+
+    cpu.enable()  # the CLI runs the CPU paths this machine's calibration chose (mlx_gemma/cpu)
 
 
 model_option = click.option("--model", "-m", "model", default=DEFAULT_MODEL,
@@ -133,30 +136,51 @@ dtype_option = click.option("--dtype", default="auto",
 
 
 @main.command(context_settings=CONTEXT)
-def info():
-    """Print the MLX version, device, compute dtype, which BLAS and native kernels are in use."""
+@click.option("--model", "-m", "model", default=None,
+              help="Also load this model (calibrating the CPU paths for it if this machine has not yet) and "
+                   "print its choices.")
+def info(model):
+    """Print the MLX version, device, BLAS, CPU, and which CPU paths run (with their measured speed-ups)."""
     import platform
 
     import mlx.core as mx
 
+    from . import cpu
     from .backend import policy
-    from .runtime import BLAS_STATUS
+    from .cpu import calibrate, machine, native
+    from .loading import load
 
     click.echo(f"mlx-gemma     {mlx_gemma.__version__}")
     click.echo(f"mlx           {mx.__version__}")
     click.echo(f"platform      {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    click.echo(f"cpu           {machine.cpu_name()} ({machine.isa_level()})")
     click.echo(f"device        {mx.default_device()}")
     click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
+    click.echo(f"blas          {cpu.BLAS_STATUS['library'] or 'MLX built-in'} ({cpu.BLAS_STATUS['note']})")
+    click.echo(f"malloc        {'large freed blocks kept (enabled by the CLI)' if cpu.malloc_tuned() else 'glibc defaults'}")
+    if model is not None:
+        load(model)
+        _echo_choices(f"cpu paths     {model}:", calibrate.LAST)
+    else:
+        stored = calibrate.stored_choices()
+        for signature, choices in stored.items():
+            _echo_choices(f"cpu paths     {signature} (measured earlier on this machine):", choices)
+        if not stored:
+            click.echo("cpu paths     none measured on this machine yet (each model is calibrated at its first "
+                       "load by the CLI; `mlx-gemma info --model M` does it now)")
     click.echo(f"backend       {policy().describe()}")
-    click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
-    if policy().host_decode:  # the quantized one-row kernel (mlx_gemma.native), built here on first use
-        from . import native
-
-        native.qgemv()
-        click.echo(f"native        {native.STATUS['library'] or 'none'} ({native.STATUS['note']})")
+    click.echo(f"native        {native.STATUS['library'] or 'not built'} ({native.STATUS['note']})")
     from .training import distributed
 
     click.echo(f"distributed   {distributed.describe()}")
+
+
+def _echo_choices(title: str, choices: dict) -> None:
+    from .cpu.calibrate import describe
+
+    click.echo(title)
+    for line in describe(choices):
+        click.echo(f"  {line}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -26,7 +26,7 @@ from .constrain import grammar_mask, make_constraint
 from .engine import (DEFAULT_PREFILL_STEP, BatchGenerator, DecodeStep, Event, Request, check_prompt, engine_for,
                      ngram_draft, prefill)
 from .errors import UserError
-from .hostdecode import OneRowHead  # noqa: F401 (benchmarks import it from here)
+from .cpu.hostdecode import OneRowHead  # noqa: F401 (benchmarks import it from here)
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, SamplingParams, make_sampler, min_p_filter,
                        repetition_penalty_processor, top_k_filter, top_p_filter)
 

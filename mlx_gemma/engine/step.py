@@ -12,8 +12,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from ..adapters import set_row_adapters
-from ..backend import policy
-from ..hostdecode import HostDecoder, OneRowHead
+from ..cpu.hostdecode import host_paths
 from ..masks import as_positions
 
 DEFAULT_PREFILL_STEP = 512
@@ -39,13 +38,6 @@ def prefill(model, tokens: mx.array, cache, start=0, step: int = DEFAULT_PREFILL
     for i in range(0, T, step):
         model.model(tokens[:, i:i + step], cache=cache, pos=pos + i, fresh=fresh and i == 0)
         mx.eval(cache.state)
-
-
-def host_paths(model) -> tuple:
-    """The CPU's one-row decoder and one-row LM head for `model` where the backend policy asks for
-    them and they cover the model (else None each): the decode step's one call into the host code."""
-    p = policy()
-    return (HostDecoder.of(model) if p.host_decode else None), (OneRowHead.of(model) if p.host_gemv else None)
 
 
 class DecodeStep:
