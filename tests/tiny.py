@@ -100,3 +100,26 @@ def randomize_peft_lora_b(peft_model, seed: int, std: float = 0.05):
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * std)
     return peft_model
+
+
+def greedy_alone(model, ids, n):
+    """Reference: greedy ids from uncached full forward passes (no cache, no batching)."""
+    import mlx.core as mx
+
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+    return seq[len(ids):]
+
+
+class NoStops:
+    """A stand-in tokenizer for tiny random models, whose vocabularies have no text: no stop ids
+    (every answer runs to max_tokens), one byte per token, prompts given as token ids."""
+
+    stop_ids = ()
+
+    def token_bytes(self, token_id, skip_special=False):
+        return b"x"
+
+    def is_special(self, token_id):
+        return False
