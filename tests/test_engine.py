@@ -205,3 +205,31 @@ def test_one_engine_per_model_traces_the_decode_step_once(model_dir, tmp_path):
         adapted = batch_generate(model, NoStops(), [prompt], max_tokens=4, details=True)[0].tokens
         assert engine.step() is not step
     assert adapted == greedy_alone(model, prompt, 4) != first
+
+
+def test_an_embedding_wider_than_the_tokenizer_never_yields_an_unreadable_id(tmp_path):
+    """Padded or multimodal embedding tables have rows the tokenizer has no piece for. Here those
+    rows are made the model's favourites (the precondition is checked on the full logits); the
+    engine must still sample only ids the detokenizer reads, greedy and at temperature 1, instead
+    of stopping with an error for every row in the batch."""
+    from chat_tiny import tokenizer_dir
+    from mlx_gemma.loading import load
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    tokenizer_dir(tmp_path, gemma4=False)
+    vocab = GemmaTokenizer(tmp_path).vocab_size
+    save_hf_model(make_hf_model("gemma3_text", seed=3, vocab_size=vocab + 64), tmp_path)
+    model, tok = load(str(tmp_path))
+    table = model.model.embed_tokens.weight
+    extra = mx.random.normal((64, table.shape[1]), key=mx.random.key(0)) * 50.0
+    model.model.embed_tokens.weight = mx.concatenate([table[:vocab], extra.astype(table.dtype)])
+    prompt = tok.encode("hello")
+    assert int(mx.argmax(model(mx.array([prompt]))[0, -1]).item()) >= vocab  # the trap is set
+
+    engine = BatchGenerator(model, tok)
+    for params in (SamplingParams(temp=0.0, max_tokens=6), SamplingParams(temp=1.0, seed=1, max_tokens=6)):
+        engine.submit(Request(ids=prompt, params=params))
+    tokens = []
+    while engine.busy:
+        tokens += [e.token for e in engine.step() if e.token is not None]
+    assert tokens and all(0 <= t < vocab for t in tokens)

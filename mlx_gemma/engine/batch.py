@@ -137,6 +137,9 @@ class BatchGenerator:
         tokens = mx.array([[r.next_input] for r in rows], mx.int32)
         pos = mx.array([r.pos for r in rows], mx.int32)
         logits = self.decode(self.scheduler.cache, tokens, pos, max(r.pos for r in rows) + 1, adapter_rows(rows))
+        # An embedding with more rows than the tokenizer has pieces (padded or multimodal tables)
+        # must never yield an id the detokenizer cannot read: sample among the tokenizer's ids.
+        logits = logits[:, :self.tokenizer.vocab_size]
         sampled, scores = sample(logits, [r.sampling for r in rows])
         events = []
         for row, token, score in zip(rows, sampled, scores):
