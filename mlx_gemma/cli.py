@@ -321,6 +321,9 @@ def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, dra
         sys.stdout.flush()
         stats = chunk.stats
     click.echo("")
+    if mask and mask[0].error:  # the text above is cut short: say so instead of the stats line
+        raise UserError(f"the {'--json-schema' if json_schema else '--regex'} grammar failed while generating "
+                        f"({mask[0].error}); simplify it")
     click.echo(stats.line(), err=True)
 
 

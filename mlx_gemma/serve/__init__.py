@@ -83,7 +83,47 @@ def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST,
     logging.getLogger("mlx_gemma.serve").info(
         "serving %s%s on http://%s:%d (API key %s)", model_name or model_name_for(model),
         f" with adapters {', '.join(adapters)}" if adapters else "", host, port, "required" if api_key else "off")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level=log_level,
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     try:
-        uvicorn.run(app, host=host, port=int(port), log_level=log_level, timeout_graceful_shutdown=2)
+        _run_until_signal(server, app)
     finally:
-        engine.stop()
+        stop_engine(engine)
+
+
+SHUTDOWN_GRACE_S = 5  # for answers already sent to reach their clients after SIGTERM / Ctrl-C
+ENGINE_STOP_S = 120  # the longest engine step (a prefill chunk) we wait for on the way out
+
+
+def _run_until_signal(server, app) -> None:
+    """uvicorn's run, where the first SIGTERM / Ctrl-C also answers every request in flight with a
+    503 at once (ServerState.shut_down, on the event loop), so uvicorn's graceful wait ends as
+    soon as those answers are written, instead of cancelling handlers mid-request."""
+    import asyncio
+
+    on_exit = server.handle_exit
+
+    def handle_exit(sig, frame):
+        on_exit(sig, frame)
+        loop = getattr(app.state, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(app.state.server.shut_down)  # signal-safe: a write to the loop's pipe
+
+    server.handle_exit = handle_exit
+
+    async def main():
+        app.state.loop = asyncio.get_running_loop()
+        await server.serve()
+
+    asyncio.run(main())
+
+
+def stop_engine(engine: Engine) -> None:
+    """Stop the engine thread and wait for its current step: MLX still running in a thread while
+    the interpreter exits aborts the process ("terminate called without an active exception")."""
+    engine.stop()
+    engine.thread.join(timeout=ENGINE_STOP_S)
+    if engine.thread.is_alive():
+        logging.getLogger("mlx_gemma.serve").error("the engine did not stop within %d s; exiting at once",
+                                                    ENGINE_STOP_S)
+        os._exit(1)
