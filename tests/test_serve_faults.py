@@ -10,6 +10,7 @@ Traffic goes to loopback only; every loop is bounded in count and time.
 
 import concurrent.futures as futures
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def test_json_schema_file_on_the_command_line(tmp_path):
 
 
 # Within every limit above, yet llguidance fails on its second token: after `{"` one Earley row
-# holds 6,000 items (its limit is 2,000). The row must end as an error, never as "stop".
+# holds 3,000 to 6,000 items (its limit is 2,000). The row must end as an error, never as "stop".
 MID_FAILURE = {"anyOf": [{"anyOf": [{"properties": {f"k{a}_{i}": {}}, "required": [f"k{a}_{i}"]} for i in range(1000)]}
                          for a in range(3)]}
 
@@ -163,7 +164,8 @@ MID_FAILURE = {"anyOf": [{"anyOf": [{"properties": {f"k{a}_{i}": {}}, "required"
 def test_grammar_failing_mid_answer_is_an_error_not_stop(server):
     status, body = post(server["port"], chat(MID_FAILURE, max_tokens=20))
     assert status == 400 and body["error"]["code"] == "unsupported_schema", body
-    assert "failed while generating" in body["error"]["message"] and "6002 items" in body["error"]["message"]
+    assert re.search(r"failed while generating \(Parser Error: Current row has \d{4} items; max is 2000",
+                     body["error"]["message"]), body
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="-", max_retries=0, timeout=600)
     seen = []
     with pytest.raises(openai.APIError, match="failed while generating"):
@@ -261,7 +263,7 @@ def test_temperature_underflow_samples_greedily(server):
 @pytest.mark.parametrize("stream", [False, True])
 def test_sigterm_during_a_prefill_stops_cleanly(tmp_path, stream):
     proc, port, log = start_server(tmp_path, "--prefill-step", "64")
-    prompt = " ".join(f"word{i}" for i in range(1500))  # ~3,000 tokens: dozens of prefill chunks
+    prompt = " ".join(f"word{i}" for i in range(500))  # ~1,500 tokens, as in the issue: many prefill chunks
     body = {"model": "gemma-3-270m", "prompt": prompt, "max_tokens": 4, "stream": stream}
     with futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(raw_bytes, port, "/v1/completions", json.dumps(body).encode(), 300)
