@@ -541,7 +541,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
         raise UserError("train() needs a LoRA model and its adapter config: adapter_config = setup(model, args)")
     run_dir = RunDir(args.out, writer=dist.rank() == 0)
     created_dir = not run_dir.path.exists()
-    resume_from = run_dir.check(args.resume, args.force)
+    resume_from = run_dir.check(args.resume, args.force, args.to_dict())
     model.train()
     run = _Run(model, tokenizer, args, run_dir, adapter_config, train_set, valid_set, optimizer, loss, progress)
     run.begin(resume_from, extra_config)
@@ -597,7 +597,7 @@ def load_training_data(args: TrainArgs, tokenizer) -> dict:
 
 def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
     """Check --out before slow work; the checkpoint to resume from, or None (see RunDir.check)."""
-    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force)
+    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force, args.to_dict())
 
 
 def restore_options(values: dict, given: set) -> dict:
