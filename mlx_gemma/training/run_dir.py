@@ -127,8 +127,8 @@ class RunDir:
         try:
             with tempfile.TemporaryFile(dir=folder):
                 pass
-        except OSError as exc:
-            raise write_error(exc, self.path) or exc from None
+        except OSError as exc:  # worded for --out, not for the probe's temporary name
+            raise write_error(OSError(exc.errno, exc.strerror), self.path) or exc from None
 
     def start(self, config: dict, resume_step: Optional[int]) -> None:
         """Begin writing: a fresh run removes a previous run's files and writes train_config.json;
