@@ -204,10 +204,26 @@ def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, s
     n_messages = page.locator(".column[data-col='a'] .msg").count()
     assert n_messages == 4  # two user turns, two answers (the stopped one kept its text)
 
-    # Reload: the conversation, the model choice and the key come back from localStorage.
+    # Reload: the conversation and the model choice come back from localStorage, the key from
+    # sessionStorage (this tab only): by default no storage that outlives the tab holds the key.
     page.reload()
     wait_for(lambda: page.locator(".column[data-col='a'] .msg").count() == n_messages, 30)
     assert page.input_value("#api-key") == KEY
     wait_for(lambda: page.input_value("#model-a") == "zh", 30)
     assert page.inner_text('.column[data-col="a"] .msg.assistant >> nth=0 >> .content') == stopped_text
+    assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
+    assert not page.is_checked("#remember-key")
+    other_tab = page.context.new_page()  # same browser profile (localStorage), a new tab (sessionStorage)
+    other_tab.goto(f"http://127.0.0.1:{port}/")
+    wait_for(lambda: other_tab.locator(".column[data-col='a'] .msg").count() == n_messages, 30)
+    assert other_tab.input_value("#api-key") == ""
+    # An explicit "remember": the key is kept in localStorage, and a new tab has it.
+    page.check("#remember-key")
+    assert KEY in page.evaluate("() => JSON.stringify(localStorage)")
+    other_tab.reload()
+    wait_for(lambda: other_tab.input_value("#api-key") == KEY, 30)
+    assert other_tab.is_checked("#remember-key")
+    page.uncheck("#remember-key")  # forgetting it removes it
+    assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
+    other_tab.close()
     page.close()
