@@ -838,9 +838,27 @@ def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_bo
     """
     from .serve import serve as run_server
 
-    run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
-               dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
-               log_level=log_level)
+    try:
+        run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
+                   dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
+                   log_level=log_level)
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM, after every client got its answer (or a 503)
+        _exit_without_teardown(143 if isinstance(stop, Terminated) else 130,
+                               "terminated" if isinstance(stop, Terminated) else "interrupted")
+
+
+def _exit_without_teardown(code: int, word: str) -> None:
+    """End the server process now. Its work is done (answers sent, engine stopped, nothing to
+    write), and MLX's stream threads can still abort the interpreter's teardown ("terminate
+    called without an active exception", status 134) when requests were cancelled mid-step."""
+    import logging
+    import os
+
+    click.echo(word, err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

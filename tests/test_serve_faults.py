@@ -288,3 +288,30 @@ def test_sigterm_during_a_prefill_stops_cleanly(tmp_path, stream):
         assert status in (503, None), (status, payload)
         if status == 503:
             assert json.loads(payload)["error"]["code"] == "server_shutting_down"
+
+
+def test_sigterm_after_clients_dropped_their_requests(tmp_path):
+    """Rows cancelled mid-step by dropped streams and abandoned non-streaming requests still running:
+    SIGTERM ended this in an abort (134) when the engine had queued work at exit."""
+    proc, port, log = start_server(tmp_path)
+
+    def dropped(stream):
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": 64, "stream": stream}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        if stream:
+            conn.getresponse().readline()
+        else:
+            time.sleep(1.0)
+        conn.close()
+
+    with futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(dropped, [True] * 4 + [False] * 2))
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=180)
+    text = log.read_text()
+    assert code in (0, 143), (code, text[-3000:])
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
