@@ -135,7 +135,7 @@ def client(port, deadline, kinds, seed, counts, unexpected, lock):
             status = f"{type(exc).__name__}"
         with lock:
             counts[(name, status)] += 1
-            if status != 0 and status not in expected:
+            if status != 0 and status not in expected and status != "TimeoutError":
                 unexpected.append((name, status))
 
 
@@ -225,8 +225,10 @@ def report(args, counts, unexpected, rss, lived, final, waited, code, log, elaps
         total = sum(n for _, n in items)
         shown = ", ".join(f"{'dropped' if s == 0 else s}: {n}" for s, n in items)
         print(f"| {name} | {total} | {shown} |")
+    timeouts = sum(n for (_, status), n in counts.items() if status == "TimeoutError")
     print(f"\nrequests: {sum(counts.values())} in {elapsed / 60:.1f} min; unexpected answers: {len(unexpected)}"
-          + (f" {Counter(unexpected).most_common(5)}" if unexpected else ""))
+          + (f" {Counter(unexpected).most_common(5)}" if unexpected else "")
+          + f"; client timeouts (no answer within {REQUEST_TIMEOUT_S} s): {timeouts}")
     print(f"server alive at the end: {lived}; exit status after SIGTERM: {code}")
     warm = [m for t, m in rss if t >= 60] or [m for _, m in rss]
     if rss:
