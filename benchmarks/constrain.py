@@ -21,7 +21,8 @@ import platform
 import statistics
 import time
 
-import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx_gemma  # (OpenBLAS before mlx.core)
+mlx_gemma.cpu.enable()  # the CPU paths as the CLI runs them (calibrated on this machine)
 
 from mlx_gemma.constrain import GrammarMask, grammar_tokenizer, json_schema_constraint
 from mlx_gemma.generation import BatchGenerator, Request, SamplingParams, encode_prompt

@@ -41,7 +41,7 @@ def median_seconds(fn, reps: int, warmup: int = 3) -> float:
 
 
 def read_bandwidth_gbs(reps: int) -> float:
-    from mlx_gemma.runtime import sgemv
+    from mlx_gemma.cpu.runtime import sgemv
 
     a = np.ones((256 * 1024, 1024), np.float32)  # 1 GiB
     x, out = np.ones(1024, np.float32), np.empty(256 * 1024, np.float32)
@@ -54,8 +54,13 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
 
-    import mlx_gemma  # noqa: F401  (OpenBLAS first)
+    # every CPU path on, forced (the profile compares the host pieces with MLX's whatever this
+    # machine's calibration chose); MLX_GEMMA_CPU_PATHS set by the caller wins
+    os.environ.setdefault("MLX_GEMMA_CPU_PATHS", "all=on")
+    import mlx_gemma  # (OpenBLAS first)
     import mlx.core as mx
+
+    mlx_gemma.cpu.enable()
     from mlx.utils import tree_flatten
 
     from mlx_gemma.backend import override

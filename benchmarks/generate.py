@@ -13,6 +13,14 @@ the model quantized to 8 / 4 bits, group 64, round-to-nearest: no calibration), 
 llama-cpp-python on GGUF files: `f32` and `q8_0` written by our `convert_to_gguf`, `Q4_K_M` the
 embedded GGUF. llama.cpp engines are skipped when llama_cpp is not installed.
 
+mlx-gemma runs as the CLI does: `mlx_gemma.cpu.enable()`, then each model calibrated on this
+machine (cached in $MLX_GEMMA_HOME/calibration). `mlx-gemma@SETTINGS` runs it with
+MLX_GEMMA_CPU_PATHS=SETTINGS instead (`mlx-gemma@all=off`: MLX's own kernels only;
+`mlx-gemma-8bit@native=off`), for with-and-without tables.
+
+The header names the CPU (model name, instruction-set level), the load, and how llama.cpp was
+built (llama_cpp's system info: its compiled-in instruction sets).
+
     python benchmarks/generate.py [--prompt-tokens 512] [--new-tokens 128] [--repeats 3] [--engines a,b]
 """
 
@@ -45,18 +53,24 @@ def timed(steps, first_time_from):
     return times[0] - first_time_from, times
 
 
-def run_mlx_gemma(ids, new, dtype, bits=None):
+def run_mlx_gemma(ids, new, dtype, bits=None, paths=None):
+    if paths is not None:
+        os.environ["MLX_GEMMA_CPU_PATHS"] = paths
     import mlx_gemma  # noqa: F401  (OpenBLAS first)
     import mlx.core as mx
 
+    from mlx_gemma import cpu
+    from mlx_gemma.cpu.calibrate import prepare
     from mlx_gemma.generation import generate_step
     from mlx_gemma.loading import load
 
+    cpu.enable()  # as the CLI does
     model, _ = load("gemma-3-270m", dtype=dtype)
     if bits:
         from mlx_gemma.quant import quantize_model
 
         quantize_model(model, bits=bits, group_size=64)
+        prepare(model)  # the quantized model's own calibration (native kernel, host step)
     mx.eval(model.parameters())
     for _ in range(2):  # the first run pays for the compile traces
         mx.reset_peak_memory()
@@ -152,9 +166,10 @@ def run_llama_cpp(ids, new, kind):
 def child(engine, n_prompt, new):
     ids = prompt_ids(n_prompt)
     if engine.startswith("mlx-gemma"):
+        engine, _, paths = engine.partition("@")
         dtype = "bfloat16" if engine.endswith("bf16") else "float32"
         bits = {"8bit": 8, "4bit": 4}.get(engine.rsplit("-", 1)[-1])
-        ttft, times, peak = run_mlx_gemma(ids, new, dtype, bits=bits)
+        ttft, times, peak = run_mlx_gemma(ids, new, dtype, bits=bits, paths=paths or None)
     elif engine == "mlx-lm":
         ttft, times, peak = run_mlx_lm(ids, new)
     elif engine.startswith("llama.cpp-"):
@@ -166,11 +181,30 @@ def child(engine, n_prompt, new):
 
 
 def dtype_of(engine: str) -> str:
+    engine = engine.partition("@")[0]
     for tag, name in (("bf16", "bf16"), ("8bit", "8-bit g64"), ("4bit", "4-bit g64"), ("q8_0", "q8_0"),
                       ("Q4_K_M", "Q4_K_M")):
         if engine.endswith(tag):
             return name
     return "fp32"
+
+
+def machine_line() -> str:
+    """The CPU by model name and instruction-set level, as `mlx-gemma info` names it."""
+    from mlx_gemma.cpu.machine import cpu_name, isa_level
+
+    return f"{cpu_name()} ({isa_level()}, {os.cpu_count()} cores)"
+
+
+def llama_cpp_build() -> str:
+    """How the installed llama.cpp was built: its version and the instruction sets compiled in."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")  # "CPU : SSE3 = 1 | AVX = 1 | ..."
+    on = [part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+    vector = [f for f in on if f.startswith(("AVX", "AMX", "SSE", "SSSE", "F16C", "FMA", "NEON", "SVE"))]
+    native = "" if any(f.startswith("AVX512") for f in on) else " (no AVX-512: a portable GGML_NATIVE=OFF build)"
+    return f"llama-cpp-python {llama_cpp.__version__}, compiled for {', '.join(vector) or info.strip()}{native}"
 
 
 def spread(values) -> str:
@@ -188,8 +222,9 @@ def main():
     if args.child:
         return child(args.child, args.prompt_tokens, args.new_tokens)
     engines = args.engines.split(",")
+    llama_build = None
     try:
-        import llama_cpp  # noqa: F401
+        llama_build = llama_cpp_build()
     except ImportError:
         print("llama_cpp not installed: skipping the llama.cpp engines", file=sys.stderr)
         engines = [e for e in engines if not e.startswith("llama.cpp")]
@@ -211,9 +246,13 @@ def main():
     runs = {e: r for e, r in runs.items() if r}
     med = {e: {k: statistics.median(x[k] for x in r) for k in ("prefill_tps", "decode_tps")} for e, r in runs.items()}
     base = med.get("mlx-gemma", {}).get("decode_tps", 0)
-    print(f"\nGemma 3 270M, greedy, {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens, CPU "
-          f"({os.cpu_count()} cores), {args.repeats} rounds from {started}, 1-min load average "
-          f"{min(loads):.1f}-{max(loads):.1f}; median (min-max)\n")
+    busy = " (measured while other work ran)" if max(loads) > 2.5 else ""
+    print(f"\nGemma 3 270M, greedy, {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens, "
+          f"CPU {machine_line()}, {args.repeats} rounds from {started}, 1-min load average "
+          f"{min(loads):.1f}-{max(loads):.1f}{busy}; median (min-max)")
+    if llama_build and any(e.startswith("llama.cpp") for e in runs):
+        print(f"llama.cpp: {llama_build}")
+    print()
     print("| engine | weights | prefill tok/s | decode tok/s | mlx-gemma fp32 decode ÷ this | peak memory |")
     print("|---|---|---:|---:|---:|---:|")
     for engine, r in runs.items():
@@ -222,7 +261,8 @@ def main():
               f"{spread([x['decode_tps'] for x in r])} | {ratio:.2f}x | {max(x['peak_gb'] for x in r):.2f} GB |")
     goals = [("fp32 decode ÷ llama.cpp f32 decode (goal ≥ 0.75)", "mlx-gemma", "llama.cpp-f32", "decode_tps"),
              ("8-bit decode ÷ our fp32 decode (goal > 1)", "mlx-gemma-8bit", "mlx-gemma", "decode_tps"),
-             ("fp32 prefill ÷ transformers prefill (goal ≥ 1)", "mlx-gemma", "transformers", "prefill_tps")]
+             ("fp32 prefill ÷ transformers prefill (goal ≥ 1)", "mlx-gemma", "transformers", "prefill_tps"),
+             ("fp32 prefill ÷ mlx-lm prefill (goal ≥ 1)", "mlx-gemma", "mlx-lm", "prefill_tps")]
     print()
     for label, a, b, key in goals:
         if a in med and b in med:

@@ -20,7 +20,8 @@ import platform
 import tempfile
 import time
 
-import mlx_gemma  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx_gemma  # (OpenBLAS before mlx.core)
+mlx_gemma.cpu.enable()  # the CPU paths as the CLI runs them (calibrated on this machine)
 import mlx.core as mx
 import numpy as np
 

@@ -19,7 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
-import mlx_gemma  # noqa: F401  (OpenBLAS first)
+import mlx_gemma  # (OpenBLAS before mlx.core)
+mlx_gemma.cpu.enable()  # the CPU paths as the CLI runs them (calibrated on this machine)
 from mlx_gemma.generation import stream_generate
 from mlx_gemma.loading import load
 
@@ -38,10 +39,12 @@ def questions(n: int) -> list:
 
 
 def drafter(bits: int):
+    from mlx_gemma.cpu.calibrate import prepare
     from mlx_gemma.quant import quantize_model
 
     model, _ = load("gemma-3-270m", dtype="float32")
     quantize_model(model, bits=bits, group_size=64)
+    prepare(model)  # the quantized model's own choices (native kernel, host step)
     return model
 
 

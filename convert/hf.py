@@ -22,14 +22,20 @@ _TEXT_PREFIXES = (
     ("model.language_model.", "model."),
     ("language_model.lm_head.", "lm_head."),
 )
-# Parts of multimodal checkpoints that a text model does not use.
-_IGNORED = re.compile(r"^(vision_tower|multi_modal_projector|model\.vision_tower|model\.multi_modal_projector)\.")
+# Parts of multimodal checkpoints that a text model does not use (Gemma 3's projector, Gemma 3n /
+# 4's vision and audio towers and their embedders).
+_IGNORED = re.compile(r"^(model\.)?(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio)\.")
+# What a KV-shared layer (Gemma 4 / 3n) has no use for: Google's checkpoints still hold it.
+_SHARED_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 # Non-parameter buffers some exporters save.
 _BUFFERS = re.compile(r"(rotary_emb\.inv_freq|embed_scale)$")
 
 
-def from_hf(weights: dict, tie_word_embeddings: bool = True) -> dict:
-    """HF checkpoint tensors -> mlx-gemma parameter names (same names, fewer extras)."""
+def from_hf(weights: dict, tie_word_embeddings: bool = True, kv_shared_layers=()) -> dict:
+    """HF checkpoint tensors -> mlx-gemma parameter names (same names, fewer extras).
+    kv_shared_layers: indices of layers that reuse another layer's keys/values; their k/v
+    projections and norms, if the checkpoint holds them, are dropped."""
+    shared = {str(i) for i in kv_shared_layers}
     out = {}
     for name, value in weights.items():
         if _IGNORED.match(name) or _BUFFERS.search(name):
@@ -40,6 +46,9 @@ def from_hf(weights: dict, tie_word_embeddings: bool = True) -> dict:
                 break
         if name == "lm_head.weight" and tie_word_embeddings:
             continue  # tied: the embedding is the head
+        unused = _SHARED_KV.match(name)
+        if unused and unused.group(1) in shared:
+            continue
         out[name] = value
     return out
 

@@ -6,12 +6,13 @@ Public API (imported lazily, so `import mlx_gemma` stays cheap and sets up the B
     quantize_model, apply_lora, fuse_lora, load_adapter, train, TrainArgs
 """
 
-# First, before anything imports mlx.core: on Linux, put OpenBLAS under MLX's CPU matmuls.
-# And keep large freed blocks in glibc's heap (MLX's CPU arrays are malloc'ed).
-from .runtime import setup_blas as _setup_blas, tune_malloc as _tune_malloc
+# The one thing importing does, and it must come before anything imports mlx.core: on Linux, put
+# OpenBLAS under MLX's CPU matmuls (~30x MLX's reference BLAS; MLX_GEMMA_NO_OPENBLAS=1 opts out).
+# Malloc tuning, native builds and the CPU paths' calibration wait for `mlx_gemma.cpu.enable()`,
+# which the CLI calls (see mlx_gemma/cpu/__init__.py).
+from .cpu.runtime import setup_blas as _setup_blas
 
 _setup_blas()
-_tune_malloc()
 
 __version__ = "0.1.0"
 

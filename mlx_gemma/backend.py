@@ -5,22 +5,20 @@ Every module that behaves differently on MLX's CPU backend than on a GPU (Metal,
 
     policy().compute_dtype          float32 on the CPU (bf16 matmuls are ~20x slower there),
                                     bfloat16 on a GPU
-    policy().fast_math              polynomial exp / tanh / GELU (mlx_gemma.fastmath): MLX's CPU
-                                    kernels evaluate transcendentals one scalar at a time
-    policy().host_loss              the LM-head cross-entropy in numpy (train/loss.py): numpy's
-                                    SIMD exp is ~10x MLX's CPU exp over a 262k vocabulary
-    policy().host_gemv              a one-row LM-head product (decoding one sequence) as a
-                                    cblas_sgemv in the OpenBLAS MLX itself uses (runtime.sgemv): MLX
-                                    sends it to sgemm, which packs the whole (V, E) weight per call
-                                    (measured: 35 vs 17 ms per token for the 270M's 671 MB head)
-    policy().host_decode            a whole one-row decode step of a float32 model on the host
-                                    (hostdecode.HostDecoder): every layer product a cblas_sgemv
-                                    (sgemm runs one row at half the read bandwidth: 27.7 vs 13.7 ms
-                                    for the 270M's 18 layers), the vector work in numpy
+    policy().fast_math              polynomial exp / tanh / GELU / softmax (cpu/fastmath.py)
+    policy().explicit_attention     cached (prefill) attention as explicit scores + softmax
+                                    instead of MLX's fused scaled_dot_product_attention
+    policy().host_loss              the LM-head cross-entropy in numpy (cpu/hostloss.py)
+    policy().host_gemv              a one-row LM head as cblas_sgemv (cpu/hostdecode.OneRowHead)
+    policy().host_decode            the whole one-row decode step on the host (cpu/hostdecode.py)
+    policy().native_kernel          4/8-bit one-row products in the native kernel (cpu/native.py)
     policy().dequantize_rows(n)     whether a quantized layer called on n rows dequantizes and
                                     runs a float matmul instead of mx.quantized_matmul (MLX's
                                     CPU quantized kernel is not vectorised; on a GPU it is fast)
 
+The CPU paths are all off (MLX's own kernels) until `mlx_gemma.cpu.enable()` (the CLI calls it);
+then each is what MLX_GEMMA_CPU_PATHS forces, or off until `cpu.calibrate.prepare(model)` measured
+it on this machine and model (`load()` does that) and switched on the ones that win.
 The policy is decided once per process from the default device, the first time it is asked.
 `configure(...)` overrides fields (tests and benchmarks use it to force a path), and
 `override(...)` does so for a `with` block.
@@ -35,6 +33,8 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from . import cpu as cpu_paths
+from .cpu.runtime import blas_sgemv
 from .errors import UserError
 
 # quantized matmul vs dequantize + float matmul on the CPU: measured on the 270M, the kernel
@@ -51,6 +51,8 @@ class Backend:
     host_loss: bool
     host_gemv: bool = False
     host_decode: bool = False
+    explicit_attention: bool = False
+    native_kernel: bool = False
     quantized_path: str = "auto"  # "auto" (by rows and device), "kernel" or "dequantize"
 
     def dequantize_rows(self, rows: int) -> bool:
@@ -61,19 +63,31 @@ class Backend:
 
     def describe(self) -> str:
         dtype = str(self.compute_dtype).replace("mlx.core.", "")
-        fast = ", ".join(name for name, on in (("fast math", self.fast_math), ("host loss", self.host_loss),
-                                               ("host gemv head", self.host_gemv),
-                                               ("host one-row decode", self.host_decode)) if on)
+        fast = ", ".join(name for name, on in (("fast math", self.fast_math), ("explicit attention", self.explicit_attention),
+                                               ("host loss", self.host_loss), ("host gemv head", self.host_gemv),
+                                               ("host one-row decode", self.host_decode),
+                                               ("native 4/8-bit kernel", self.native_kernel)) if on)
         return f"{self.device}, compute dtype {dtype}" + (f", CPU paths: {fast}" if fast else "")
 
 
-def _detect() -> Backend:
-    from .runtime import blas_sgemv
+def cpu_path_fields(choices: dict) -> dict:
+    """Policy fields for {cpu path: on} (mlx_gemma.cpu.PATHS names); the one-row paths need the
+    OpenBLAS cblas_sgemv, so they stay off without it."""
+    gemv = blas_sgemv() is not None
+    fields = {"fast_math": choices.get("fast_math"), "explicit_attention": choices.get("attention"),
+              "host_loss": choices.get("host_loss"), "native_kernel": choices.get("native")}
+    if "row_decode" in choices:
+        fields["host_decode"] = fields["host_gemv"] = choices["row_decode"] and gemv
+    return {k: bool(v) for k, v in fields.items() if v is not None}
 
+
+def _detect() -> Backend:
     cpu = mx.default_device().type == mx.DeviceType.cpu
-    gemv = cpu and blas_sgemv() is not None
-    return Backend(device="cpu" if cpu else "gpu", compute_dtype=mx.float32 if cpu else mx.bfloat16,
-                   fast_math=cpu, host_loss=cpu, host_gemv=gemv, host_decode=gemv)
+    base = Backend(device="cpu" if cpu else "gpu", compute_dtype=mx.float32 if cpu else mx.bfloat16,
+                   fast_math=False, host_loss=False)
+    if not (cpu and cpu_paths.enabled()):
+        return base
+    return dataclasses.replace(base, **cpu_path_fields(cpu_paths.forced()))
 
 
 _current: Optional[Backend] = None
@@ -85,6 +99,12 @@ def policy() -> Backend:
     if _current is None:
         _current = _detect()
     return _current
+
+
+def reset() -> None:
+    """Forget the policy: the next `policy()` detects it again (after `cpu.enable()`)."""
+    global _current
+    _current = None
 
 
 def configure(**fields) -> Backend:

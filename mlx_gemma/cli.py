@@ -123,6 +123,9 @@ def main(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    from . import cpu
+
+    cpu.enable()  # the CLI runs the CPU paths this machine's calibration chose (mlx_gemma/cpu)
 
 
 model_option = click.option("--model", "-m", "model", default=DEFAULT_MODEL,
@@ -133,30 +136,51 @@ dtype_option = click.option("--dtype", default="auto",
 
 
 @main.command(context_settings=CONTEXT)
-def info():
-    """Print the MLX version, device, compute dtype, which BLAS and native kernels are in use."""
+@click.option("--model", "-m", "model", default=None,
+              help="Also load this model (calibrating the CPU paths for it if this machine has not yet) and "
+                   "print its choices.")
+def info(model):
+    """Print the MLX version, device, BLAS, CPU, and which CPU paths run (with their measured speed-ups)."""
     import platform
 
     import mlx.core as mx
 
+    from . import cpu
     from .backend import policy
-    from .runtime import BLAS_STATUS
+    from .cpu import calibrate, machine, native
+    from .loading import load
 
     click.echo(f"mlx-gemma     {mlx_gemma.__version__}")
     click.echo(f"mlx           {mx.__version__}")
     click.echo(f"platform      {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    click.echo(f"cpu           {machine.cpu_name()} ({machine.isa_level()})")
     click.echo(f"device        {mx.default_device()}")
     click.echo(f"compute dtype {str(policy().compute_dtype).replace('mlx.core.', '')}")
+    click.echo(f"blas          {cpu.BLAS_STATUS['library'] or 'MLX built-in'} ({cpu.BLAS_STATUS['note']})")
+    click.echo(f"malloc        {'large freed blocks kept (enabled by the CLI)' if cpu.malloc_tuned() else 'glibc defaults'}")
+    if model is not None:
+        load(model)
+        _echo_choices(f"cpu paths     {model}:", calibrate.LAST)
+    else:
+        stored = calibrate.stored_choices()
+        for signature, choices in stored.items():
+            _echo_choices(f"cpu paths     {signature} (measured earlier on this machine):", choices)
+        if not stored:
+            click.echo("cpu paths     none measured on this machine yet (each model is calibrated at its first "
+                       "load by the CLI; `mlx-gemma info --model M` does it now)")
     click.echo(f"backend       {policy().describe()}")
-    click.echo(f"blas          {BLAS_STATUS['library'] or 'MLX built-in'} ({BLAS_STATUS['note']})")
-    if policy().host_decode:  # the quantized one-row kernel (mlx_gemma.native), built here on first use
-        from . import native
-
-        native.qgemv()
-        click.echo(f"native        {native.STATUS['library'] or 'none'} ({native.STATUS['note']})")
+    click.echo(f"native        {native.STATUS['library'] or 'not built'} ({native.STATUS['note']})")
     from .training import distributed
 
     click.echo(f"distributed   {distributed.describe()}")
+
+
+def _echo_choices(title: str, choices: dict) -> None:
+    from .cpu.calibrate import describe
+
+    click.echo(title)
+    for line in describe(choices):
+        click.echo(f"  {line}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -574,7 +598,8 @@ def _check_adapter_fits(args) -> None:
 @_train_options
 @click.pass_context
 def train(ctx, config_file, report, report_max_tokens, ranks, **options):
-    """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data.
+    """Fine-tune a LoRA (or QLoRA) adapter on chat / completion / text data, or preference-tune it
+    on prompt/chosen/rejected pairs (--method dpo / orpo; --report applies to sft).
 
     Writes into --out: adapter_model.safetensors + adapter_config.json (PEFT format),
     train_config.json, metrics.jsonl, loss.png and checkpoints/. Ctrl-C saves a checkpoint;
@@ -602,8 +627,8 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
 
     quiet = distributed.rank() != 0  # only rank 0 speaks (and writes)
     with _removed_if_left_empty(args.out):
-        if report and not args.resume:
-            from .training.report import run_main_job
+        if report and not args.resume and args.method == "sft":  # the report evaluates SFT on chat data
+            from .training.job import run_main_job
 
             result, _ = run_main_job(args, max_tokens=report_max_tokens, echo=lambda s: click.echo(s, err=True))
         else:
@@ -627,10 +652,8 @@ def _check_train_args(args) -> None:
 def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens: int) -> int:
     """`train --ranks N` (its options checked by `_check_train_args`): start N ranks running the
     same train command; the exit status says how the ranks ended."""
-    from pathlib import Path
-
     from .training import distributed
-    from .training.trainer import train_argv
+    from .training.job import ranks_outcome, train_argv
 
     if distributed.launched():
         raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
@@ -638,24 +661,10 @@ def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens
         "train", "--report" if report else "--no-report", "--report-max-tokens", str(report_max_tokens),
         *train_argv(args)]
     ended = distributed.launch_local(ranks, argv)
-    codes = dict(ended["failed"])
-    if not codes and ended["returncode"] == 0:
-        return 0
-    ckpts = sorted((Path(args.out).expanduser() / "checkpoints").glob("step-*"))
-    resume = (f"continue from {ckpts[-1].name} with: mlx-gemma train --out {args.out} --resume --ranks {ranks}"
-              if ckpts else "no checkpoint was saved")
-    stopped = (130, 143, -2, -15)  # Ctrl-C, or terminated by the launcher because another rank ended
-    killed = [(r, c) for r, c in sorted(codes.items()) if c is None or c < 0 and c not in stopped]
-    failed = [(r, c) for r, c in sorted(codes.items()) if c is not None and c not in stopped]
-    if not killed and not failed:  # Ctrl-C: every rank stopped after the same step
-        click.echo(f"interrupted; {resume}", err=True)
-        return 130
-    if not killed and ended["said_error"]:
-        return 1  # the failing rank's own one-line message is above
-    rank, code = (killed or failed)[0]
-    how = "was killed" if code is None else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    click.echo(f"error: rank {rank} {how}, so every rank was stopped; {resume}", err=True)
-    return 1
+    code, line = ranks_outcome(ended, args.out, ranks)
+    if line:
+        click.echo(line, err=True)
+    return code
 
 
 @main.command(context_settings=CONTEXT)

@@ -23,12 +23,13 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import GemmaConfig
+from .config import GemmaConfig, skipped_towers
 from .convert import hf as hf_convert
 from .errors import UserError
 from .files import atomic_output_dir, home_dir
 from .model import Gemma
 from .backend import parse_dtype
+from .cpu.calibrate import prepare as prepare_cpu_paths
 from .quant.quantize import quantize_structure
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -211,15 +212,21 @@ def read_config(model_dir: Path) -> GemmaConfig:
     except ValueError as exc:
         raise UserError(f"{path}: invalid JSON ({exc})")
     try:
-        return GemmaConfig.from_dict(raw)
+        config = GemmaConfig.from_dict(raw)
     except UserError as exc:
         raise UserError(f"{path}: {exc}")
+    towers = skipped_towers(raw)
+    if towers:
+        print(f"[mlx-gemma] {path}: loading the text model only; skipping {' and '.join(towers)} "
+              "(vision/audio towers are not supported)", file=sys.stderr)
+    return config
 
 
 def build_model(config: GemmaConfig, weights: dict, source: str, dtype=None) -> Gemma:
     """Instantiate the network, quantize its structure if the config says so, load weights strictly."""
     model = Gemma(config)
-    weights = hf_convert.from_hf(weights, config.tie_word_embeddings)
+    shared = [i for i in range(config.num_hidden_layers) if config.kv_source(i) != i]
+    weights = hf_convert.from_hf(weights, config.tie_word_embeddings, shared)
     if config.quantization:
         quantize_structure(model, config.quantization, weights)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
@@ -281,6 +288,7 @@ def load(spec=DEFAULT_MODEL, dtype=None, adapter=None, progress=None, vocab=None
         from .lora import load_adapter
 
         load_adapter(model, adapter)
+    prepare_cpu_paths(model)  # after cpu.enable() only: this machine's calibrated CPU paths for this model
     return model, tokenizer
 
 

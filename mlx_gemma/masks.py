@@ -22,6 +22,15 @@ import mlx.core as mx
 EMPTY = -(1 << 30)
 
 
+def as_positions(pos, batch: int) -> mx.array:
+    """(B,) int32 positions from an int (the same for every row), a sequence or an array."""
+    if isinstance(pos, mx.array):
+        return pos.astype(mx.int32).reshape(-1) if pos.ndim else mx.full((batch,), pos.item(), mx.int32)
+    if isinstance(pos, int):
+        return mx.full((batch,), pos, mx.int32)
+    return mx.array(list(pos), mx.int32)
+
+
 def causal_mask(q_pos: mx.array, k_pos: mx.array, window: Optional[int] = None,
                 pad: Optional[mx.array] = None, segment_ids: Optional[mx.array] = None) -> mx.array:
     """Boolean mask (L, S) or (B, 1, L, S).

@@ -17,13 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import mlx_gemma  # noqa: F401  (sets up OpenBLAS before mlx.core is imported anywhere)
+import mlx_gemma  # (sets up OpenBLAS before mlx.core is imported anywhere)
+import mlx_gemma.cpu
 import pytest
 
 ALIAS = "gemma-3-270m"
 _USER_HOME = Path(os.environ.get("MLX_GEMMA_HOME", Path.home() / ".cache" / "mlx-gemma")).expanduser()
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="mlx-gemma-test-home-"))
 os.environ["MLX_GEMMA_HOME"] = str(SESSION_HOME)
+# The CPU paths on, as the CLI runs them, but forced rather than timed: a test's numbers must not
+# depend on what a calibration measured under load (tests/test_cpu_paths.py checks every choice).
+os.environ.setdefault("MLX_GEMMA_CPU_PATHS", "all=on")
+mlx_gemma.cpu.enable()
 
 
 def _seed_from_user_cache() -> bool:

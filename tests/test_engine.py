@@ -181,3 +181,27 @@ def test_a_dead_engine_answers_every_request_instead_of_hanging(tiny):
         await ask()  # after the engine stopped
 
     asyncio.run(scenario())
+
+
+def test_one_engine_per_model_traces_the_decode_step_once(model_dir, tmp_path):
+    """generate / batch_generate / ChatSession-style calls on one model share its engine: the
+    compiled decode step is built and traced once for a buffer shape, not once per call; when
+    the weights change (an adapter is loaded) the step is rebuilt and decodes with them."""
+    from mlx_gemma import backend
+    from mlx_gemma.engine import engine_for
+    from mlx_gemma.generation import batch_generate
+
+    model = load_dir(model_dir)
+    prompt = [2, 10, 11, 12]
+    with backend.override(host_decode=False, host_gemv=False):  # the compiled step on the CPU too
+        first = batch_generate(model, NoStops(), [prompt], max_tokens=4, details=True)[0].tokens
+        engine = engine_for(model)
+        step = engine.step()
+        assert step.traces == 1
+        again = batch_generate(model, NoStops(), [prompt], max_tokens=4, details=True)[0].tokens
+        assert engine_for(model) is engine and engine.step() is step and step.traces == 1
+        assert first == again == greedy_alone(model, prompt, 4)
+        load_adapter(model, random_adapter(model_dir, tmp_path / "a", 1))
+        adapted = batch_generate(model, NoStops(), [prompt], max_tokens=4, details=True)[0].tokens
+        assert engine.step() is not step
+    assert adapted == greedy_alone(model, prompt, 4) != first

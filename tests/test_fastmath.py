@@ -1,17 +1,20 @@
 """fastmath: the CPU float32 exp / tanh / GELU / softmax against float64 numpy references.
 
-The polynomial path is what the backend policy turns on for MLX's CPU backend; a GPU keeps MLX's
-own kernels. The accuracy tests force the polynomial on (`backend.override(fast_math=True)`), so
-they test it on every device; the first test checks which path the policy picks here.
+The polynomial path is what the backend policy turns on where the CPU calibration chose it
+(mlx_gemma.cpu.calibrate; tests/test_cpu_paths.py tests the choice); a GPU keeps MLX's own kernels.
+These tests force the polynomial on (`backend.override(fast_math=True)`), so they test it on every
+device.
 """
 
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_gemma import backend, fastmath
+from mlx_gemma import backend
+from mlx_gemma.cpu import fastmath
 
 X = np.concatenate([np.linspace(-90, 90, 20001), np.linspace(-3, 3, 4001)]).astype(np.float32)
 
@@ -27,16 +30,21 @@ def polynomial():
         yield
 
 
-def test_the_policy_picks_the_polynomial_on_the_cpu_only():
-    cpu = mx.default_device().type == mx.DeviceType.cpu
-    with backend.override(**{f: getattr(backend._detect(), f) for f in ("fast_math", "device")}):
-        assert backend.policy().fast_math is cpu
-        assert fastmath._use_fast(mx.array(X)) is cpu
-        assert not fastmath._use_fast(mx.array(X).astype(mx.bfloat16))  # float32 only, everywhere
-        x = mx.array(X[:100])
-        # Off the polynomial path the functions are MLX's own, bit for bit.
-        if not cpu:
-            np.testing.assert_array_equal(np.array(fastmath.exp(x)), np.array(mx.exp(x)))
+def test_the_polynomial_runs_where_the_policy_has_it_for_float32_only():
+    """The fixture forces the path on: float32 takes the polynomial, other dtypes never do; with
+    the path off (a GPU, or a CPU whose calibration chose MLX's kernels) the functions are MLX's
+    own, bit for bit."""
+    x = mx.array(X[::10])
+    assert fastmath._use_fast(x)
+    assert not fastmath._use_fast(x.astype(mx.bfloat16))
+    assert not np.array_equal(np.array(fastmath.exp(x)), np.array(mx.exp(x)))  # the polynomial differs in ulps
+    s = mx.array(X[:600].reshape(2, 300))
+    with backend.override(fast_math=False):
+        assert not fastmath._use_fast(x)
+        for ours, theirs in ((fastmath.exp(x), mx.exp(x)), (fastmath.tanh(x), mx.tanh(x)),
+                             (fastmath.gelu_tanh(x), nn.gelu_approx(x)),
+                             (fastmath.softmax(s, axis=-1), mx.softmax(s, axis=-1))):
+            np.testing.assert_array_equal(np.array(ours), np.array(theirs))
 
 
 def test_exp_relative_error():

@@ -491,10 +491,10 @@ def test_one_row_head_equals_the_model_head(which, request):
     quantized head is left to MLX. Greedy decoding is the same with the host head on and off."""
     from mlx_gemma import backend
     from mlx_gemma.generation import OneRowHead
-    from mlx_gemma.runtime import BLAS_STATUS
+    from mlx_gemma.cpu import BLAS_STATUS
 
     if not BLAS_STATUS.get("library"):
-        pytest.skip("no OpenBLAS loaded by mlx_gemma.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
+        pytest.skip("no OpenBLAS loaded by mlx_gemma.cpu.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
     assert backend.policy().host_gemv == (backend.policy().device == "cpu")
     model = request.getfixturevalue(which)
     hidden = mx.array(np.random.default_rng(3).standard_normal((1, model.config.hidden_size)).astype(np.float32))

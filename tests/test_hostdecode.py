@@ -3,6 +3,7 @@ against MLX's compiled step: every Gemma variant's logits at every step, the KV 
 greedy ids, the models it must decline, and cache arrays it must not write through."""
 
 import copy
+import platform
 import os
 import subprocess
 import sys
@@ -16,14 +17,14 @@ import torch
 from mlx_gemma import backend
 from mlx_gemma.convert import hf as hf_convert
 from mlx_gemma.generation import DecodeStep, generate_step
-from mlx_gemma.hostdecode import HostDecoder
+from mlx_gemma.cpu.hostdecode import HostDecoder
 from mlx_gemma.loading import build_model, read_config
-from mlx_gemma.runtime import BLAS_STATUS
+from mlx_gemma.cpu import BLAS_STATUS
 
 from tiny import make_hf_model, random_ids, save_hf_model
 
 pytestmark = pytest.mark.skipif(not BLAS_STATUS.get("library"),
-                                reason="no OpenBLAS loaded by mlx_gemma.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
+                                reason="no OpenBLAS loaded by mlx_gemma.cpu.runtime (macOS, or MLX_GEMMA_NO_OPENBLAS)")
 
 VARIANTS = {
     "gemma1-gqa": ("gemma", {}),
@@ -172,7 +173,7 @@ def test_lora_adapter_decodes_on_the_host_like_mlx_and_the_fused_model(pair):
 
 
 def native_kernel():
-    from mlx_gemma.native import STATUS, qgemv
+    from mlx_gemma.cpu.native import STATUS, qgemv
 
     fn = qgemv()
     if fn is None:
@@ -231,10 +232,95 @@ def test_quantized_host_decoding_equals_mlx_kernels(pair, bits):
 def test_native_build_failure_leaves_nothing_and_falls_back(tmp_path):
     """A compiler that fails: qgemv() is None with the reason, no file is left in the cache,
     and decoding a quantized model still works on MLX's kernel."""
-    code = "import mlx_gemma.native as n; print(n.qgemv() is None); print(n.STATUS['note'])"
+    code = "import mlx_gemma.cpu.native as n; print(n.qgemv() is None); print(n.STATUS['note'])"
     env = {**os.environ, "CC": "false", "MLX_GEMMA_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "True" and "could not build qgemv.c" in lines[1]
     assert not list((tmp_path / "native").glob("*"))
+
+
+# ---- models it must decline: Gemma 3n / 4 by their fields and modules -------------------------
+
+
+@pytest.mark.parametrize("field, value", [("num_kv_shared_layers", 2), ("hidden_size_per_layer_input", 8),
+                                          ("global_head_dim", 64), ("attention_k_eq_v", True),
+                                          ("enable_moe_block", True), ("altup_num_inputs", 4),
+                                          ("laurel_rank", 4)])
+def test_declines_a_config_with_gemma4_or_3n_fields(pair, field, value):
+    """A config carrying any field that makes Gemma 3n / 4 compute something else is declined,
+    whatever its model_type says (the fields are what differ, not the name)."""
+    _, model = pair
+    other = type(model)(copy.deepcopy(model.config))
+    other.update(model.parameters())
+    assert HostDecoder.of(other) is not None
+    object.__setattr__(other.config, field, value)  # a field a Gemma 4 / 3n config adds
+    assert HostDecoder.of(other) is None
+
+
+def test_declines_a_model_with_modules_it_does_not_compute(pair):
+    """A decoder layer with an extra parameter or block (Gemma 4's layer_scalar, a MoE router) is
+    declined even when the config says nothing."""
+    _, model = pair
+    other = type(model)(copy.deepcopy(model.config))
+    other.update(model.parameters())
+    other.model.layers[1].layer_scalar = mx.ones((1,))
+    assert HostDecoder.of(other) is None
+    del other.model.layers[1]["layer_scalar"]
+    other.model.layers[0].mlp.router = nn.Linear(4, 4, bias=False)
+    assert HostDecoder.of(other) is None
+
+
+# ---- the native kernel's build key -------------------------------------------------------------
+
+
+def test_a_library_built_for_other_cpu_features_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """The build key holds the CPU's instruction-set features. A file under the key of another
+    feature set (here: garbage that would crash if loaded) sits in the cache folder; a process on
+    this CPU builds and loads its own library beside it. MLX_GEMMA_HOME='~/x' is expanded once:
+    the library lands in $HOME/x/native, and no folder named '~' appears."""
+    from mlx_gemma.cpu import native
+
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "isa_features", lambda: ("sse2",))  # a CPU without this one's vector units
+    foreign = tmp_path / "x" / "native" / f"qgemv-{native.build_key(native.SOURCE.read_bytes(), cc, native.FLAG_SETS[0])}.so"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not a shared library")
+    code = "import mlx_gemma.cpu.native as n; print(n.qgemv() is not None); print(n.STATUS['library'])"
+    env = {**os.environ, "HOME": str(tmp_path), "MLX_GEMMA_HOME": "~/x", "CC": cc}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded, library = proc.stdout.splitlines()
+    assert loaded == "True"
+    assert library.startswith(str(tmp_path / "x" / "native" / "qgemv-")) and library != str(foreign)
+    assert foreign.read_bytes() == b"not a shared library"
+    assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 instructions")
+def test_the_native_kernel_is_vectorised_in_the_code_the_compiler_made():
+    """8-bit decoding reads a quarter of fp32's bytes only if the codes are widened and multiplied
+    a vector at a time: the built library's qgemv_affine converts packed integers to packed floats
+    (cvtdq2ps) and multiply-adds packed floats (an FMA or mulps/addps on packed registers), as
+    objdump shows. A compiler that fell back to scalar conversion would fail this."""
+    import shutil
+
+    fn = native_kernel()
+    from mlx_gemma.cpu.native import STATUS
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    assert fn is not None
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", STATUS["library"]], capture_output=True,
+                          text=True, check=True).stdout
+    body = text[text.index("<qgemv_affine>:"):]
+    body = body[:body.find("\n\n")]
+    assert "cvtdq2ps" in body
+    packed_fma = any(op in body for op in ("vfmadd231ps", "vfmadd213ps", "vfmadd132ps"))
+    assert packed_fma or ("mulps" in body and "addps" in body)
+    assert "cvtsi2ss" not in body  # no scalar int -> float conversion of codes

@@ -1,5 +1,6 @@
-"""The module layering: mlx_gemma's internal imports form no cycle, function-level imports included,
-and every module imports in a fresh interpreter in dependency order.
+"""The module layering: every module sits on one row of ARCHITECTURE.md's picture and imports only
+modules on its own row or lower ones; mlx_gemma's internal imports form no cycle, function-level
+imports included, and every module imports in a fresh interpreter in dependency order.
 
 A cycle hidden behind a function-level import works until someone moves that import; this test
 reads every module's imports with `ast` (top level and inside functions), builds the graph of
@@ -9,6 +10,7 @@ cannot close a cycle; they are in the graph too.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from graphlib import CycleError, TopologicalSorter
@@ -17,6 +19,8 @@ from pathlib import Path
 import mlx_gemma
 import mlx_gemma.convert
 import mlx_gemma.data
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"
 
 # Edges not yet removed, each with the reason (delete an entry once its edge is gone).
 KNOWN_EDGES: set = set()  # (importer, imported) edges a test may excuse; none today
@@ -109,3 +113,79 @@ def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", script, *order], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def architecture_rows(text: str) -> list:
+    """The rows of the picture in ARCHITECTURE.md, top (commands) first: each a list of entries,
+    `name.py` / `folder/name.py` for a module, `folder/` for every module under it (parenthesised
+    descriptions are skipped)."""
+    picture = text.split("```", 2)[1]
+    rows: list = []
+    for line in picture.splitlines():
+        if not line.strip() or set(line.strip()) == {"─"}:
+            continue
+        if not line.startswith("   "):  # a row label starts a new row
+            rows.append([])
+        entries = re.sub(r"\([^()]*\)", " ", line)
+        rows[-1] += re.findall(r"(?<![\w./])((?:[a-z_0-9]+/)*(?:[a-z_0-9]+\.py|[a-z_0-9]+/))(?![\w/])", entries)
+    return rows
+
+
+def entry_modules(entry: str, names) -> set:
+    """The module names an entry of the picture stands for."""
+    if entry.endswith("/"):
+        package = "mlx_gemma." + entry.rstrip("/").replace("/", ".")
+        return {n for n in names if n == package or n.startswith(package + ".")}
+    path = entry[:-3].replace("/", ".")
+    if path.endswith("__init__"):
+        path = path[:-len("__init__")].rstrip(".")
+    name = "mlx_gemma" + ("." + path if path else "")
+    return {name} & set(names)
+
+
+def module_rows(rows: list, names) -> tuple:
+    """({module: row index}, [entries that name no module]); a file entry wins over its folder's."""
+    row_of, stale, by_folder = {}, [], {}
+    for index, entries in enumerate(rows):
+        for entry in entries:
+            found = entry_modules(entry, names)
+            if not found:
+                stale.append(entry)
+            for name in found:
+                if entry.endswith("/"):
+                    by_folder.setdefault(name, index)
+                else:
+                    row_of[name] = index
+    return {**by_folder, **row_of}, stale
+
+
+def upward_imports(graph: dict, row_of: dict) -> list:
+    """'a (row i) imports b (row j)' for every import that points to a higher row (j < i)."""
+    return [f"{a} (row {row_of[a]}) imports {b} (row {row_of[b]})"
+            for a, targets in sorted(graph.items()) for b in sorted(targets)
+            if a in row_of and b in row_of and row_of[b] < row_of[a]]
+
+
+def test_every_module_has_a_row_and_imports_only_its_own_row_or_lower():
+    graph = import_graph()
+    rows = architecture_rows(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert len(rows) == 5, [r[:3] for r in rows]  # commands, applications, library, network, foundations
+    row_of, stale = module_rows(rows, graph)
+    missing = sorted(set(graph) - set(row_of) - {"mlx_gemma.__main__"})
+    assert not missing, f"modules missing from ARCHITECTURE.md's rows (add each to its row): {missing}"
+    assert not stale, f"ARCHITECTURE.md lists modules that do not exist: {stale}"
+    upward = upward_imports(graph, row_of)
+    assert not upward, "imports that point to a higher row:\n" + "\n".join(upward)
+
+
+def test_the_row_check_can_fail():
+    """A picture where a foundation imports the network is caught; a file entry beats its folder."""
+    text = "```\n top       a.py\n           pkg/\n bottom    b.py (x.py in words is skipped)\n" \
+           "           pkg/low.py\n```\n"
+    rows = architecture_rows(text)
+    assert rows == [["a.py", "pkg/"], ["b.py", "pkg/low.py"]]
+    names = {"mlx_gemma.a", "mlx_gemma.b", "mlx_gemma.pkg", "mlx_gemma.pkg.low"}
+    row_of, stale = module_rows(rows, names)
+    assert row_of == {"mlx_gemma.a": 0, "mlx_gemma.pkg": 0, "mlx_gemma.b": 1, "mlx_gemma.pkg.low": 1} and not stale
+    graph = {"mlx_gemma.b": {"mlx_gemma.a"}, "mlx_gemma.a": {"mlx_gemma.pkg.low"}, "mlx_gemma.pkg.low": set()}
+    assert upward_imports(graph, row_of) == ["mlx_gemma.b (row 1) imports mlx_gemma.a (row 0)"]

@@ -11,7 +11,7 @@ import pytest
 
 from mlx_gemma import loading
 from mlx_gemma.errors import UserError
-from mlx_gemma.runtime import BLAS_STATUS
+from mlx_gemma.cpu import BLAS_STATUS
 
 from tiny import make_hf_model, random_ids, save_hf_model
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mlx_gemma.training import job as J
 from mlx_gemma.training import report as R
 
 # ---- pure metrics -------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_main_job_shortened(tmp_path):
     args = TrainArgs(data=str(data), out=str(out), iters=4, lr=5e-4, warmup=1, eval_every=0, save_every=0,
                      max_seq_len=256)
     lines = []
-    result, path = R.run_main_job(args, max_tokens=6, progress=False, echo=lines.append)
+    result, path = J.run_main_job(args, max_tokens=6, progress=False, echo=lines.append)
     assert path == out / "report.md" and path.exists()
     assert result.steps == 4
     assert (out / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
@@ -239,7 +240,7 @@ def test_main_job_teaches_the_base_model_to_stop(tmp_path):
 
     out = tmp_path / "adapter"
     args = TrainArgs(out=str(out), iters=120, batch_size=2, lr_schedule="wsd", eval_every=0, save_every=0)
-    _, path = R.run_main_job(args, generation_limit=12, progress=False, echo=lambda s: None)
+    _, path = J.run_main_job(args, generation_limit=12, progress=False, echo=lambda s: None)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     before, after = report["before"], report["after"]
     assert before["n"] == after["n"] == 12 and after["max_tokens"] == R.DEFAULT_MAX_TOKENS

@@ -23,6 +23,7 @@ from mlx.utils import tree_unflatten
 
 from ..backend import policy
 from ..errors import UserError
+from ..moe import EXPERT_MATRICES, Experts
 from .affine import quantize_weight
 
 # Rows of the (V, E) embedding dequantized at once by the tied LM head: 16384 x 640 fp32 = 42 MB,
@@ -121,12 +122,35 @@ def _packed_placeholders(rows: int, cols: int, group_size: int, bits: int, mode:
     return weight, scales, (mx.zeros((rows, cols // group_size)) if mode == "affine" else None)
 
 
+def _quantized_experts(dense: Experts, group_size: int, bits: int, mode: str, tensors=None) -> Experts:
+    """Gemma 4's experts with each 3-D matrix (experts, out, in) quantized along `in`, as
+    `<name>`, `<name>_scales`, `<name>_biases` (gather_qmm's operands); tensors: {name:
+    (packed, scales, biases)} or None for lazy placeholders of the right shapes."""
+    out = Experts(1, 1, 1)
+    out.group_size, out.bits, out.mode = group_size, bits, mode
+    for name in EXPERT_MATRICES:
+        X, rows, cols = dense[name].shape
+        if tensors is None:
+            packed = _packed_placeholders(X * rows, cols, group_size, bits, mode)
+        else:
+            packed = tensors[name]
+        packed = [None if a is None else a.reshape(X, rows, -1) for a in packed]
+        out[name], out[name + "_scales"] = packed[0], packed[1]
+        if packed[2] is not None:
+            out[name + "_biases"] = packed[2]
+    out.freeze()
+    return out
+
+
 def quantized_like(dense: nn.Module, group_size: int, bits: int, mode: str = "affine", tensors=None) -> nn.Module:
     """The frozen quantized layer that replaces `dense` (nn.Linear -> QuantizedLinear, keeping its
     bias; nn.Embedding -> QuantizedEmbedding): the one place quantized layers are built.
 
     tensors: (packed weight, scales, biases) to hold; None leaves lazy placeholders of the right
-    shapes (for loading a checkpoint into, without quantizing anything)."""
+    shapes (for loading a checkpoint into, without quantizing anything). MoE experts: see
+    `_quantized_experts`."""
+    if isinstance(dense, Experts):
+        return _quantized_experts(dense, group_size, bits, mode, tensors)
     rows, cols = dense.weight.shape
     if isinstance(dense, nn.Embedding):
         layer = QuantizedEmbedding(rows, cols, group_size, bits, mode)
@@ -141,13 +165,24 @@ def quantized_like(dense: nn.Module, group_size: int, bits: int, mode: str = "af
 
 
 def quantize_layer(dense: nn.Module, group_size: int, bits: int, mode: str = "affine") -> nn.Module:
-    """`dense` (nn.Linear / nn.Embedding) quantized on the error-minimising grid (`quantize_affine`)."""
+    """`dense` (nn.Linear / nn.Embedding / MoE experts) quantized on the error-minimising grid (`quantize_affine`)."""
+    if isinstance(dense, Experts):  # each expert's (out, in) rows, stacked, quantized as one matrix
+        tensors = {name: quantize_weight(dense[name].reshape(-1, dense[name].shape[-1]), group_size, bits, mode)
+                   for name in EXPERT_MATRICES}
+        return _quantized_experts(dense, group_size, bits, mode, tensors)
     return quantized_like(dense, group_size, bits, mode, quantize_weight(dense.weight, group_size, bits, mode))
 
 
 def dense_like(layer: nn.Module, dtype=None) -> nn.Module:
     """The nn.Linear / nn.Embedding a quantized layer stands for (weight dequantized, cast to
-    `dtype` when given, bias kept)."""
+    `dtype` when given, bias kept); for quantized MoE experts, the dense Experts."""
+    if isinstance(layer, Experts):
+        dense = Experts(1, 1, 1)
+        for name in EXPERT_MATRICES:
+            w = mx.dequantize(layer[name], layer[name + "_scales"], layer.get(name + "_biases"),
+                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+            dense[name] = w.astype(dtype) if dtype is not None else w
+        return dense
     weight = dequantize_weight(layer)
     if isinstance(layer, nn.QuantizedEmbedding):
         dense = nn.Embedding(*weight.shape)
@@ -167,7 +202,8 @@ def replace_layers(model: nn.Module, layers: dict) -> None:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
+        isinstance(module, Experts) and "gate_up_proj_scales" in module)
 
 
 def quantized_layers(model: nn.Module) -> list:

@@ -9,11 +9,14 @@ loads our dirs and we load its dirs.
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from ..moe import EXPERT_MATRICES, Experts
 from .gptq import quantize_calibrated
 from .layers import dense_like, quantize_layer, quantized_layers, quantized_like, replace_layers
 
@@ -63,11 +66,42 @@ def quantize_structure(model: nn.Module, quantization: dict, weights: dict) -> N
 
     swaps = {}
     for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, Experts) and f"{path}.gate_up_proj_scales" in weights:
+            swaps[path] = quantized_like(module, **_experts_params(path, module, quantization, weights))
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             params = _layer_params(path, module, quantization, weights)
             if params is not None:
                 swaps[path] = quantized_like(module, **params)
     replace_layers(model, swaps)
+
+
+def _experts_params(path: str, module: Experts, quantization: dict, weights: dict) -> dict:
+    """group_size / bits of quantized MoE experts, read off the shapes of their gate_up_proj."""
+    entry = quantization.get(path)
+    params = dict(entry) if isinstance(entry, dict) else {
+        k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    in_dims = module.gate_up_proj.shape[-1]
+    params.setdefault("mode", "affine")
+    params.setdefault("group_size", in_dims // weights[f"{path}.gate_up_proj_scales"].shape[-1])
+    params.setdefault("bits", weights[f"{path}.gate_up_proj"].shape[-1] * 32 // in_dims)
+    return {k: params[k] for k in ("group_size", "bits", "mode")}
+
+
+# Routing matrices stay in full precision: they are a negligible share of the weights (E x 4..128),
+# and a rounding error there changes which experts / streams a token takes, not just a value.
+_KEPT_DENSE = re.compile(r"(\.router\.proj|\.altup\.(correction_coefs|prediction_coefs|modality_router))$")
+
+
+def _quantizable(path: str, module: nn.Module, quantize_embedding: bool) -> bool:
+    if _KEPT_DENSE.search(path):
+        return False
+    return isinstance(module, (nn.Linear, Experts)) or (quantize_embedding and isinstance(module, nn.Embedding))
+
+
+def _input_widths(module: nn.Module) -> list:
+    if isinstance(module, Experts):
+        return [module[name].shape[-1] for name in EXPERT_MATRICES]
+    return [module.weight.shape[-1]]
 
 
 # -- quantize / dequantize a loaded model -------------------------------------------------------
@@ -93,10 +127,9 @@ def check_quantizable(model: nn.Module, bits: int, group_size: int, quantize_emb
     if quantized_layers(model) or getattr(config, "quantization", None):
         raise UserError("the model is already quantized; quantize the original full-precision model instead "
                         "(or dequantize it first)")
-    targets = [(path, m) for path, m in model.named_modules()
-               if isinstance(m, nn.Linear) or (quantize_embedding and isinstance(m, nn.Embedding))]
+    targets = [(path, m) for path, m in model.named_modules() if _quantizable(path, m, quantize_embedding)]
     for path, m in sorted(targets, key=lambda t: t[0]):
-        dims = m.weight.shape[-1]
+        dims = next((d for d in _input_widths(m) if d % group_size), 0)
         if dims % group_size:
             fits = [g for g in SUPPORTED_GROUP_SIZES if dims % g == 0]
             hint = "use {group_size}" if fits else "this model cannot be quantized"
@@ -147,6 +180,11 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, quanti
     left untouched. Returns the model.
     """
     targets = check_quantizable(model, bits, group_size, quantize_embedding)
+    if calibration is not None and getattr(getattr(model, "config", None), "unit_norms", False):
+        # GPTQ replays decoder layers one by one; Gemma 4 / 3n layers also need per-layer
+        # embeddings, shared keys/values and AltUp streams it does not carry.
+        raise UserError("calibrated (GPTQ) quantization supports Gemma 1-3; quantize Gemma 4 / 3n without "
+                        "calibration data")
     plan = quantization_plan(model, targets, bits, group_size, recipe)
     if calibration is not None:
         quantize_calibrated(model, calibration, plan, progress=progress)

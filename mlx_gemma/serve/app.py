@@ -131,6 +131,26 @@ def _check_text(text: str, where: str) -> None:
                             f"{exc.start + 1}), which is not text; send valid Unicode", where, "invalid_value") from None
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client has closed the connection (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first_done(*coroutines) -> int:
+    """Run the coroutines until one ends; cancel the others; the index of the one that ended
+    (its exception, if it raised)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    first = next(i for i, t in enumerate(tasks) if t in done)
+    tasks[first].result()
+    return first
+
+
 def _authorized(state: ServerState, request: Request) -> bool:
     if state.api_key is None:
         return True
@@ -225,15 +245,21 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         if req.stream:
             return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(req, job, len(ids))
+        return await _whole(req, job, len(ids), request)
 
-    async def _whole(req: ParsedRequest, job: Job, n_prompt: int) -> Response:
+    async def _collect(job: Job, answer: _Answer) -> None:
+        async for event in job:
+            answer.add(event)
+            if event.finish_reason:
+                break
+
+    async def _whole(req: ParsedRequest, job: Job, n_prompt: int, request: Request) -> Response:
         answer = _Answer(engine.tokenizer, req.params.logprobs)
         try:
-            async for event in job:
-                answer.add(event)
-                if event.finish_reason:
-                    break
+            # A client that closes its connection frees its row at once, as a stream's does
+            # (nothing else would notice before the answer is complete).
+            if await _first_done(_collect(job, answer), _until_disconnect(request)) == 1:
+                return Response(status_code=499)  # nobody reads it
         except APIError as exc:  # the server is shutting down
             return _error(exc)
         except UserError as exc:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from ..errors import UserError
-from ..generation import BatchGenerator, Event, Request, check_prompt
+from ..engine import BatchGenerator, Event, Request, check_prompt
 from ..sampling import LogitsProcessor, SamplingParams
 
 log = logging.getLogger("mlx_gemma.serve")

@@ -34,6 +34,14 @@ class TrainArgs:
     """Every training option; `mlx-gemma train` builds its options (and their help) from these fields."""
 
     model: str = _opt(DEFAULT_MODEL, "Base model: dir, .gguf, HF repo id or alias.")
+    method: str = _opt("sft", "sft (chat / completion / text records), or preference tuning on prompt/chosen/rejected "
+                              "records: dpo or orpo.", choices=("sft", "dpo", "orpo"))
+    beta: float = _opt(0.1, "DPO: how far the tuned model may move from the reference (TRL's beta).")
+    dpo_loss: str = _opt("sigmoid", "DPO loss: sigmoid, ipo, hinge, or several comma-separated (added, as TRL's "
+                                    "loss_type list).")
+    orpo_alpha: float = _opt(0.1, "ORPO: weight of the odds-ratio term on the chosen answers' NLL (TRL's beta).")
+    adapter_init: Optional[str] = _opt(None, "Start from this adapter dir (e.g. an SFT run's --out); with --method "
+                                             "dpo it is also the reference, its log-probs computed once.")
     data: Optional[str] = _opt(None, "JSONL/JSON file, or dir with train/valid/test files "
                                      "(default: the bundled zh_baike chat splits).")
     out: str = _opt(DEFAULT_OUT, "Adapter dir to write (adapter, checkpoints, metrics, loss curve).")
@@ -78,12 +86,12 @@ class TrainArgs:
                                "train_config.json).")
     force: bool = _opt(False, "Start over in an --out dir that holds another run.")
 
-    # options that shape the adapter (its tensors, their scale, the base they sit on) or the step
-    # sequence: a resumed run must keep them (`resume_conflict`); --iters / --epochs may grow
+    # options that shape the adapter (its tensors, their scale, the base they sit on, the objective)
+    # or the step sequence: a resumed run must keep them (`resume_conflict`); --iters / --epochs may grow
     RESUME_KEYS = ("model", "rank", "alpha", "dropout", "targets", "num_layers", "quantize_bits",
                    "quantize_group_size", "dtype", "batch_size", "grad_accum", "max_seq_len", "drop_long", "pack",
                    "train_on_prompt", "seed", "lr", "min_lr", "lr_schedule", "warmup", "weight_decay",
-                   "max_grad_norm")
+                   "max_grad_norm", "method", "beta", "dpo_loss", "orpo_alpha", "adapter_init")
     # options that describe one invocation, never restored from a previous run's train_config.json
     PER_RUN_KEYS = ("resume", "force")
 
@@ -225,8 +233,9 @@ _RANGES = (
     ("eval_every", 0, True, None), ("eval_batches", 1, True, None), ("save_every", 0, True, None),
     ("seed", 0, True, 2 ** 32 - 1), ("lr", 0.0, False, None), ("min_lr", 0.0, True, None),
     ("alpha", 0.0, False, None), ("dropout", 0.0, True, 0.99), ("weight_decay", 0.0, True, None),
-    ("max_grad_norm", 0.0, True, None),
+    ("max_grad_norm", 0.0, True, None), ("beta", 0.0, False, None), ("orpo_alpha", 0.0, False, None),
 )
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def check_args(args: TrainArgs) -> None:
@@ -250,10 +259,23 @@ def check_args(args: TrainArgs) -> None:
                         f"got {args.quantize_group_size}")
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
-    for name in ("dtype", "lr_schedule"):
+    _check_method(args)
+    for name in ("dtype", "lr_schedule", "method"):
         choices = TrainArgs.__dataclass_fields__[name].metadata["choices"]
         if getattr(args, name) is not None and getattr(args, name) not in choices:  # None: the default applies
             raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+
+
+def _check_method(args: TrainArgs) -> None:
+    """The preference options: known DPO losses, no packing (a pair's two answers share a prompt)."""
+    losses = [t.strip() for t in str(args.dpo_loss).split(",")]
+    bad = [t for t in losses if t not in DPO_LOSSES] or ([] if len(set(losses)) == len(losses) else ["(repeated)"])
+    if bad:
+        raise UserError(f"--dpo-loss must be one or more of {', '.join(DPO_LOSSES)} (comma-separated, each once), "
+                        f"got {args.dpo_loss!r}")
+    if args.method in ("dpo", "orpo") and args.pack:
+        raise UserError(f"--pack does not apply to --method {args.method} (chosen and rejected rows are batched "
+                        "side by side); leave it out")
 
 
 def resume_conflict(saved: dict, options: dict, where: str) -> None:

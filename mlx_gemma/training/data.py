@@ -225,6 +225,17 @@ def load_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2048, 
 def load_splits(data, tokenizer, max_seq_len: int = 2048, drop_long: bool = False, train_on_prompt: bool = False,
                 splits=SPLITS) -> dict:
     """{split: Dataset or None} for a data dir (missing valid/test -> None) or a single file (train only)."""
+    return _each_split(data, splits, lambda path, split: load_dataset(path, tokenizer, split, max_seq_len, drop_long,
+                                                                      train_on_prompt))
+
+
+def load_pair_splits(data, tokenizer, max_seq_len: int = 2048, drop_long: bool = False, splits=SPLITS) -> dict:
+    """{split: PairDataset or None}: `load_splits` for preference records."""
+    return _each_split(data, splits, lambda path, split: load_pair_dataset(path, tokenizer, split, max_seq_len,
+                                                                           drop_long))
+
+
+def _each_split(data, splits, read) -> dict:
     data = Path(data).expanduser()
     out = {}
     for split in splits:
@@ -232,9 +243,136 @@ def load_splits(data, tokenizer, max_seq_len: int = 2048, drop_long: bool = Fals
             path = data if split == "train" else None
         else:
             path = resolve_split(data, split, required=(split == "train"))
-        out[split] = None if path is None else load_dataset(path, tokenizer, split, max_seq_len, drop_long,
-                                                            train_on_prompt)
+        out[split] = None if path is None else read(path, split)
     return out
+
+
+# ---- preference pairs ------------------------------------------------------------------------
+#
+# TRL's preference format: {"prompt", "chosen", "rejected"}, either plain text (three strings:
+# <bos> + prompt, then each answer + <eos>, loss on the answer and <eos>) or conversational (three
+# message lists: the prompt's turns, and one assistant message in each of chosen and rejected,
+# rendered with the chat template; loss on the answer and its <end_of_turn>). A PairDataset keeps
+# chosen and rejected of pair i as examples 2i and 2i + 1.
+
+
+@dataclass
+class PairDataset(Dataset):
+    """Tokenized preference pairs: `examples[2 * i]` is pair i's chosen, `examples[2 * i + 1]` its rejected."""
+
+    def __len__(self) -> int:
+        return len(self.examples) // 2
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per pair: the longer of its two sequences (what batching plans by)."""
+        n = np.array([len(ids) for ids, _ in self.examples], dtype=np.int64)
+        return np.maximum(n[0::2], n[1::2])
+
+    def summary(self) -> str:
+        fmts = ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items()))
+        tokens = sum(len(ids) for ids, _ in self.examples)
+        line = f"{self.name}: {len(self)} preference pairs ({fmts}), {tokens} tokens, {self.loss_tokens} with loss"
+        if self.truncated:
+            line += f", {self.truncated} truncated to max_seq_len"
+        if self.dropped:
+            line += f", {self.dropped} longer than max_seq_len dropped"
+        return line
+
+
+def _pair_format(record: dict, where: str) -> str:
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise UserError(f"{where}: a preference record needs \"prompt\", \"chosen\" and \"rejected\" "
+                        f"(missing {', '.join(repr(k) for k in missing)})")
+    kinds = {type(record[k]).__name__ for k in ("prompt", "chosen", "rejected")}
+    if kinds == {"str"}:
+        return "text pair"
+    if kinds == {"list"}:
+        return "chat pair"
+    raise UserError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be all strings (plain text) or "
+                    "all message lists (conversational)")
+
+
+def _chat_pair_side(tokenizer, prompt: list, answer, key: str, where: str):
+    if not (isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict)
+            and answer[0].get("role") in ("assistant", "model")):
+        raise UserError(f"{where}: {key!r} must hold one assistant message, e.g. "
+                        '[{"role": "assistant", "content": "..."}]')
+    try:
+        prompt_ids = tokenizer.encode_chat(prompt, add_generation_prompt=True)[0]
+        ids, mask = tokenizer.encode_chat(prompt + answer)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise UserError(f"{where}: the chat template renders the prompt differently once {key!r} follows it")
+    return ids, [0] * len(prompt_ids) + mask[len(prompt_ids):]
+
+
+def encode_pair(record: dict, tokenizer, where: str):
+    """One preference record -> (format, (chosen ids, mask), (rejected ids, mask)) as int32 arrays."""
+    fmt = _pair_format(record, where)
+    sides = []
+    for key in ("chosen", "rejected"):
+        if fmt == "chat pair":
+            if not record["prompt"] or not all(isinstance(m, dict) for m in record["prompt"]):
+                raise UserError(f"{where}: \"prompt\" must be a non-empty list of messages")
+            ids, mask = _chat_pair_side(tokenizer, record["prompt"], record[key], key, where)
+        else:
+            bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+            eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+            prompt = bos + tokenizer.encode(record["prompt"], add_bos=False)
+            answer = tokenizer.encode(record[key], add_bos=False) + eos
+            ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+        mask = np.asarray(mask, np.int32)
+        if len(mask):
+            mask[0] = 0
+        if not mask.any():
+            raise UserError(f"{where}: {key!r} has no tokens to train on (an empty answer)")
+        sides.append((np.asarray(ids, np.int32), mask))
+    return fmt, sides[0], sides[1]
+
+
+def load_pair_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2048,
+                      drop_long: bool = False) -> PairDataset:
+    """Read and tokenize a preference file; each side is cut to `max_seq_len` tokens as
+    `load_dataset` cuts a record (or the pair skipped with `drop_long`)."""
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path}: no records (the {name} split is empty)")
+    data = PairDataset(name=name)
+    for where, record in records:
+        fmt, chosen, rejected = encode_pair(record, tokenizer, where)
+        if max(len(chosen[0]), len(rejected[0])) > max_seq_len:
+            if drop_long:
+                data.dropped += 1
+                continue
+            if not (chosen[1][:max_seq_len].any() and rejected[1][:max_seq_len].any()):
+                raise UserError(f"{where}: the prompt is {int(np.argmax(chosen[1]))} tokens, so nothing to train on "
+                                "fits in {max_seq_len}; raise it or pass {drop_long}", max_seq_len=max_seq_len,
+                                drop_long=True)
+            chosen, rejected = [(ids[:max_seq_len], m[:max_seq_len]) for ids, m in (chosen, rejected)]
+            data.truncated += 1
+        data.examples += [chosen, rejected]
+        data.formats[fmt] = data.formats.get(fmt, 0) + 1
+    if not data.examples:
+        raise UserError(f"{path}: every pair is longer than " "{max_seq_len} and {drop_long} dropped them all; "
+                        "raise it", max_seq_len=max_seq_len, drop_long=True)
+    return data
+
+
+def make_pair_batch(dataset: PairDataset, units: list[list[int]], pad_id: int, max_seq_len: int) -> dict:
+    """Pairs (rows of one pair index each, as `plan_batches` gives them) -> one batch whose rows are
+    the B chosen answers then the B rejected ones (`make_batch`'s arrays), plus `real` (2B, L): 1
+    where the target is a real token, prompt included (ORPO's NLL term)."""
+    pairs = [row[0] for row in units]
+    batch = make_batch(dataset, [[2 * p] for p in pairs] + [[2 * p + 1] for p in pairs], pad_id, max_seq_len)
+    real = np.zeros_like(batch["weights"])
+    for b, i in enumerate([2 * p for p in pairs] + [2 * p + 1 for p in pairs]):
+        real[b, :len(dataset.examples[i][0]) - 1] = 1.0
+    batch["real"] = real
+    return batch
 
 
 # ---- batching ---------------------------------------------------------------------------------

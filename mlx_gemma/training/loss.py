@@ -27,8 +27,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .. import fastmath
 from ..backend import policy
+from ..cpu import fastmath
+from ..cpu.hostloss import host_cross_entropy
 from ..quant.layers import dequantize_weight
 
 DEFAULT_CHUNK = 8192  # smaller chunks stay in cache: 8192 runs the 270M loss ~1.7x faster than 32768 on the CPU
@@ -87,19 +88,10 @@ def streaming_logsumexp(chunks, eval_each: bool = False) -> mx.array:
     return m + mx.log(s)
 
 
-# ---- the CPU path: the LM head and its loss in numpy ------------------------------------------
-#
-# MLX's CPU backend runs elementwise kernels on one core, one scalar at a time, while numpy's
-# exp is SIMD-vectorised (measured here: ~1.3 G exp/s against ~0.05-0.1 G for MLX): over a
-# 262k vocabulary that decides the cost of a training step. On the CPU the head's loss and
-# its gradient are therefore computed in numpy (sgemm through numpy's own BLAS), in one pass
-# over the vocabulary with an online softmax:
-#   m, s, acc = running max, sum of exp(z - m), sum of exp(z - m) * dz/draw @ W_chunk;
-# when the max grows the running values are rescaled by exp(m_old - m_new). At the end
-#   loss = m + log(s) - z_target,   d loss / d h = acc / s - dz_target/dh.
-# In training (`loss_and_grad`) the forward and backward graph is built with mx.vjp around a
-# cotangent buffer that numpy fills in once the forward half is evaluated; such a step
-# cannot be mx.compile'd as a whole.
+# ---- the CPU path: the LM head's loss in numpy (mlx_gemma.cpu.hostloss), where the CPU
+# calibration chose it (`policy().host_loss`). In training (`loss_and_grad`) the forward and
+# backward graph is built with mx.vjp around a cotangent buffer that numpy fills in once the
+# forward half is evaluated; such a step cannot be mx.compile'd as a whole.
 
 
 class HostHead:
@@ -122,44 +114,6 @@ class HostHead:
         if self.dense is not None:
             return self.dense[ids]
         return np.array(self._rows(mx.array(ids)).astype(mx.float32))
-
-
-def host_cross_entropy(h: np.ndarray, t: np.ndarray, head: HostHead, chunk: int = DEFAULT_CHUNK,
-                       grad: bool = True):
-    """Cross-entropy (N,) of the head on h (N, E) float32 against ids t (N,), and d loss / d h
-    (N, E) when `grad` (else None), in one pass over the vocabulary (numpy)."""
-    N = h.shape[0]
-    cap = head.cap
-    m = np.full(N, -np.inf, np.float32)
-    s = np.zeros(N, np.float32)
-    acc = np.zeros_like(h) if grad else None
-    for a in range(0, head.V, chunk):
-        w = head.block(a, min(a + chunk, head.V))  # (C, E)
-        z = h @ w.T  # (N, C) raw logits
-        if cap:
-            tz = np.tanh(z / cap)
-            z = tz * cap
-        new = np.maximum(m, z.max(1))
-        rescale = np.exp(m - new)  # exp(-inf) = 0 on the first chunk
-        z -= new[:, None]
-        np.exp(z, out=z)  # (N, C) exp(z - m)
-        s = s * rescale + z.sum(1)
-        if grad:
-            if cap:
-                z *= 1.0 - tz * tz  # chain rule through the soft-cap
-            acc *= rescale[:, None]
-            acc += z @ w
-        m = new
-    wt = head.rows(t)  # (N, E)
-    zt = (h * wt).sum(1)
-    if cap:
-        tzt = np.tanh(zt / cap)
-        zt = tzt * cap
-    loss = m + np.log(s) - zt
-    if not grad:
-        return loss, None
-    dt = wt * (1.0 - tzt * tzt)[:, None] if cap else wt
-    return loss, acc / s[:, None] - dt
 
 
 def token_losses(model, hidden: mx.array, targets: mx.array, chunk: int = DEFAULT_CHUNK,
@@ -294,24 +248,71 @@ def loss_and_grad(model, chunk: int = DEFAULT_CHUNK):
         return partial(nn.value_and_grad(model, partial(batch_loss, chunk=chunk)), model)
 
     def fn(inputs, targets, idx, w, segment_ids=None):
-        params = model.trainable_parameters()
-        names, values = zip(*tree_flatten(params))
-        E = model.config.hidden_size
-
-        def hidden_at_loss_positions(*values):
-            model.update(tree_unflatten(list(zip(names, values))))
-            hidden = model.model(inputs, segment_ids=segment_ids)  # (B, L, E)
-            return [hidden.reshape(-1, E)[idx].astype(mx.float32)]  # (N, E)
-
-        cotangent = mx.array(np.zeros((idx.shape[0], E), np.float32))  # a real buffer, filled below
-        (h,), grads = mx.vjp(hidden_at_loss_positions, list(values), [cotangent])
-        model.update(params)
-        mx.eval(h, targets, idx, w)
+        h, cotangent, grads = _hidden_and_backward(model, inputs, idx, segment_ids)
+        mx.eval(targets, w)
         flat_t = np.array(targets).reshape(-1)[np.array(idx)]
         weights = np.array(w)
-        losses, dh = host_cross_entropy(np.array(h), flat_t, HostHead(model), chunk, grad=True)
-        np.array(cotangent, copy=False)[:] = dh * weights[:, None]  # d (sum of w * loss) / d h
+        losses, dh = host_cross_entropy(h, flat_t, HostHead(model), chunk, grad=True)
+        cotangent[:] = dh * weights[:, None]  # d (sum of w * loss) / d h
         loss_sum = float((losses * weights).sum())
-        return (mx.array(loss_sum), mx.array(float(weights.sum()))), tree_unflatten(list(zip(names, grads)))
+        return (mx.array(loss_sum), mx.array(float(weights.sum()))), grads()
+
+    return fn
+
+
+def _hidden_and_backward(model, inputs, idx, segment_ids=None):
+    """The CPU path's two halves: (h (N, E) float32 numpy, the hidden states at positions idx,
+    evaluated; the cotangent buffer d loss / d h (numpy, to fill in place); grads() -> the
+    trainable parameters' gradients once the buffer is filled)."""
+    params = model.trainable_parameters()
+    names, values = zip(*tree_flatten(params))
+    E = model.config.hidden_size
+
+    def hidden_at_loss_positions(*values):
+        model.update(tree_unflatten(list(zip(names, values))))
+        hidden = model.model(inputs, segment_ids=segment_ids)  # (B, L, E)
+        return [hidden.reshape(-1, E)[idx].astype(mx.float32)]  # (N, E)
+
+    cotangent = mx.array(np.zeros((idx.shape[0], E), np.float32))  # a real buffer, filled by the caller
+    (h,), grads = mx.vjp(hidden_at_loss_positions, list(values), [cotangent])
+    model.update(params)
+    mx.eval(h, idx)
+    return np.array(h), np.array(cotangent, copy=False), lambda: tree_unflatten(list(zip(names, grads)))
+
+
+def hidden_at(model, inputs, idx):
+    """The final hidden states (N, E) at flat positions idx of a (B, L) batch."""
+    hidden = model.model(inputs)
+    return hidden.reshape(-1, hidden.shape[-1])[idx]
+
+
+def reduced_loss_and_grad(model, reduce, chunk: int = DEFAULT_CHUNK):
+    """fn(inputs, targets, idx, *rest) -> (reduce(token losses (N,), *rest), grads): a loss that is
+    a differentiable function `reduce` of the token cross-entropies at positions idx (DPO, ORPO:
+    sums per sequence), whose first output is minimised. The 262k-word head stays chunked (numpy
+    on the CPU: d loss / d h = d reduce / d ce * d ce / d h, per position)."""
+    if not policy().host_loss:
+        def loss(model, inputs, targets, idx, *rest):
+            return reduce(chunked_cross_entropy(hidden_at(model, inputs, idx), targets.reshape(-1)[idx], model,
+                                                chunk), *rest)
+
+        return partial(nn.value_and_grad(model, loss), model)
+
+    def fn(inputs, targets, idx, *rest):
+        h, cotangent, grads = _hidden_and_backward(model, inputs, idx)
+        flat_t = np.array(targets).reshape(-1)[np.array(idx)]
+        ce, dh = host_cross_entropy(h, flat_t, HostHead(model), chunk, grad=True)
+        outputs, dce = mx.value_and_grad(lambda c: reduce(c, *rest))(mx.array(ce))
+        mx.eval(outputs, dce)
+        cotangent[:] = dh * np.array(dce)[:, None]
+        return outputs, grads()
+
+    return fn
+
+
+def reduced_loss(model, reduce, chunk: int = DEFAULT_CHUNK):
+    """`reduced_loss_and_grad` without gradients: fn(inputs, targets, idx, *rest) -> reduce(...)."""
+    def fn(inputs, targets, idx, *rest):
+        return reduce(token_losses(model, hidden_at(model, inputs, idx), targets.reshape(-1)[idx], chunk), *rest)
 
     return fn

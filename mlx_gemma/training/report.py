@@ -9,7 +9,6 @@ Model-facing pieces:
     evaluate_generation(model, tokenizer, records, max_tokens)   greedy answers + the metrics above
     evaluate_model(model, tokenizer, test_set, records, ...)      test loss/perplexity + generation
     write_report(out_dir, before, after, samples, run_info)       report.md + report.json
-    run_main_job(args)                                            load, evaluate, train, evaluate, report
 
 The test split is only evaluated, never trained or tuned on; the sample questions are the first
 `SAMPLES` test records (a fixed rule, not a choice).
@@ -178,7 +177,7 @@ def _answer(model, tokenizer, messages: list, max_tokens: int, batch_size: int, 
     """Greedy answers to the prompts `messages` (chat turns up to the answer), in eval mode, as
     JSON-ready rows {"text", "tokens", "stop_token"} (see generation.BatchOutput)."""
     from ..generation import batch_generate
-    from .trainer import progress_bar
+    from .evaluation import progress_bar
 
     prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in messages]
     was_training = model.training
@@ -230,7 +229,7 @@ def evaluate_model(model, tokenizer, test_set, records: Sequence[dict], max_toke
     In a data-parallel run both halves are shared out among the ranks and gathered, and every
     rank returns the numbers one process would (the seconds are this rank's). progress: tqdm
     bars on stderr for both halves."""
-    from .trainer import evaluate_dataset
+    from .evaluation import evaluate_dataset
 
     t0 = time.perf_counter()
     loss = evaluate_dataset(model, tokenizer, test_set, batch_size, max_seq_len, progress=progress)
@@ -387,93 +386,5 @@ def summary(before: dict, after: dict, report_path) -> str:
     ])
 
 
-# ---- the main job -------------------------------------------------------------------------------
-
-
 def machine_line() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} ({mx.default_device()})"
-
-
-def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit: Optional[int] = None,
-                 progress: bool = True, echo: Callable = print):
-    """The whole job behind `mlx-gemma train`: load the model and data, evaluate the base model on
-    the test split, fine-tune (train/trainer.py `train`), evaluate again, write the report next to
-    the adapter and print its summary.
-
-    args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
-    the test loss always covers the whole split. Returns (TrainResult, path of report.md).
-
-    Under mlx.launch every rank runs this: the ranks share the training steps and the evaluation
-    work (see evaluate_model); only rank 0 speaks and writes, the others return (result, None).
-    """
-    from ..loading import load
-    from . import data as data_lib
-    from .trainer import (check_args, default_data_dir, load_training_data, prepare_out_dir, resolve_defaults, setup,
-                          train)
-
-    t_start = time.perf_counter()
-    writer = dist.rank() == 0
-    echo = echo if writer else (lambda s: None)
-    args = resolve_defaults(args)
-    check_args(args)
-    if prepare_out_dir(args) is None and args.force and writer:  # fail before the slow model load
-        for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
-            (Path(args.out).expanduser() / name).unlink(missing_ok=True)
-    model, tokenizer = load(args.model, dtype=args.dtype)
-    t_loaded = time.perf_counter()
-    data_path = Path(args.data).expanduser() if args.data else default_data_dir()
-    splits = load_training_data(args, tokenizer)
-    for split in data_lib.SPLITS:
-        if splits[split] is not None:
-            echo(splits[split].summary())
-    test_file = data_lib.resolve_split(data_path, "test", required=False) if data_path.is_dir() else None
-    if splits["test"] is None or test_file is None:
-        raise UserError(f"{data_path}: the report needs a test split (test.jsonl) to evaluate on")
-    records = [r for _, r in data_lib.read_records(test_file)]
-    gen_records = records[:generation_limit] if generation_limit else records
-    subset = "all of them" if len(gen_records) == len(records) else f"the first {len(gen_records)} of {len(records)}"
-
-    echo(f"evaluating the base model on the test split ({len(records)} records; answering {subset})...")
-    before = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, LOSS_BATCH,
-                            args.max_seq_len, progress)
-    t_before = time.perf_counter()
-    extra = {"data_resolved": str(data_path),
-             "data_summary": {k: v.summary() for k, v in splits.items() if v is not None}}
-    result = train(model, tokenizer, args, splits["train"], splits["valid"], None, progress=progress,
-                   adapter_config=setup(model, args), extra_config=extra)
-    t_trained = time.perf_counter()
-    if result.interrupted:
-        echo(result.summary())
-        return result, None
-    echo("evaluating the fine-tuned model on the test split...")
-    after = evaluate_model(model, tokenizer, splits["test"], gen_records, max_tokens, LOSS_BATCH,
-                           args.max_seq_len, progress)
-    result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
-    t_after = time.perf_counter()
-    if not writer:
-        return result, None
-
-    out = Path(result.out)
-    samples = [{"question": question(r), "before": b["answer"], "after": a["answer"],
-                "reference": reference_answer(r)}
-               for r, b, a in zip(gen_records[:SAMPLES], before["answers"], after["answers"])]
-    settings = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "targets", "lr", "lr_schedule",
-                                              "epochs", "iters", "batch_size", "max_seq_len", "eval_every", "seed")}
-    settings["steps"] = result.steps
-    run_info = {
-        "model": args.model, "data": str(data_path), "adapter": str(out),
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_line(),
-        "generation_subset": subset, "reference": reference_metrics(tokenizer, gen_records),
-        "loss_curve": LOSS_CURVE if (out / LOSS_CURVE).exists() else None,
-        "training": (f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s "
-                     f"({result.tokens_per_second:.0f} tok/s), peak memory {result.peak_memory_gb:.2f} GB"),
-        "train_loss_last": result.train_loss, "val_loss": result.val_loss,
-        "seconds": {"load model (incl. first-time conversion)": t_loaded - t_start,
-                    "evaluate before": t_before - t_loaded, "train": t_trained - t_before,
-                    "evaluate after": t_after - t_trained, "total": time.perf_counter() - t_start},
-        "settings": settings,
-    }
-    path = write_report(out, before, after, samples, run_info)
-    echo(result.summary())
-    echo(summary(before, after, path))
-    return result, path

@@ -1,10 +1,11 @@
-"""exp, tanh and the tanh GELU, fast on MLX's CPU backend and exact elsewhere.
+"""exp, tanh, softmax and the tanh GELU as polynomials in MLX ops, where the CPU calibration chose them.
 
-MLX's CPU kernels evaluate transcendental functions one scalar at a time: measured here,
-exp over 1M floats takes ~35 ms and tanh ~50 ms, against ~1 ms for a multiply. That made
-Gemma's GeGLU and the cross-entropy's logsumexp over the 262k vocabulary the largest costs
-of a CPU forward / training step. On the CPU, for float32, these functions use only
-multiply-add, floor and an exponent-bit shift, fused into one kernel by mx.compile:
+MLX's CPU kernels evaluate transcendental functions one scalar at a time on some builds and CPUs
+(measured on the AMD EPYC build machine: exp over 1M floats ~35 ms, tanh ~50 ms, a multiply ~1 ms),
+and are fast on others (an Intel Xeon with AVX-512/AMX, where this module made a 512-token prefill
+3.6x slower). So `policy().fast_math` is decided per machine by mlx_gemma.cpu.calibrate, and only
+for float32. These functions use only multiply-add, floor and an exponent-bit shift, fused into
+one kernel by mx.compile:
 
     exp(x) = 2^t, t = x / ln 2 = n + f with n = floor(t), f in [0, 1)
     2^n    = the float whose exponent bits are n + 127
@@ -25,13 +26,13 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .backend import policy
+from ..backend import policy
+from ..numerics import GELU_C, GELU_CUBIC
 
 _LOG2E = 1.0 / math.log(2.0)
 # 2^f ~ sum_k c_k f^k on [0, 1]: Chebyshev-weighted least squares on the relative error.
 _EXP2_POLY = (1.0000000044241029, 0.6931469138750275, 0.2402303088734932, 0.05548214868420111,
               0.009679987191334302, 0.0012437937100327036, 0.00021683439317141747)
-_GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _use_fast(x: mx.array) -> bool:
@@ -78,7 +79,7 @@ def _tanh_vjp(primals, cotangent, output):
 
 
 def _gelu_parts(x):
-    u = _GELU_C * (x + 0.044715 * x * x * x)
+    u = GELU_C * (x + GELU_CUBIC * x * x * x)
     e = _exp2_parts(-2.0 * mx.abs(u))
     return mx.sign(u) * (1.0 - e) / (1.0 + e)  # tanh(u)
 
@@ -94,7 +95,7 @@ def _gelu_compiled(x):
 def _gelu_vjp(primals, cotangent, output):
     x = primals[0] if isinstance(primals, (list, tuple)) else primals
     t = _gelu_parts(x)
-    du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    du = GELU_C * (1.0 + 3 * GELU_CUBIC * x * x)
     return cotangent * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 
 

@@ -1,4 +1,4 @@
-"""Process-wide setup done before mlx.core is imported: the Linux BLAS and glibc's malloc.
+"""Process-wide setup: the Linux BLAS (before mlx.core is imported) and glibc's malloc.
 
 `setup_blas()` must run before `mlx.core` is first imported: MLX's Linux CPU
 wheel resolves `cblas_sgemm` and friends from a reference BLAS (~6 GFLOPS),
@@ -7,7 +7,8 @@ and an OpenBLAS loaded earlier with RTLD_GLOBAL interposes those symbols
 Metal, so nothing is done there.
 
 Set MLX_GEMMA_NO_OPENBLAS=1 to skip it, or MLX_GEMMA_OPENBLAS=/path/libopenblas.so
-to choose the library.
+to choose the library. `import mlx_gemma` calls `setup_blas()` and nothing else of this module;
+`tune_malloc()` runs only through `mlx_gemma.cpu.enable()` (the CLI calls it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import glob
 import os
 import sys
 import sysconfig
+
+from ..files import home_dir
 
 # What happened at import time, reported by `mlx-gemma info`.
 BLAS_STATUS: dict = {"library": None, "note": "not attempted"}
@@ -73,8 +76,7 @@ def _provide_libgfortran() -> bool:
                     continue
                 new = b"libgfortran.so.5"
                 data[at:at + len(old)] = new + b"\0" * (len(old) - len(new))
-                home = os.environ.get("MLX_GEMMA_HOME", os.path.join(os.path.expanduser("~"), ".cache", "mlx-gemma"))
-                folder = os.path.join(home, "blas")
+                folder = os.path.join(home_dir(), "blas")  # the one definition of the cache root
                 os.makedirs(folder, exist_ok=True)
                 target = os.path.join(folder, f"libgfortran.so.5-{os.path.basename(src)}")
                 if not os.path.exists(target):

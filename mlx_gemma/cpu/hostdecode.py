@@ -15,13 +15,19 @@ verification) keep working on the same cache before and after.
 Quantized weights (MLX's affine 4/8-bit format, what `mlx-gemma quantize` writes) go through
 `native.qgemv`, a small C kernel compiled for the machine at first use: it reads the codes once
 and converts them in registers, where MLX's CPU `quantized_matmul` loops one scalar at a time.
-So an 8-bit model reads a quarter of the fp32 bytes per token and decodes faster than fp32.
+
+`host_paths(model)` is the seam the decode step asks: a HostDecoder where the backend policy has
+the host step on (mlx_gemma.cpu.calibrate measured it faster here, or a test forced it) and the
+model is one this module covers exactly, else None (and the same for the one-row LM head).
 
 It covers what the MLX path computes for a float32 Gemma 1/2/3 (GQA, soft-caps, q/k norms,
 sliding-window rings, per-layer RoPE bases and linear scaling; dense or affine-quantized
 products, LoRA adapters applied unfused) and declines (`HostDecoder.of` returns None) anything
 else: per-row adapters (the server's), LoRA in training mode, biases, other dtypes or
-quantization modes, no native kernel for a quantized model.
+quantization modes, no native kernel for a quantized model, and any model whose config or modules
+carry what Gemma 3n / 4 add (per-layer inputs, shared KV layers, per-layer head sizes, MoE,
+AltUp, LAuReL, layer scalars, `x * w` norms): it checks those fields and the module tree, not
+the model type's name.
 The logits equal the MLX path's up to float32 summation order (tests compare them, and greedy
 token ids, on every Gemma variant).
 """
@@ -36,12 +42,51 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .backend import policy
-from .model import softcap
+from ..backend import policy
+from ..model import softcap
+from ..numerics import GELU_C, GELU_CUBIC, norm_scale, rope_inv_freq
 from .native import qgemv
 from .runtime import NO_TRANS, ROW_MAJOR, TRANS, blas_sgemv
 
-_GELU_C = math.sqrt(2.0 / math.pi)
+# Config fields of Gemma 3n / 4 (transformers' names) that change the computation when set: a
+# model with any of them truthy is not the network this decoder computes.
+FOREIGN_FIELDS = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
+                  "global_head_dim", "attention_k_eq_v", "enable_moe_block", "num_experts", "altup_num_inputs",
+                  "laurel_rank", "activation_sparsity_pattern", "use_double_wide_mlp")
+# The module tree this decoder reads, by parent; any other child (a layer_scalar, a router, a
+# per-layer input gate, an AltUp block) means a network it does not compute.
+KNOWN_CHILDREN = {
+    "model": {"model", "lm_head"},
+    "body": {"embed_tokens", "layers", "norm"},
+    "layer": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+              "post_feedforward_layernorm"},
+    "attn": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"},
+    "mlp": {"gate_proj", "up_proj", "down_proj"},
+}
+
+
+def covers(model) -> bool:
+    """True when `model` is exactly the Gemma 1/2/3 network this decoder computes: none of the
+    Gemma 3n / 4 config fields set, one cache per layer of uniform shape, no unknown modules."""
+    cfg = model.config
+    if any(getattr(cfg, name, None) for name in FOREIGN_FIELDS):
+        return False
+    if hasattr(cfg, "layer_cache_specs"):
+        specs = cfg.layer_cache_specs()
+        if any(s.source != i or s.kv_heads != cfg.num_key_value_heads or s.head_dim != cfg.head_dim
+               for i, s in enumerate(specs)):
+            return False
+    trees = [("model", model), ("body", model.model)]
+    for layer in model.model.layers:
+        trees += [("layer", layer), ("attn", layer.self_attn), ("mlp", layer.mlp)]
+    return all(set(module.keys()) <= KNOWN_CHILDREN[kind] for kind, module in trees)
+
+
+def host_paths(model) -> tuple:
+    """The seam of the decode step: (row decoder, one-row LM head) for `model`, each None where the
+    backend policy has that path off (MLX's step and head run) or it does not cover the model."""
+    p = policy()
+    return (HostDecoder.of(model) if p.host_decode else None), (OneRowHead.of(model) if p.host_gemv else None)
 
 
 def _view(a: mx.array) -> np.ndarray:
@@ -108,7 +153,7 @@ def _product(module):
     if "scales" not in module:
         return _Dense(module.weight) if module.weight.dtype == mx.float32 else None
     # quantized_path "kernel" / "dequantize" force MLX's own paths (tests and benchmarks compare them)
-    ok = (policy().quantized_path == "auto" and getattr(module, "mode", "affine") == "affine" and module.bits in (4, 8) and module.group_size % 32 == 0
+    ok = (policy().native_kernel and policy().quantized_path == "auto" and getattr(module, "mode", "affine") == "affine" and module.bits in (4, 8) and module.group_size % 32 == 0
           and module.get("biases") is not None and module.scales.dtype == mx.float32
           and module.biases.dtype == mx.float32 and module.weight.dtype == mx.uint32 and sys.byteorder == "little"
           and qgemv() is not None)
@@ -165,15 +210,15 @@ class _Layer:
     def __init__(self, layer, config, products: list):
         self.q, self.k, self.v, self.o, self.gate, self.up, self.down = products
         attn = layer.self_attn
-        self.norm_in = 1.0 + _view(layer.input_layernorm.weight)
-        self.norm_post_attn = 1.0 + _view(layer.post_attention_layernorm.weight)
+        self.norm_in = norm_scale(_view(layer.input_layernorm.weight))
+        self.norm_post_attn = norm_scale(_view(layer.post_attention_layernorm.weight))
         self.ffw_norms = "pre_feedforward_layernorm" in layer
         if self.ffw_norms:
-            self.norm_pre_ffw = 1.0 + _view(layer.pre_feedforward_layernorm.weight)
-            self.norm_post_ffw = 1.0 + _view(layer.post_feedforward_layernorm.weight)
+            self.norm_pre_ffw = norm_scale(_view(layer.pre_feedforward_layernorm.weight))
+            self.norm_post_ffw = norm_scale(_view(layer.post_feedforward_layernorm.weight))
         self.qk_norm = "q_norm" in attn
         if self.qk_norm:
-            self.q_norm, self.k_norm = 1.0 + _view(attn.q_norm.weight), 1.0 + _view(attn.k_norm.weight)
+            self.q_norm, self.k_norm = norm_scale(_view(attn.q_norm.weight)), norm_scale(_view(attn.k_norm.weight))
         self.window = config.sliding_window if layer.is_sliding else None
         self.rope = (attn.rope_base, attn.rope_scale)
 
@@ -197,9 +242,10 @@ class HostDecoder:
         self.embed, self.head = embed, OneRowHead(model, head)
         self.embed_scale = np.float32(math.sqrt(cfg.hidden_size))  # rounded to float32, as the MLX path
         self.layers = [_Layer(layer, cfg, products) for layer, products in zip(model.model.layers, layers)]
-        self.final_norm = 1.0 + _view(model.model.norm.weight)
+        self.final_norm = norm_scale(_view(model.model.norm.weight))
         self._gemv = blas_sgemv()
         self._owned: dict = {}  # layer -> (keys array, values array, their numpy views)
+        self._refs: dict = {}  # layer -> Python reference counts of those arrays when installed
         self._inv_freq = {}
         E, H, K, D, I = cfg.hidden_size, self.H, self.K, self.D, cfg.intermediate_size
         self.buf = {n: np.empty(size, np.float32) for n, size in (
@@ -213,7 +259,7 @@ class HostDecoder:
         """A HostDecoder for a float32 model whose every product (layers, embedding, LM head) is a
         plain float32 matrix or an affine 4/8-bit one (when the native kernel builds); None
         otherwise (the caller keeps the MLX path)."""
-        if blas_sgemv() is None:
+        if blas_sgemv() is None or getattr(model.config, "unit_norms", False) or not covers(model):
             return None
         embed = _product(model.model.embed_tokens)
         head = _product(model.lm_head) if "lm_head" in model else embed
@@ -242,8 +288,7 @@ class HostDecoder:
         """cos, sin (D/2,) of mx.fast.rope's non-traditional rotation at one position."""
         inv = self._inv_freq.get(base)
         if inv is None:
-            half = self.D // 2
-            inv = self._inv_freq[base] = (base ** (-np.arange(half, dtype=np.float64) / half)).astype(np.float32)
+            inv = self._inv_freq[base] = rope_inv_freq(base, self.D)
         theta = np.float32(pos * scale) * inv
         return np.cos(theta), np.sin(theta)
 
@@ -255,18 +300,34 @@ class HostDecoder:
         return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
     def _cache_views(self, i: int, c) -> tuple:
-        """Writable views of layer i's cache buffers (1, K, S, D). The first time a buffer is seen
-        (after a reserve that grew it, or after an MLX step made new arrays) it is replaced by a
-        private copy, so no other MLX array shares the memory written in place."""
+        """Writable views of layer i's cache buffers (1, K, S, D). A buffer is replaced by a
+        private copy the first time it is seen (after a reserve that grew it, or an MLX step that
+        made new arrays) and again whenever Python code other than the cache holds the copy
+        (the decoder outlives a generate call now that the engine is kept per model: a caller
+        that took the arrays between calls must not see them change)."""
         owned = self._owned.get(i)
-        if owned is None or owned[0] is not c.keys or owned[1] is not c.values:
-            keys, values = mx.array(np.array(c.keys)), mx.array(np.array(c.values))
-            kv, vv = np.array(keys, copy=False), np.array(values, copy=False)
-            if not (kv.flags.writeable and kv.flags.c_contiguous and vv.flags.writeable and vv.flags.c_contiguous):
-                raise RuntimeError("MLX did not give a writable contiguous view of a cache buffer")
-            c.keys, c.values = keys, values
-            owned = self._owned[i] = (keys, values, kv, vv)
+        if owned is None or owned[0] is not c.keys or owned[1] is not c.values or self._held_elsewhere(i):
+            self._owned[i] = self._private_copy(c)
+            self._refs[i] = self._ref_counts(i)
+        owned = self._owned[i]
         return owned[2], owned[3]
+
+    @staticmethod
+    def _private_copy(c) -> tuple:
+        keys, values = mx.array(np.array(c.keys)), mx.array(np.array(c.values))
+        kv, vv = np.array(keys, copy=False), np.array(values, copy=False)
+        if not (kv.flags.writeable and kv.flags.c_contiguous and vv.flags.writeable and vv.flags.c_contiguous):
+            raise RuntimeError("MLX did not give a writable contiguous view of a cache buffer")
+        c.keys, c.values = keys, values
+        return keys, values, kv, vv
+
+    def _ref_counts(self, i: int) -> tuple:
+        """Python references to layer i's private buffers (the cache's and ours when no one else's)."""
+        owned = self._owned[i]
+        return sys.getrefcount(owned[0]), sys.getrefcount(owned[1])
+
+    def _held_elsewhere(self, i: int) -> bool:
+        return any(now > then for now, then in zip(self._ref_counts(i), self._refs[i]))
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, out: np.ndarray) -> None:
         """out (H*D,) = softmax(q k^T * scale [capped]) v over the first n slots of (K, S, D)."""
@@ -335,6 +396,6 @@ class HostDecoder:
         b = self.buf
         gate = self._mv(L.gate, m, b["gate"])
         up = self._mv(L.up, m, b["up"])
-        act = np.ascontiguousarray(0.5 * gate * (1.0 + np.tanh(np.float32(_GELU_C) * (gate + np.float32(0.044715) * gate ** 3))) * up,
-                                   np.float32)
+        inner = np.float32(GELU_C) * (gate + np.float32(GELU_CUBIC) * gate ** 3)
+        act = np.ascontiguousarray(0.5 * gate * (1.0 + np.tanh(inner)) * up, np.float32)
         return self._mv(L.down, act, b["down"])

@@ -3,7 +3,10 @@
 `qgemv()` returns `qgemv_affine` from qgemv.c (one row times an MLX affine-quantized 4/8-bit
 matrix, vectorised by the compiler for this CPU: `-O3 -march=native`), or None when no compiler
 is found or the build fails; callers then keep MLX's `quantized_matmul`. The shared library is
-cached under $MLX_GEMMA_HOME/native/ by a hash of the source, compiler and flags, written to a
+cached under $MLX_GEMMA_HOME/native/ by a hash of the source, compiler, flags and this CPU's
+instruction-set features (machine.isa_features()): `-march=native` code built on one CPU can hold
+instructions another lacks (SIGILL), so a cache folder shared between machines gets one library
+per CPU kind, and a library built for other features is never loaded. It is written to a
 temporary name and renamed into place, so concurrent first uses do not see a half-written file.
 $CC chooses the compiler (default `cc`); MLX_GEMMA_NO_NATIVE=1 turns the kernels off.
 `STATUS` says what happened (`mlx-gemma info` prints it).
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import home_dir
+from .machine import isa_features
 
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # -march=native where the compiler knows it
@@ -33,11 +37,17 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
+def build_key(source: bytes, cc: str, flags: list) -> str:
+    """The cache key of a build: source, compiler, flags, architecture and the CPU's features."""
+    parts = [cc, *flags, platform.machine(), *isa_features()]
+    return hashlib.sha256(source + "\0".join(parts).encode()).hexdigest()[:16]
+
+
 def _build(cc: str, folder: Path) -> Optional[Path]:
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(source + "\0".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+        key = build_key(source, cc, flags)
         target = folder / f"qgemv-{key}.so"
         if target.is_file():
             return target

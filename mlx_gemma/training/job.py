@@ -1,0 +1,222 @@
+"""The training job as the CLI runs it: options -> data -> model -> train -> report.
+
+    run_training(args)     load, set up LoRA, train (SFT, DPO or ORPO: args.method)
+    run_main_job(args)     the main job: evaluate the base, train, evaluate again, write report.md
+    ranks_outcome(...)     what `--ranks N`'s exit codes mean, as an exit status and a line
+
+Above the loop (training/loop.py) and the report (training/report.py); below cli.py only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import NAME_ONLY, UserError
+from ..loading import load
+from . import data as data_lib
+from . import distributed as dist
+from .args import DEFAULT_OUT, TrainArgs, check_args, resolve_defaults, train_fields
+from .loop import TrainResult, train
+from .objectives import SFT, Objective
+from .preference import DPO, ORPO
+from .report import (DEFAULT_MAX_TOKENS, LOSS_BATCH, LOSS_CURVE, REPORT_JSON, REPORT_MD, SAMPLES, evaluate_model,
+                     machine_line, question, reference_answer, reference_metrics, summary, write_report)
+from .run_dir import RunDir
+from .setup import setup
+
+
+def default_data_dir() -> Path:
+    from .. import data as bundled
+
+    return Path(bundled.DATA_DIR) / "zh_baike"
+
+
+def data_path(args: TrainArgs) -> Path:
+    return Path(args.data).expanduser() if args.data else default_data_dir()
+
+
+def make_objective(args: TrainArgs) -> Objective:
+    """The loss of args.method: SFT, DPO (args.beta, args.dpo_loss) or ORPO (args.orpo_alpha)."""
+    if args.method == "dpo":
+        return DPO(beta=args.beta, loss_types=tuple(args.dpo_loss.split(",")),
+                   cached_reference=bool(args.adapter_init))
+    if args.method == "orpo":
+        return ORPO(alpha=args.orpo_alpha)
+    return SFT()
+
+
+def load_training_data(args: TrainArgs, tokenizer) -> dict:
+    """{split: Dataset or None} for args.data (default: the bundled zh_baike splits); preference
+    records (PairDataset) for --method dpo / orpo."""
+    if args.method in ("dpo", "orpo"):
+        if not args.data:
+            raise UserError("--method {method} needs --data: a preference set (prompt/chosen/rejected records; "
+                            "`mlx-gemma data pairs` makes one)", method=args.method)
+        return data_lib.load_pair_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long)
+    return data_lib.load_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long, args.train_on_prompt)
+
+
+def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
+    """Check --out before slow work; the checkpoint to resume from, or None (see RunDir.check)."""
+    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force, args.to_dict())
+
+
+def restore_options(values: dict, given: set) -> dict:
+    """--resume: the options of the run in values["out"] (its train_config.json) for every field
+    not in `given` (what the user typed or a config file set); `values` otherwise unchanged."""
+    previous = RunDir(values.get("out") or DEFAULT_OUT).read_config()
+    if previous is None:
+        return values
+    merged = dict(values)
+    for f in train_fields():
+        if f.name in previous and f.name not in given and f.name not in TrainArgs.PER_RUN_KEYS:
+            merged[f.name] = previous[f.name]
+    return merged
+
+
+def train_argv(args: TrainArgs) -> list:
+    """`args` as `mlx-gemma train` options (what each rank of `--ranks N` is started with)."""
+    argv = []
+    for f in train_fields():
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else ([f"--no-{flag[2:]}"] if f.default else [])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _load(args: TrainArgs, echo) -> tuple:
+    """The model and the tokenized splits of `args` (their one-line summaries echoed)."""
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    splits = load_training_data(args, tokenizer)
+    for split in data_lib.SPLITS:
+        if splits[split] is not None:
+            echo(splits[split].summary())
+    extra = {"data_resolved": str(data_path(args)),
+             "data_summary": {k: v.summary() for k, v in splits.items() if v is not None}}
+    return model, tokenizer, splits, extra
+
+
+def run_training(args: TrainArgs, progress: bool = True, echo=print) -> TrainResult:
+    """Load the model and data named by `args`, set up LoRA, train, and return the result (the CLI's `train`)."""
+    args = resolve_defaults(args)
+    check_args(args)
+    prepare_out_dir(args)  # fail before the slow model load
+    model, tokenizer, splits, extra = _load(args, echo)
+    adapter_config = setup(model, args)
+    return train(model, tokenizer, args, splits["train"], splits["valid"], splits["test"], progress=progress,
+                 adapter_config=adapter_config, extra_config=extra, loss=make_objective(args))
+
+
+def ranks_outcome(ended: dict, out: str, ranks: int) -> tuple[int, Optional[str]]:
+    """(exit status, line to print or None) for `train --ranks N`, from distributed.launch_local's
+    {"failed": [(rank, code)], "returncode", "said_error"}: 0 when every rank finished, 130 after a
+    Ctrl-C (every rank stopped after the same step), 1 when a rank failed or was killed."""
+    codes = dict(ended["failed"])
+    if not codes and ended["returncode"] == 0:
+        return 0, None
+    ckpts = sorted((Path(out).expanduser() / "checkpoints").glob("step-*"))
+    resume = (f"continue from {ckpts[-1].name} with: mlx-gemma train --out {out} --resume --ranks {ranks}"
+              if ckpts else "no checkpoint was saved")
+    stopped = (130, 143, -2, -15)  # Ctrl-C, or terminated by the launcher because another rank ended
+    killed = [(r, c) for r, c in sorted(codes.items()) if c is None or c < 0 and c not in stopped]
+    failed = [(r, c) for r, c in sorted(codes.items()) if c is not None and c not in stopped]
+    if not killed and not failed:
+        return 130, f"interrupted; {resume}"
+    if not killed and ended["said_error"]:
+        return 1, None  # the failing rank's own one-line message is above
+    rank, code = (killed or failed)[0]
+    how = "was killed" if code is None else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return 1, f"error: rank {rank} {how}, so every rank was stopped; {resume}"
+
+
+# ---- the main job -------------------------------------------------------------------------------
+
+
+def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit: Optional[int] = None,
+                 progress: bool = True, echo: Callable = print):
+    """The whole job behind `mlx-gemma train`: load the model and data, evaluate the base model on
+    the test split, fine-tune (loop.train), evaluate again, write the report next to the adapter
+    and print its summary.
+
+    args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
+    the test loss always covers the whole split. Returns (TrainResult, path of report.md).
+
+    Under mlx.launch every rank runs this: the ranks share the training steps and the evaluation
+    work (see report.evaluate_model); only rank 0 speaks and writes, the others return (result, None).
+    """
+    t = {"start": time.perf_counter()}
+    writer = dist.rank() == 0
+    echo = echo if writer else (lambda s: None)
+    args = resolve_defaults(args)
+    check_args(args)
+    if args.method != "sft":
+        raise UserError("the report evaluates SFT on chat data; pass {report} with {method}",
+                        report=NAME_ONLY, method=args.method)
+    if prepare_out_dir(args) is None and args.force and writer:  # fail before the slow model load
+        for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
+            (Path(args.out).expanduser() / name).unlink(missing_ok=True)
+    model, tokenizer, splits, extra = _load(args, echo)
+    t["loaded"] = time.perf_counter()
+    records, subset = _test_records(args, splits, generation_limit)
+    echo(f"evaluating the base model on the test split ({len(records[1])} records; answering {subset})...")
+    before = evaluate_model(model, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
+                            args.max_seq_len, progress)
+    t["before"] = time.perf_counter()
+    result = train(model, tokenizer, args, splits["train"], splits["valid"], None, progress=progress,
+                   adapter_config=setup(model, args), extra_config=extra)
+    t["trained"] = time.perf_counter()
+    if result.interrupted:
+        echo(result.summary())
+        return result, None
+    echo("evaluating the fine-tuned model on the test split...")
+    after = evaluate_model(model, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
+                           args.max_seq_len, progress)
+    result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
+    t["after"] = time.perf_counter()
+    if not writer:
+        return result, None
+    samples = [{"question": question(r), "before": b["answer"], "after": a["answer"], "reference": reference_answer(r)}
+               for r, b, a in zip(records[0][:SAMPLES], before["answers"], after["answers"])]
+    path = write_report(Path(result.out), before, after, samples,
+                        _run_info(args, result, tokenizer, records[0], subset, t))
+    echo(result.summary())
+    echo(summary(before, after, path))
+    return result, path
+
+
+def _test_records(args: TrainArgs, splits: dict, generation_limit: Optional[int]) -> tuple:
+    """((records answered, all test records), words for the subset answered)."""
+    where = data_path(args)
+    test_file = data_lib.resolve_split(where, "test", required=False) if where.is_dir() else None
+    if splits["test"] is None or test_file is None:
+        raise UserError(f"{where}: the report needs a test split (test.jsonl) to evaluate on")
+    records = [r for _, r in data_lib.read_records(test_file)]
+    answered = records[:generation_limit] if generation_limit else records
+    subset = "all of them" if len(answered) == len(records) else f"the first {len(answered)} of {len(records)}"
+    return (answered, records), subset
+
+
+def _run_info(args: TrainArgs, result: TrainResult, tokenizer, records: list, subset: str, t: dict) -> dict:
+    """The report's description of the run: settings, machine, training numbers, phase times."""
+    out = Path(result.out)
+    settings = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "targets", "lr", "lr_schedule",
+                                              "epochs", "iters", "batch_size", "max_seq_len", "eval_every", "seed")}
+    settings["steps"] = result.steps
+    return {
+        "model": args.model, "data": str(data_path(args)), "adapter": str(out),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_line(),
+        "generation_subset": subset, "reference": reference_metrics(tokenizer, records),
+        "loss_curve": LOSS_CURVE if (out / LOSS_CURVE).exists() else None,
+        "training": (f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s "
+                     f"({result.tokens_per_second:.0f} tok/s), peak memory {result.peak_memory_gb:.2f} GB"),
+        "train_loss_last": result.train_loss, "val_loss": result.val_loss,
+        "seconds": {"load model (incl. first-time conversion)": t["loaded"] - t["start"],
+                    "evaluate before": t["before"] - t["loaded"], "train": t["trained"] - t["before"],
+                    "evaluate after": t["after"] - t["trained"], "total": time.perf_counter() - t["start"]},
+        "settings": settings,
+    }
