@@ -56,10 +56,23 @@ def create_server(model: str, adapters: Optional[dict] = None, api_key: Optional
     # Weights may still be lazy (a load on this thread's stream): materialise them here, since the
     # engine thread runs on a stream of its own.
     mx.eval(net.parameters())
+    _warm_grammar_tables(tokenizer)
     engine = Engine(net, tokenizer, index, prefill_step=prefill_step)
     engine.start()
     app = build_app(engine, name, api_key=api_key, max_body=max_body, default_max_tokens=default_max_tokens)
     return app, engine
+
+
+def _warm_grammar_tables(tokenizer) -> None:
+    """Build the grammar engine's vocabulary tables now, before requests are served: llguidance
+    builds them in native code that holds the GIL for seconds, which would stall the event loop
+    (every stream, /health) at the first response_format request."""
+    try:
+        from ..constrain import grammar_tokenizer
+
+        grammar_tokenizer(tokenizer)
+    except ImportError:  # llguidance not installed: response_format requests say so themselves
+        pass
 
 
 def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
