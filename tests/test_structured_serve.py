@@ -156,7 +156,8 @@ def wait_for(predicate, timeout=120.0, every=0.2):
 
 def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, server):  # noqa: F811
     port = server["port"]
-    page = browser.new_page()
+    context = browser.new_context()  # one profile: its tabs share localStorage, each has its own sessionStorage
+    page = context.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     assert page.title() == "mlx-gemma chat"
     # No key yet: the models list is refused, and the page says so.
@@ -213,7 +214,7 @@ def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, s
     assert page.inner_text('.column[data-col="a"] .msg.assistant >> nth=0 >> .content') == stopped_text
     assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
     assert not page.is_checked("#remember-key")
-    other_tab = page.context.new_page()  # same browser profile (localStorage), a new tab (sessionStorage)
+    other_tab = context.new_page()  # same browser profile (localStorage), a new tab (sessionStorage)
     other_tab.goto(f"http://127.0.0.1:{port}/")
     wait_for(lambda: other_tab.locator(".column[data-col='a'] .msg").count() == n_messages, 30)
     assert other_tab.input_value("#api-key") == ""
@@ -227,3 +228,4 @@ def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, s
     assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
     other_tab.close()
     page.close()
+    context.close()
