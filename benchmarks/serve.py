@@ -31,6 +31,31 @@ QUESTIONS = ["黄河发源于哪里？", "What is the capital of France?", "用�
              "什么是光合作用？", "Name three programming languages.", "长江有多长？", "What does a CPU do?"]
 
 
+def cpu_name() -> str:
+    """The CPU's model name as lscpu gives it (timings on these machines depend on it)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        out = ""
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.processor() or platform.machine())
+
+
+def machine_line(started: datetime.datetime, load_before: float, load_after: float) -> str:
+    """Date and time, CPU, cores and load average of a run, flagged when other work ran."""
+    busy = " (measured while other work ran)" if max(load_before, load_after) > 2.5 else ""
+    return (f"{started:%Y-%m-%d %H:%M} UTC · {cpu_name()} · {os.cpu_count()} cores · load average "
+            f"{load_before:.2f} before, {load_after:.2f} after{busy}")
+
+
+def stop_all(procs) -> None:
+    """Terminate the server processes this benchmark started and wait for them."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,16 +75,17 @@ def wait_up(port: int, proc, timeout: float = 300) -> None:
     raise RuntimeError(f"server on {port} did not come up")
 
 
-def start(engine: str, model_dir: str, port: int):
+def start(engine: str, model_dir: str, port: int, extra: tuple = ()):
+    """Start one server process; `extra`: more command-line arguments for it."""
     env = dict(os.environ)
     if engine == "mlx-gemma":
         cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", model_dir, "--port", str(port),
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra]
     else:
         # mlx-lm loads the same HF-layout dir; OpenBLAS under its matmuls too, as for us (same BLAS)
         cmd = [sys.executable, "-c", "import mlx_gemma, runpy, sys; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; "
                "runpy.run_module('mlx_lm.server', run_name='__main__')", "--model", model_dir, "--port", str(port),
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -86,13 +112,24 @@ def stream_one(port: int, model: str, question: str, max_tokens: int) -> tuple[s
 
 
 def burst(port: int, model: str, concurrency: int, max_tokens: int, tokenizer) -> dict:
+    """One burst of `concurrency` clients; a request the server fails (a reset connection, an
+    HTTP error) counts in "failed" and adds no tokens."""
     jobs = [QUESTIONS[i % len(QUESTIONS)] for i in range(concurrency)]
+
+    def one(question):
+        try:
+            return stream_one(port, model, question, max_tokens)
+        except OSError:  # ConnectionResetError, urllib's HTTPError / URLError
+            return None
+
     start = time.perf_counter()
     with futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda q: stream_one(port, model, q, max_tokens), jobs))
+        results = list(pool.map(one, jobs))
     wall = time.perf_counter() - start
-    tokens = sum(len(tokenizer.encode(text, add_bos=False)) for text, _ in results)
-    return {"tps": tokens / wall, "ttft": statistics.median(t for _, t in results), "tokens": tokens}
+    done = [r for r in results if r is not None]
+    tokens = sum(len(tokenizer.encode(text, add_bos=False)) for text, _ in done)
+    ttft = statistics.median(t for _, t in done) if done else float("nan")
+    return {"tps": tokens / wall, "ttft": ttft, "tokens": tokens, "failed": len(results) - len(done)}
 
 
 def spread(values) -> str:
@@ -118,7 +155,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     ports = {e: free_port() for e in engines}
     procs = {e: start(e, model_dir, ports[e]) for e in engines}
-    load_before = os.getloadavg()
+    load_before, started = os.getloadavg(), datetime.datetime.now(datetime.timezone.utc)
     results = {(e, c): [] for e in engines for c in levels}
     # the id each server knows the model by: ours serves the dir's name, mlx-lm the path it loaded
     names = {e: os.path.basename(model_dir) if e == "mlx-gemma" else model_dir for e in engines}
@@ -131,22 +168,21 @@ def main() -> None:
                 for e in (engines if r % 2 == 0 else engines[::-1]):
                     res = burst(ports[e], names[e], c, args.max_tokens, tokenizer)
                     results[(e, c)].append(res)
-                    print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s",
-                          file=sys.stderr, flush=True)
+                    print(f"round {r + 1} {e:10s} c={c:2d}: {res['tps']:6.1f} tok/s, ttft {res['ttft']:.2f} s, "
+                          f"{res['failed']} failed", file=sys.stderr, flush=True)
     finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(timeout=30)
+        stop_all(procs.values())
     load_after = os.getloadavg()
-    print(f"\n{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} cores · {args.rounds} rounds · "
-          f"{args.max_tokens} new tokens per request · load average {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after\n")
-    print("| engine | clients | aggregate tok/s (min / median / max) | time to first token, s (min / median / max) |")
-    print("|---|---|---|---|")
+    print(f"\n{machine_line(started, load_before[0], load_after[0])} · {args.rounds} rounds · "
+          f"{args.max_tokens} new tokens per request\n")
+    print("| engine | clients | aggregate tok/s (min / median / max) | time to first token, s (min / median / max) "
+          "| failed requests |")
+    print("|---|---|---|---|---|")
     for c in levels:
         for e in engines:
             runs = results[(e, c)]
-            print(f"| {e} | {c} | {spread([x['tps'] for x in runs])} | {spread([x['ttft'] for x in runs])} |")
+            print(f"| {e} | {c} | {spread([x['tps'] for x in runs])} | {spread([x['ttft'] for x in runs])} "
+                  f"| {sum(x['failed'] for x in runs)} |")
     if len(engines) == 2:
         print()
         for c in levels:

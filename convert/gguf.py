@@ -635,6 +635,10 @@ def write_gguf(
 
     if out_type not in OUT_TYPES:
         raise UserError(f"unknown GGUF out_type {out_type!r}; use one of {', '.join(OUT_TYPES)}")
+    if config.get("model_type") not in GGUF_ARCHS:
+        raise UserError(f"convert-to-gguf writes Gemma 1, 2 and 3 text models; {config.get('model_type')!r} "
+                        "(Gemma 4 / 3n) is not supported yet: export it with convert-to-hf and use llama.cpp's "
+                        "convert_hf_to_gguf.py")
     gguf_tensors = gguf_tensors_from_hf(tensors, config)
     arch = GGUF_ARCHS[config["model_type"]]
     _check_exportable(config, arch)

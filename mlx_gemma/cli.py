@@ -315,8 +315,14 @@ def _read_stdin_text(flag: str) -> str:
 @click.option("--draft-model", default=None, metavar="MODEL",
               help="Speculative decoding for greedy output with a smaller model of the same tokenizer (a model "
                    "dir, .gguf file or alias) proposing 4 tokens a step; the text is unchanged.")
+@click.option("--tools", "tools_file", default=None, metavar="FILE",
+              help="Declare the OpenAI-style function tools in FILE (a JSON list); calls are printed as JSON "
+                   "lines, their arguments valid under each function's parameters.")
+@click.option("--tool-choice", default="auto", show_default=True, metavar="auto|none|required|NAME",
+              help="With --tools: may call (auto), must not (none), must call some function (required) or NAME.")
 @sampling_options
-def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, draft, draft_model, **kw):
+def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, draft, draft_model, tools_file,
+             tool_choice, **kw):
     """Generate text for a prompt; the text streams to stdout, a stats line goes to stderr."""
     from .constrain import GrammarMask
     from .generation import stream_generate
@@ -334,6 +340,9 @@ def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, dra
     constraint = _constraint_options(json_schema, regex)
     if draft and draft_model:
         raise UserError("--draft ngram and --draft-model both propose drafts; use one")
+    if tools_file is not None:
+        return _generate_with_tools(model, dtype, adapter, prompt, system, raw, constraint, tools_file,
+                                    tool_choice, opts)
     net, tokenizer = load(model, dtype=dtype, adapter=adapter)
     drafter = load(draft_model, dtype=dtype)[0] if draft_model else None
     source = prompt if raw else [{"role": "user", "content": prompt}]
@@ -349,6 +358,42 @@ def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, dra
         raise UserError(f"the {'--json-schema' if json_schema else '--regex'} grammar failed while generating "
                         f"({mask[0].error}); simplify it")
     click.echo(stats.line(), err=True)
+
+
+def _generate_with_tools(model, dtype, adapter, prompt, system, raw, constraint, tools_file, tool_choice, opts):
+    """`generate --tools FILE`: the answer's text, then one JSON line per tool call."""
+    from .files import read_text
+    from .generation import generate as run
+    from .loading import load
+    from .tools import parse_tools
+
+    if raw or constraint is not None:
+        raise UserError("--tools needs the chat template and shapes the answer itself; drop --raw / "
+                        "--json-schema / --regex")
+    try:
+        tools = json.loads(read_text(tools_file))
+        parse_tools(tools)
+    except ValueError as exc:
+        raise UserError(f"--tools {tools_file}: not valid JSON ({exc}); give a JSON list of tools") from None
+    except UserError as exc:
+        raise UserError(f"--tools {tools_file}: {exc}") from None
+    choice = tool_choice if tool_choice in ("auto", "none", "required") else \
+        {"type": "function", "function": {"name": tool_choice}}
+    net, tokenizer = load(model, dtype=dtype, adapter=adapter)
+    try:
+        answer = run(net, tokenizer, [{"role": "user", "content": prompt}], opts, system=system, tools=tools,
+                     tool_choice=choice)
+    except UserError as exc:
+        raise UserError(str(exc).replace("tool_choice", "--tool-choice", 1)) from None
+    if answer.content:
+        click.echo(answer.content)
+    for call in answer.tool_calls:
+        try:
+            arguments = json.loads(call["function"]["arguments"])
+        except ValueError:  # cut short by --max-tokens (finish_reason: length)
+            arguments = call["function"]["arguments"]
+        click.echo(json.dumps({"name": call["function"]["name"], "arguments": arguments}, ensure_ascii=False))
+    click.echo(f"finish_reason: {answer.finish_reason}", err=True)
 
 
 def _constraint_options(json_schema: Optional[str], regex: Optional[str]):
@@ -704,7 +749,7 @@ def evaluate(model, adapter, data, split, text_file, max_seq_len, batch_size, tr
     click.echo(f"{source}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['tokens']} tokens)")
 
 
-@main.group(context_settings=CONTEXT)
+@main.group(cls=Group, context_settings=CONTEXT)  # Group: errors worded with the subcommand's own flags
 def data():
     """Prepare training data."""
 
@@ -727,6 +772,29 @@ def data_hc3(src, out_dir, system, test_size, valid_size, seed, force):
     click.echo(f"{report['records']} records from {report['source']}: train {report['train']}, "
                f"valid {report['valid']}, test {report['test']} (skipped {report['skipped_empty']} empty, "
                f"{report['skipped_duplicate']} duplicates) -> {report['out_dir']}")
+
+
+@data.command("pairs", context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out")
+@model_option
+@click.option("--adapter", "-a", "adapter", default=None, help="LoRA adapter dir to apply (e.g. the SFT run's --out).")
+@dtype_option
+@click.option("--max-tokens", default=128, type=click.IntRange(min=1),
+              help="Most new tokens per greedy answer; an answer without <end_of_turn> by then is a failure.")
+@click.option("--max-repeat", default=0.25, type=float,
+              help="An answer whose share of repeated 4-grams exceeds this loops (the main job's target).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Answer only the first N records.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def data_pairs(src, out, model, adapter, dtype, max_tokens, max_repeat, limit, force):
+    """Preference pairs (TRL format) from the model's failures on the chat records of SRC (a file,
+    or a data dir's train split): its greedy answers that loop or do not stop become `rejected`,
+    the reference answers `chosen`. Writes the JSONL file OUT for `train --method dpo|orpo`."""
+    from .training.pairs import write_pairs
+
+    r = write_pairs(src, out, model, adapter, max_tokens, max_repeat, limit, force, dtype)
+    click.echo(f"{r['pairs']} pairs from {r['answered']} answers ({r['loops']} loop, {r['no stop']} do not stop; "
+               f"{r['blank']} blank failures skipped) -> {r['out']}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -837,9 +905,11 @@ def _adapter_pairs(values) -> dict:
               help="Most new tokens per answer when a request gives no max_tokens.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Server log level (one line per request at info).")
+@click.option("--prompt-cache-mb", default=512, type=click.FloatRange(min=0), show_default=True,
+              help="MB of served prompts' KV kept (LRU) so prompts that start the same way prefill only the rest; 0: off.")
 @dtype_option
 def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_body, default_max_tokens, log_level,
-          dtype):
+          prompt_cache_mb, dtype):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health).
 
     Concurrent requests share one continuously batched decode; each may pick the base model or
@@ -850,7 +920,7 @@ def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_bo
     try:
         run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
                    dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
-                   log_level=log_level)
+                   log_level=log_level, prompt_cache_mb=prompt_cache_mb)
     except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM, after every client got its answer (or a 503)
         _exit_without_teardown(143 if isinstance(stop, Terminated) else 130,
                                "terminated" if isinstance(stop, Terminated) else "interrupted")

@@ -35,6 +35,12 @@ MULTIMODAL = {"gemma3": "gemma3_text", "gemma3n": "gemma3n_text", "gemma4": "gem
               "gemma4_unified": "gemma4_text"}
 # Families whose norms scale by w (weights start at 1) rather than (1 + w), with attention scale 1.
 _UNIT_NORM_FAMILIES = ("gemma3n_text", "gemma4_text")
+# GemmaConfig fields only Gemma 4 / 3n have (not written into a Gemma 1-3 config.json).
+_GEMMA4_FIELDS = ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "num_kv_shared_layers",
+                  "hidden_size_per_layer_input", "vocab_size_per_layer_input", "use_double_wide_mlp",
+                  "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size", "intermediate_sizes",
+                  "activation_sparsity_pattern", "altup_num_inputs", "altup_active_idx", "altup_coef_clip",
+                  "altup_correct_scale", "laurel_rank")
 # transformers' defaults for Gemma 4 / 3n fields a config.json may leave out (its dataclass defaults).
 _FAMILY_DEFAULTS = {
     "gemma4_text": dict(sliding_window=512, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262_144,
@@ -336,6 +342,9 @@ class GemmaConfig:
                 out[f.name] = getattr(self, f.name)
         if self.unit_norms:
             out.update(self._gemma4_hf_fields())
+        else:  # Gemma 1-3 config.json files stay as they were
+            for name in _GEMMA4_FIELDS:
+                out.pop(name, None)
         if self.model_type == "gemma3_text":
             out["rope_local_base_freq"] = self.rope_local_base_freq or 10_000.0
             out["sliding_window_pattern"] = self._pattern()
@@ -369,6 +378,9 @@ class GemmaConfig:
                 override["num_key_value_heads"] = self.num_global_key_value_heads
             out["per_layer_config"] = {str(i): dict(override) for i, t in enumerate(self.layer_types) if t == FULL}
             out["hidden_size_per_layer_input"] = self.per_layer_input_size
+            for name in ("altup_num_inputs", "altup_active_idx", "altup_coef_clip", "altup_correct_scale",
+                         "laurel_rank", "activation_sparsity_pattern"):
+                out[name] = None  # Gemma 3n's
         else:
             for name in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "use_double_wide_mlp",
                          "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size"):

@@ -371,6 +371,12 @@ def regex_constraint(pattern: str) -> Constraint:
     return _checked("regex", pattern, llguidance.LLMatcher.grammar_from_regex(pattern), f"regex {pattern!r:.80}")
 
 
+def lark_constraint(grammar: str, what: str = "grammar") -> Constraint:
+    """A Constraint from an llguidance Lark grammar (tool calls build theirs from the functions'
+    schemas); UserError says what the grammar engine refused, as `what`."""
+    return _checked("lark", grammar, grammar, what)
+
+
 def json_object_constraint() -> Constraint:
     """Any JSON object (OpenAI's response_format {"type": "json_object"})."""
     return json_schema_constraint({"type": "object"})

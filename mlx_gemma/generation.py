@@ -23,10 +23,11 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .constrain import grammar_mask, make_constraint
-from .engine import (DEFAULT_PREFILL_STEP, SPECULATIVE, BatchGenerator, DecodeStep, Event, Request, check_prompt,
-                     context_length, engine_for, ngram_draft, prefill)
+from .engine import (DEFAULT_PREFILL_STEP, BatchGenerator, DecodeStep, Event, PrefixCache, Request, check_prompt,
+                     engine_for, ngram_draft, prefill)
 from .errors import UserError
 from .cpu.hostdecode import OneRowHead  # noqa: F401 (benchmarks import it from here)
+from .tools import ToolSpec, call_mask, parse_answer, render_prompt
 from .sampling import (DEFAULT_MAX_TOKENS, LogitsProcessor, SamplingParams, make_sampler, min_p_filter,
                        repetition_penalty_processor, top_k_filter, top_p_filter)
 
@@ -86,10 +87,13 @@ def generate_step(model, tokens: mx.array, *, cache: Optional[list] = None, star
 # ---- prompts -------------------------------------------------------------------------------
 
 
-def encode_prompt(tokenizer, prompt: Prompt, system: Optional[str] = None) -> list:
+def encode_prompt(tokenizer, prompt: Prompt, system: Optional[str] = None, tool_spec=None) -> list:
     """Token ids for a prompt: a str is raw text (`<bos>` added), a list of chat messages gets the
     chat template with the generation header, a list of ints is used as is. `system` (messages or
-    str prompts treated as one user turn only) adds a system message."""
+    str prompts treated as one user turn only) adds a system message. tool_spec (tools.ToolSpec):
+    messages that declare tools (and may hold calls and results) go through `tools.render_prompt`."""
+    if tool_spec is not None and isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserError("the prompt is empty; give some text (or messages) to continue")
@@ -107,6 +111,9 @@ def encode_prompt(tokenizer, prompt: Prompt, system: Optional[str] = None) -> li
     last = prompt[-1]
     if isinstance(last, dict) and isinstance(last.get("content"), str) and not last["content"].strip():
         raise UserError("the last message is empty; give the model something to answer")
+    if tool_spec is not None or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                    for m in prompt):
+        return render_prompt(tokenizer, prompt, tool_spec)
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
 
 
@@ -145,10 +152,12 @@ class GenerationChunk:
 
 def _stream_request(model, tokenizer, req: Request, prefill_step: int, compile: bool,
                     on_end: Optional[Callable[[Event], None]] = None,
-                    speculative: Optional[str] = None, draft_model=None) -> Iterator[GenerationChunk]:
+                    speculative: Optional[str] = None, draft_model=None,
+                    prompt_cache: Optional[PrefixCache] = None) -> Iterator[GenerationChunk]:
     """Run one request alone on a BatchGenerator, as GenerationChunks with timing stats.
     on_end receives the last event (also when the consumer stops early: then a cancel event)."""
-    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative, draft_model=draft_model)
+    engine = BatchGenerator(model, tokenizer, prefill_step, compile, speculative=speculative, draft_model=draft_model,
+                            prefix_cache=prompt_cache)
     rid = engine.submit(req)
     stats = GenerationStats(prompt_tokens=len(req.ids))
     mx.reset_peak_memory()
@@ -183,7 +192,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
                     system: Optional[str] = None, logits_processors: Sequence[LogitsProcessor] = (),
                     prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
                     json_schema=None, regex: Optional[str] = None, speculative: Optional[str] = None,
-                    draft_model=None, **options) -> Iterator[GenerationChunk]:
+                    draft_model=None, tools: Optional[list] = None, tool_choice="auto",
+                    parallel_tool_calls: bool = True, prompt_cache: Optional[PrefixCache] = None,
+                    **options) -> Iterator[GenerationChunk]:
     """Generate from `prompt`, yielding GenerationChunk(text, token, stats, finish_reason, tokens).
 
     prompt: raw text (sent as is after `<bos>`: base-model continuation), a list of chat messages
@@ -201,18 +212,36 @@ def stream_generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingP
     draft_model: a smaller model with the same tokenizer proposes the drafts instead (greedy,
     4 tokens a step); the text is again exactly plain greedy's. The stats count drafted /
     accepted tokens.
+    tools / tool_choice / parallel_tool_calls: OpenAI's, for a list of messages (mlx_gemma.tools):
+    the tools are declared in the prompt and calls are generated under their schemas; read the
+    chunks' tokens with `tools.parse_answer` (or call `generate`, which returns a ToolAnswer).
+    prompt_cache: a `PrefixCache` shared by calls: the prompt reuses the longest prefix of its ids
+    an earlier call with this model stored (its prompt, or prompt + answer) and prefills only the
+    rest; this call's prompt and answer are stored for later ones. The text is the same.
     """
     params = SamplingParams.of(params, **options)
-    mask = grammar_mask(tokenizer, json_schema, regex)
-    ids = encode_prompt(tokenizer, prompt, system)
+    spec = ToolSpec.of(tokenizer, tools, tool_choice, parallel_tool_calls) if tools is not None else None
+    if spec is not None and (json_schema is not None or regex is not None):
+        raise UserError("give tools or json_schema/regex, not both")
+    mask = call_mask(tokenizer, spec) if spec is not None else grammar_mask(tokenizer, json_schema, regex)
+    ids = encode_prompt(tokenizer, prompt, system, spec)
     req = Request(ids, params, processors=list(logits_processors) + ([mask] if mask else []))
     yield from _stream_request(model, tokenizer, req, prefill_step, compile, speculative=speculative,
-                               draft_model=draft_model)
+                               draft_model=draft_model, prompt_cache=prompt_cache)
 
 
-def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options) -> str:
-    """The whole generated text for `prompt` (arguments as `stream_generate`)."""
-    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, params, **options))
+def generate(model, tokenizer, prompt: Prompt, params: Optional[SamplingParams] = None, **options):
+    """The whole generated text for `prompt` (arguments as `stream_generate`). With `tools=`, a
+    `tools.ToolAnswer`: the text outside calls (`content`), the calls as OpenAI `tool_calls`
+    (arguments as JSON text that validates against the function's parameters) and the finish reason."""
+    if options.get("tools") is None:
+        return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, params, **options))
+    tokens, finish = [], None
+    for chunk in stream_generate(model, tokenizer, prompt, params, **options):
+        tokens, finish = chunk.tokens, chunk.finish_reason or finish
+    spec = ToolSpec.of(tokenizer, options["tools"], options.get("tool_choice", "auto"),
+                       options.get("parallel_tool_calls", True))
+    return parse_answer(tokenizer, spec, tokens, finish)
 
 
 @dataclass

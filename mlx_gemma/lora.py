@@ -197,9 +197,14 @@ def count_parameters(model) -> dict:
     total = 0
     for _, module in model.named_modules():
         local = {k: v for k, v in module.items() if isinstance(v, mx.array)}
-        if "scales" in local and hasattr(module, "bits"):
-            # packed uint32 weight: 32 / bits values each; scales / biases are overhead, not parameters
-            total += local["weight"].size * 32 // module.bits + (local["bias"].size if "bias" in local else 0)
+        if hasattr(module, "bits") and any(k == "scales" or k.endswith("_scales") for k in local):
+            # packed uint32 weights (`weight`, or MoE experts' `<name>`): 32 / bits values each;
+            # scales / biases are overhead, not parameters
+            for name, v in local.items():
+                if f"{name}_scales" in local or (name == "weight" and "scales" in local):
+                    total += v.size * 32 // module.bits
+                elif name == "bias":
+                    total += v.size
         else:
             total += sum(v.size for v in local.values())
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

@@ -114,6 +114,10 @@ class Attention(nn.Module):
         E, D, K = config.hidden_size, config.layer_head_dim(layer), config.layer_kv_heads(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, K, D
         self.layer, self.kv_source = layer, config.kv_source(layer)
+        # Keys/values that leave this layer for a later one, or come from an earlier one: such a
+        # layer cannot be recomputed in isolation (gradient checkpointing would drop that path).
+        self.kv_crosses_layers = self.kv_source != layer or any(
+            config.kv_source(j) == layer for j in range(layer + 1, config.num_hidden_layers))
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.logit_cap = config.attn_logit_softcapping
         self.rope_base = config.rope_base(layer)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
+from . import chat_template as jinja_template
 from .errors import UserError
 from .files import write_atomic, write_json_atomic
 
@@ -70,6 +72,45 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}\n"
 )
 
+# Our Gemma 4 chat format as Jinja (saved with a Gemma 4 tokenizer that has no template of its own).
+# It renders text conversations exactly as Google's Gemma 4 templates do (tested against the ones
+# TRL ships); tool declarations and calls are mlx_gemma.tools's, rendered in Python.
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] in ['system', 'developer'] -%}\n"
+    "    {{ '<|turn>system\n' + messages[0]['content'] | trim + '<turn|>\n' }}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- else -%}\n"
+    "        {%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endfor -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<turn|>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\n' }}{%- endif -%}\n"
+)
+
+
+@dataclass(frozen=True)
+class ChatMarkers:
+    """The turn markers of one Gemma chat format, found in the vocabulary."""
+
+    start: str  # opens a turn, followed by the role and "\n"
+    end: str  # closes a turn
+    native_system: bool  # a system turn of its own (Gemma 4) or folded into the first user turn
+    stops: tuple  # the pieces that end a generation besides <eos>
+    template: str  # our format as Jinja, saved with the tokenizer
+
+
+GEMMA3_MARKERS = ChatMarkers("<start_of_turn>", "<end_of_turn>", False, ("<end_of_turn>",), GEMMA_CHAT_TEMPLATE)
+# Gemma 4 ends a turn with <turn|>, and a tool call with <|tool_response>: the caller runs the tool.
+GEMMA4_MARKERS = ChatMarkers("<|turn>", "<turn|>", True, ("<turn|>", "<|tool_response>"), GEMMA4_CHAT_TEMPLATE)
+
 _MODEL_FILE = "tokenizer.model"
 _JSON_FILE = "tokenizer.json"
 
@@ -94,9 +135,11 @@ class GemmaTokenizer:
                             f"{_MODEL_FILE} or {_JSON_FILE}, or the path of the file itself)")
         if file.endswith(".json"):
             self._setup(_model_bytes_from_json(file), file)
-            return
-        with open(file, "rb") as f:
-            self._setup(f.read(), file)
+        else:
+            with open(file, "rb") as f:
+                self._setup(f.read(), file)
+        # The dir's own chat template, when it ships one, is the truth about its format.
+        self.chat_template = jinja_template.read_chat_template(os.path.dirname(os.path.abspath(file)))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "GemmaTokenizer":
@@ -126,8 +169,16 @@ class GemmaTokenizer:
         self.eos_id: int | None = _none_if_negative(sp.eos_id())
         self.pad_id: int | None = _none_if_negative(sp.pad_id())
         self.unk_id: int | None = _none_if_negative(sp.unk_id())
-        self.start_of_turn_id: int | None = self._special_id("<start_of_turn>")
-        self.end_of_turn_id: int | None = self._special_id("<end_of_turn>")
+        # The chat format is the vocabulary's: Gemma 4's <|turn>/<turn|>, else <start_of_turn>/<end_of_turn>.
+        self.chat_markers: Optional[ChatMarkers] = next(
+            (m for m in (GEMMA4_MARKERS, GEMMA3_MARKERS) if self._special_id(m.start) is not None
+             and self._special_id(m.end) is not None), None)
+        markers = self.chat_markers or GEMMA3_MARKERS
+        self.start_of_turn_id: int | None = self._special_id(markers.start)
+        self.end_of_turn_id: int | None = self._special_id(markers.end)
+        self._stop_ids = tuple(i for i in [self.eos_id, *(self._special_id(p) for p in markers.stops)]
+                               if i is not None)
+        self._chat_template: Optional[str] = None
 
         # Special pieces (control + unknown) as Hugging Face treats them: matched whole in text,
         # dropped by decode(skip_special=True). Indexed by first character for a fast scan.
@@ -150,8 +201,9 @@ class GemmaTokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end generation: `<eos>` and `<end_of_turn>` (where the vocabulary has them)."""
-        return tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        """Ids that end generation: `<eos>` and the format's end-of-generation pieces, read from the
+        vocabulary: `<end_of_turn>` (Gemma 1-3), or `<turn|>` and `<|tool_response>` (Gemma 4)."""
+        return self._stop_ids
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece for an id, as SentencePiece spells it (spaces as "▁")."""
@@ -242,51 +294,93 @@ class GemmaTokenizer:
 
     # ---- chat format -------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False) -> str | list[int]:
-        """Render a conversation in Gemma's chat format, as Hugging Face's official templates do:
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The model dir's own chat template (Jinja text), or None: then ours renders the chat.
+        Set it to render with another template (None goes back to ours)."""
+        return self._chat_template
 
-            <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{answer}<end_of_turn>\\n
+    @chat_template.setter
+    def chat_template(self, source: Optional[str]) -> None:
+        # A dir saved by mlx-gemma carries our own template: render it with ours (same text,
+        # tested), which words its errors in terms of the messages.
+        if source is not None and source.strip() in (GEMMA_CHAT_TEMPLATE.strip(), GEMMA4_CHAT_TEMPLATE.strip()):
+            source = None
+        if source is not None:
+            jinja_template.compile_template(source)  # a syntax error surfaces now, not mid-request
+        self._chat_template = source
+
+    @property
+    def special_tokens(self) -> dict:
+        """The special-token template variables (bos_token, eos_token, ...), as transformers passes them."""
+        names = (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id),
+                 ("unk_token", self.unk_id))
+        return {name: self.id_to_piece(i) for name, i in names if i is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, tools: Optional[list] = None, tool_format=None,
+                            **template_kwargs) -> str | list[int]:
+        """Render a conversation in the model's chat format; the text, or with `tokenize=True` its ids.
+
+        With a model dir's own template (`chat_template`), it renders as transformers'
+        `apply_chat_template` does (`tools` and `template_kwargs` such as enable_thinking are
+        passed to it) and the ids are those of `encode(text, add_bos=False)`: the template's
+        `<bos>` is the only one. Otherwise ours, by the tokenizer's generation:
+
+            Gemma 1-3: <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{answer}<end_of_turn>\\n
+            Gemma 4:   <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n{text}<turn|>\\n<|turn>model\\n{answer}<turn|>\\n
 
         `messages` is a list of {"role": "user" | "assistant" | "model" | "system", "content": ...}
         where content is a string or a list of {"type": "text", "text": ...} parts. "assistant" is
         written as "model"; every text is stripped of surrounding whitespace, as the templates do.
-        A leading system message is folded into the first user turn as "{system}\\n\\n{user}"; this
-        is what Gemma 3's official template does, and we do it for Gemma 1 and 2 as well, whose
-        templates refuse a system role (no Gemma version has a system turn of its own).
-        `add_generation_prompt=True` appends "<start_of_turn>model\\n" for the model to answer.
+        Gemma 4 has a system turn of its own. For Gemma 1-3, a leading system message is folded
+        into the first user turn as "{system}\\n\\n{user}"; this is what Gemma 3's official template
+        does, and we do it for Gemma 1 and 2 as well, whose templates refuse a system role.
+        `add_generation_prompt=True` appends the model's turn header for the model to answer.
         Two deliberate departures from Gemma 3's template, both where it would silently lose text:
         a system message given as a list of parts uses all its text parts (the template keeps only
         the first), and a system message with no user message after it is an error (the template
-        drops it).
+        drops it). Tool declarations, assistant `tool_calls` and `role: "tool"` messages are
+        rendered by `tool_format` (mlx_gemma.tools chooses it; `tools.render_prompt` is the entry point).
 
-        Returns the text, or with `tokenize=True` its ids (the `<bos>` of the text is the only one).
         Raises UserError for an unknown role, roles that do not alternate user/model, a system
         message that is not first or not followed by a user message, or unusable content.
         """
-        text = "".join(piece for piece, _ in self.chat_segments(messages, add_generation_prompt))
+        if self._chat_template is not None:
+            text = jinja_template.render(self._chat_template, messages, self.special_tokens,
+                                         add_generation_prompt, tools, **template_kwargs)
+        else:
+            text = "".join(piece for piece, _ in self.chat_segments(messages, add_generation_prompt, tools,
+                                                                    tool_format))
         return self.encode(text, add_bos=False) if tokenize else text
 
-    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """The chat text of `apply_chat_template` cut into consecutive (text, is_answer) pieces.
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                      tools: Optional[list] = None, tool_format=None) -> list[tuple[str, bool]]:
+        """Our chat text for `messages` cut into consecutive (text, is_answer) pieces.
 
-        is_answer is True for each model answer together with its closing `<end_of_turn>` (the
+        is_answer is True for each model answer together with its closing end-of-turn marker (the
         text a fine-tuned model must learn to produce, including when to stop), False for
-        everything else: `<bos>`, user turns, each `<start_of_turn>model\\n` header and the "\\n"
-        after an answer's `<end_of_turn>`. Joining the texts gives apply_chat_template's string.
+        everything else: `<bos>`, user turns, each model turn header, tool results and the "\\n"
+        after an answer's end marker. Joining the texts gives our apply_chat_template's string.
         """
-        start, end = "<start_of_turn>", "<end_of_turn>"
-        if self.start_of_turn_id is None or self.end_of_turn_id is None:
-            raise UserError("this tokenizer has no <start_of_turn>/<end_of_turn> tokens, so it cannot "
-                            "use the Gemma chat format; use plain text or a Gemma tokenizer")
+        fmt = self.chat_markers
+        if fmt is None:
+            raise UserError("this tokenizer has no <start_of_turn>/<end_of_turn> (or <|turn>/<turn|>) tokens, so "
+                            "it cannot use a Gemma chat format; use plain text or a Gemma tokenizer")
         segments = [(self.id_to_piece(self.bos_id) if self.bos_id is not None else "", False)]
-        for role, text in _chat_turns(messages):
-            if role == "model":
-                segments += [(f"{start}model\n", False), (text + end, True), ("\n", False)]
-            else:
-                segments.append((f"{start}{role}\n{text}{end}\n", False))
-        if add_generation_prompt:
-            segments.append((f"{start}model\n", False))
+        continuing = False  # the previous model turn was left open (tool results inside it)
+        for turn in _chat_turns(messages, fmt.native_system, tools, tool_format):
+            if turn.role != "model":
+                segments.append((f"{fmt.start}{turn.role}\n{turn.pieces[0][0]}{fmt.end}\n", False))
+                continue
+            if not continuing:
+                segments.append((f"{fmt.start}model\n", False))
+            segments += turn.pieces
+            if not turn.open:
+                segments += [(fmt.end, True), ("\n", False)]
+            continuing = turn.open
+        if add_generation_prompt and not continuing:
+            segments.append((f"{fmt.start}model\n", False))
         merged: list[tuple[str, bool]] = []
         for text, flag in segments:
             if merged and merged[-1][1] == flag:
@@ -295,16 +389,27 @@ class GemmaTokenizer:
                 merged.append((text, flag))
         return merged
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: Optional[list] = None,
+                    tool_format=None) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) for a conversation: loss_mask[i] is 1 where ids[i] belongs to a model
-        answer or its closing `<end_of_turn>`, else 0. The ids equal
-        `apply_chat_template(messages, tokenize=True)`: every segment boundary sits next to a
+        answer or its closing end-of-turn marker, else 0. The ids equal
+        `apply_chat_template(messages, tokenize=True)`, with our template or the dir's own (its
+        answers are found by `chat_template.answer_spans`). Every segment boundary sits next to a
         special token or after the "\\n" that ends a turn header, and the "\\n" piece never merges
-        with a neighbour, so encoding piecewise cannot change the tokens.
+        with a neighbour, so encoding piecewise cannot change the tokens (checked).
         """
+        if self._chat_template is not None:
+            text, spans = jinja_template.answer_spans(self._chat_template, messages, self.special_tokens, tools,
+                                                      add_generation_prompt)
+            segments, at = [], 0
+            for start, end in spans:
+                segments += [(text[at:start], False), (text[start:end], True)]
+                at = end
+            segments.append((text[at:], False))
+        else:
+            segments = self.chat_segments(messages, add_generation_prompt, tools, tool_format)
         ids: list[int] = []
         mask: list[int] = []
-        segments = self.chat_segments(messages, add_generation_prompt)
         for text, is_answer in segments:
             piece_ids = self.encode(text, add_bos=False)
             ids += piece_ids
@@ -312,7 +417,8 @@ class GemmaTokenizer:
         # Cheap next to training, and it guards the argument above against a vocabulary whose
         # user-defined pieces would merge across a boundary (none of Gemma 1/2/3's do).
         if ids != self.encode("".join(text for text, _ in segments), add_bos=False):
-            raise RuntimeError("chat segments tokenize differently from the whole conversation")
+            raise UserError("the chat template's answers do not start and end at token boundaries, so the "
+                            "loss mask cannot be cut at them; use a template whose turns end in special tokens")
         return ids, mask
 
     # ---- saving ------------------------------------------------------------------------------
@@ -330,6 +436,7 @@ class GemmaTokenizer:
                   (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                    ("pad_token", self.pad_id), ("unk_token", self.unk_id)) if i is not None}
         extra = [self.id_to_piece(i) for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None]
+        markers = self.chat_markers or GEMMA3_MARKERS
         special_map = dict(tokens, additional_special_tokens=extra)
         config = dict(
             tokenizer_class="GemmaTokenizer",
@@ -337,7 +444,7 @@ class GemmaTokenizer:
             add_eos_token=False,
             clean_up_tokenization_spaces=False,
             spaces_between_special_tokens=False,
-            chat_template=GEMMA_CHAT_TEMPLATE,
+            chat_template=self._chat_template or markers.template,
             **special_map,
             added_tokens_decoder=self._added_tokens(),
         )
@@ -435,35 +542,93 @@ def _content_text(content, where: str, keep_whitespace: bool = False) -> str:
     raise UserError(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
 
 
-def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
-    """Validate a conversation; return (rendered role, text) per turn with the system text folded in."""
+@dataclass
+class _Turn:
+    role: str  # "system", "user" or "model"
+    pieces: list  # [(text, is_answer)]; a non-model turn has one piece
+    open: bool = False  # a model turn left open: tool results follow inside it (Gemma 4)
+
+
+def _check_messages(messages) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise UserError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages")
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise UserError(f"message {k} must be a dict with 'role' and 'content', got {m!r:.80}")
-    prefix = ""
-    if messages[0]["role"] == "system":
-        # Gemma 3's template: the system text, unstripped, then a blank line, then the user text.
-        prefix = _content_text(messages[0]["content"], "message 0 (system)", keep_whitespace=True) + "\n\n"
+
+
+def _chat_turns(messages: list[dict], native_system: bool, tools=None, tool_format=None) -> list[_Turn]:
+    """Validate a conversation; return its turns, the system text folded in or a turn of its own."""
+    _check_messages(messages)
+    uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if uses_tools and tool_format is None:
+        raise UserError("this conversation has tools, tool calls or tool results; render it with "
+                        "mlx_gemma.tools.render_prompt, which picks the model's tool format")
+    system, offset = None, int(messages[0]["role"] == "system")
+    if offset:
+        system = _content_text(messages[0]["content"], "message 0 (system)", keep_whitespace=not native_system)
         messages = messages[1:]
-        if not messages:
-            raise UserError("a system message must be followed by a user message")
-    offset = 1 if prefix else 0
-    turns = []
-    for k, m in enumerate(messages):
-        role, where = m["role"], f"message {k + offset}"
-        if role not in ("user", "assistant", "model"):
+    if tools:
+        declared = tool_format.declarations(tools)
+        system = declared if system is None else (system.strip() if native_system else system + "\n\n") + declared
+    turns = [_Turn("system", [(system.strip(), False)])] if native_system and system is not None else []
+    prefix = system + "\n\n" if system is not None and not native_system else ""
+    if prefix and not messages:
+        raise UserError("a system message must be followed by a user message")
+    k = 0
+    while k < len(messages):
+        m, where = messages[k], f"message {k + offset}"
+        role = m["role"]
+        if role not in ("user", "assistant", "model", "tool"):
             hint = " (a system message may only come first)" if role == "system" else ""
-            raise UserError(f"{where} has role {role!r}; use 'user', 'assistant' (or 'model'), "
+            raise UserError(f"{where} has role {role!r}; use 'user', 'assistant' (or 'model'), 'tool' "
                             f"or a first 'system'{hint}")
-        expected_user = k % 2 == 0
-        if (role == "user") != expected_user:
+        expected_user = sum(t.role != "system" for t in turns) % 2 == 0
+        if (role == "user") != expected_user or role == "tool":
+            if role == "tool":
+                raise UserError(f"{where} is a tool result with no assistant tool call before it")
             raise UserError(f"{where} has role {role!r} but conversation roles must alternate "
                             "user/assistant/user/assistant/..., starting with user")
-        text = _content_text(m["content"], where)
         if role == "user":
-            turns.append(("user", (prefix if k == 0 else "") + text))
+            turns.append(_Turn("user", [((prefix if not any(t.role == "user" for t in turns) else "")
+                                         + _content_text(m["content"], where), False)]))
+            k += 1
         else:
-            turns.append(("model", text))
+            k = _model_turn(messages, k, turns, tool_format, offset)
     return turns
+
+
+def _model_turn(messages: list, k: int, turns: list, tool_format, offset: int) -> int:
+    """Append the model turn that starts at messages[k] (with the tool calls and results it holds,
+    in the order Gemma 4's template writes them: calls, results, text); return the next index."""
+    native = tool_format is not None and tool_format.results_in_model_turn
+    pieces: list = []
+    while True:
+        m, where = messages[k], f"message {k + offset}"
+        calls = m.get("tool_calls") or []
+        text = _content_text(m.get("content") or "", where)
+        k += 1
+        results = []
+        while k < len(messages) and messages[k]["role"] == "tool":
+            results.append(messages[k])
+            k += 1
+        if results and not calls:
+            raise UserError(f"message {k + offset - len(results)} is a tool result with no assistant "
+                            "tool_calls before it")
+        if text and not native:
+            pieces.append((text, True))
+        if calls:
+            pieces.append((tool_format.calls(calls) + tool_format.call_end, True))
+        if results:
+            rendered = tool_format.results(calls, results)
+            if not native:  # prompt formats: the results are the next user turn
+                turns += [_Turn("model", pieces), _Turn("user", [(rendered, False)])]
+                return k
+            pieces.append((rendered[len(tool_format.call_end):], False))  # its first marker ended the call
+        if text and native:
+            pieces.append((text, True))
+        more = k < len(messages) and messages[k]["role"] in ("assistant", "model")
+        if native and results and not text and more:
+            continue  # the next assistant message goes on in the same model turn
+        turns.append(_Turn("model", pieces, open=native and bool(calls) and not text))
+        return k

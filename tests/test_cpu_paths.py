@@ -160,13 +160,20 @@ def test_calibration_is_cached_reused_and_invalidated_by_cpu_features_and_mlx(ma
     assert timer.calls == 12
 
 
-def test_a_choice_measured_under_load_is_used_but_not_stored(machine, tiny_models, tmp_path):
+def test_a_choice_measured_under_load_is_reused_until_the_machine_is_quiet(machine, tiny_models):
+    """Measured while the load exceeds the cores: stored marked busy and reused while busy (no
+    second costly measurement), measured again by the first quiet process, which replaces it."""
+    model = tiny_models["gemma3"]
     machine["quiet"] = False
-    timer = FakeTimer([2.0])
-    assert calibrate.calibrate(tiny_models["gemma3"], measure=timer)["fast_math"].on
-    assert not (tmp_path / "calibration").exists()
-    calibrate.calibrate(tiny_models["gemma3"], measure=timer)
-    assert timer.calls == 8  # measured again
+    busy = FakeTimer([2.0])
+    assert calibrate.calibrate(model, measure=busy)["fast_math"].on and busy.calls == 4
+    assert calibrate.calibrate(model, measure=busy)["fast_math"].how.startswith("cached, measured at load")
+    assert busy.calls == 4
+    machine["quiet"] = True
+    quiet = FakeTimer([0.5])
+    again = calibrate.calibrate(model, measure=quiet)
+    assert quiet.calls == 4 and not again["fast_math"].on and again["fast_math"].how == "measured"
+    assert calibrate.calibrate(model, measure=quiet)["fast_math"].how == "cached" and quiet.calls == 4
 
 
 def test_a_cache_file_from_another_key_is_not_read(machine, tiny_models):

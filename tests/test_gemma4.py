@@ -168,3 +168,28 @@ def test_cpu_host_decoder_declines_gemma4_and_3n(pair):
 
     _, _, path = pair
     assert HostDecoder.of(load_dir(path)) is None
+
+
+def test_gemma3n_multimodal_layout_loads_its_text_model(tmp_path, capsys):
+    """A `gemma3n` (multimodal) dir: text config under text_config, weights under
+    model.language_model.*, audio/vision towers beside them. (transformers' own
+    Gemma3nForConditionalGeneration needs timm for its vision tower, so the dir is laid out from the
+    text checkpoint; the reference is Gemma3nForCausalLM on the same weights.)"""
+    hf = make_hf_model("gemma3n")
+    path = save(hf, tmp_path / "text")
+    text = json.loads((path / "config.json").read_text())
+    raw = {"model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"], "text_config": text,
+           "vision_config": {"model_type": "gemma3n_vision"}, "audio_config": {"model_type": "gemma3n_audio"}}
+    out = tmp_path / "mm"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(raw))
+    weights = hf_convert.load_safetensors(hf_convert.safetensors_files(path))
+    moved = {k.replace("model.", "model.language_model.", 1): v for k, v in weights.items()}
+    moved["model.audio_tower.subsample_conv_projection.conv_0.conv.weight"] = mx.ones((2, 2))
+    moved["model.embed_audio.embedding.weight"] = mx.ones((2, 2))
+    mx.save_safetensors(str(out / "model.safetensors"), moved)
+    capsys.readouterr()
+    model = load_dir(out)
+    assert "skipping vision_config and audio_config" in capsys.readouterr().err
+    ids = random_ids(256, (1, 20))
+    assert np.abs(np.array(model(mx.array(ids))) - hf_logits(hf, ids)).max() <= 1e-4

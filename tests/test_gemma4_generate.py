@@ -18,20 +18,9 @@ from mlx_gemma.generation import BatchGenerator, Request, SamplingParams, genera
 from mlx_gemma.loading import build_model, read_config
 
 from gemma4_tiny import make_hf_model, random_ids, save, vocab_of
+from test_engine import NoStops
 
 KINDS = ["gemma4_e2b", "gemma4_moe", "gemma4_unified", "gemma3n"]
-
-
-class NoStops:
-    """A stand-in tokenizer: the tiny vocab has no text; no stop ids, bytes for detokenizing."""
-
-    stop_ids = ()
-
-    def token_bytes(self, token_id, skip_special=False):
-        return b"x"
-
-    def is_special(self, token_id):
-        return False
 
 
 @pytest.fixture(scope="module", params=KINDS)

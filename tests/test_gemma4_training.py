@@ -175,3 +175,80 @@ def test_quantized_model_equals_transformers_on_its_dequantized_weights(kind, tm
     with torch.no_grad():
         expected = back(torch.tensor(ids)).logits.numpy()
     assert np.abs(quantized - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gemma4_e2b", "gemma3n"])
+def test_gradient_checkpointing_keeps_kv_sharing_gradients(kind, tmp_path):
+    """Shared keys/values flow between layers outside a checkpointed call: those layers are left
+    unchecked, so the gradients equal the plain ones (a checkpointed source layer lost them)."""
+    from mlx_gemma.training.setup import enable_grad_checkpoint
+
+    path = save(make_hf_model(kind), tmp_path / kind)
+    ids = mx.array(random_ids(256, (2, 16)))
+
+    def grads(checkpoint):
+        model = load_dir(path)
+        mx.random.seed(0)
+        apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, dropout=0.0)
+        for _, layer in lora_layers(model):
+            layer.lora_B = mx.full(layer.lora_B.shape, 0.01)
+        if checkpoint:
+            enable_grad_checkpoint(model)
+        loss = lambda m: nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()  # noqa: E731
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
+
+    plain, checkpointed = grads(False), grads(True)
+    assert max(float(mx.abs(plain[k] - checkpointed[k]).max()) for k in plain) <= 1e-6
+
+
+def test_convert_to_gguf_refuses_gemma4_in_one_line_and_writes_nothing(tmp_path):
+    from mlx_gemma.errors import UserError
+    from mlx_gemma.export import convert_to_gguf
+    from mlx_gemma.tokenizer import GemmaTokenizer
+    from test_export import VOCAB, tiny_tokenizer_bytes
+
+    src = save(make_hf_model("gemma4_e2b", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB), tmp_path / "src")
+    GemmaTokenizer.from_bytes(tiny_tokenizer_bytes()).save(src)
+    with pytest.raises(UserError, match="'gemma4_text' \\(Gemma 4 / 3n\\) is not supported"):
+        convert_to_gguf(str(src), tmp_path / "out.gguf", out_type="f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_qlora_on_quantized_moe_equals_peft_on_the_dequantized_model(tmp_path):
+    """QLoRA: LoRA over the 8-bit Gemma 4 MoE (experts quantized); PEFT with our adapter on
+    transformers' model holding the dequantized weights gives the same logits."""
+    import transformers as tf
+    from peft import PeftModel
+    from mlx_gemma.export import convert_to_hf
+    from mlx_gemma.loading import load, save_model
+    from mlx_gemma.quant import quantize_model
+    from mlx_gemma.tokenizer import GemmaTokenizer
+    from test_export import VOCAB, tiny_tokenizer_bytes
+
+    src = save(make_hf_model("gemma4_moe", vocab_size=VOCAB), tmp_path / "src")
+    GemmaTokenizer.from_bytes(tiny_tokenizer_bytes()).save(src)
+    model, tokenizer = load(str(src), dtype="float32")
+    save_model(quantize_model(model, bits=8, group_size=32), tokenizer, tmp_path / "q8")
+    base = tf.AutoModelForCausalLM.from_pretrained(str(convert_to_hf(str(tmp_path / "q8"), tmp_path / "hf",
+                                                                     dtype="float32")), dtype=torch.float32)
+    model, _ = load(str(tmp_path / "q8"), dtype="float32")
+    config = apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, dropout=0.0)
+    mx.random.seed(4)
+    for _, layer in lora_layers(model):
+        layer.lora_B = mx.random.normal(layer.lora_B.shape) * 0.05
+    save_adapter(model, tmp_path / "adapter", config)
+    ids = random_ids(VOCAB, (1, 18))
+    peft_model = PeftModel.from_pretrained(base.eval(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= 1e-4
+
+
+def test_parameter_count_unpacks_quantized_experts(tmp_path):
+    from mlx_gemma.lora import count_parameters
+    from mlx_gemma.quant import quantize_model
+
+    model = load_dir(save(make_hf_model("gemma4_moe"), tmp_path / "moe"))
+    dense = count_parameters(model)["total"]
+    quantize_model(model, bits=4, group_size=32)
+    assert count_parameters(model)["total"] == dense

@@ -19,7 +19,7 @@ from mlx_gemma.lora import (LoRALinear, apply_lora, count_parameters, dense_weig
                             lora_layers, lora_parameters, save_adapter)
 from mlx_gemma.quant import QuantizedLinear, dequantize_model, quantize_model
 
-from tiny import TINY, make_hf_model, random_ids, save_hf_model
+from tiny import TINY, make_hf_model, random_ids, randomize_peft_lora_b, save_hf_model
 
 
 def load_dir(path):
@@ -261,12 +261,7 @@ def test_adapter_saved_by_peft_loads_with_matching_logits(hf_dir, tmp_path, rslo
     n = TINY[model_type]["num_hidden_layers"]
     config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["k_proj", "up_proj", "down_proj"],
                         layers_to_transform=[0, n - 1], use_rslora=rslora, task_type="CAUSAL_LM")
-    hf = get_peft_model(make_hf_model(model_type), config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+    hf = randomize_peft_lora_b(get_peft_model(make_hf_model(model_type), config), seed=1)
     hf.save_pretrained(str(tmp_path / "peft"))
     ids = random_ids(TINY[model_type]["vocab_size"], (2, 12), seed=5)
     expected = hf_logits(hf.eval(), ids)

@@ -56,6 +56,8 @@ NOT_RUN = {
     "mlx-gemma evaluate --model google/": "needs the Hugging Face Hub",
     "mlx-gemma convert-to-hf google/": "needs the Hugging Face Hub",
     "mlx-gemma fuse --adapter adapters/my-run": "needs an adapter from a (not run) train line",
+    "mlx-gemma data pairs": "needs the main job's trained adapter (13 min of training); test_dpo_cli runs "
+                            "`data pairs` on a tiny model and reads its pairs back",
     "mlx-gemma data hc3 baike.jsonl": "needs HC3-Chinese's baike.jsonl from the Hub; the same command runs "
                                       "on the bundled raw data in the console block",
     "mlx-gemma convert-to-hf gemma-3-270m": "needs the `./ad` adapter of the reader's own run; test_export "

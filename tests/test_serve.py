@@ -48,12 +48,16 @@ def adapter_dir(model_dir, tmp_path_factory):
                                scale=0.02, base_model=str(model_dir))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, adapter_dir, tmp_path_factory):
+def launch(model_dir, log, *options):
+    """Start `mlx-gemma serve` on a free loopback port, logging to `log`; (process, port) once
+    /health answers (a failure to come up fails the test with the log)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--adapter", f"zh={adapter_dir}", "--api-key", KEY, "--max-body", "262144"]
+    cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(model_dir), "--port", str(port), *options]
+    return start_server(cmd, port, log), port
+
+
+def start_server(cmd: list, port: int, log) -> subprocess.Popen:
+    """Run a `mlx-gemma serve` command (output to the file `log`) until /health answers 200."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
@@ -61,19 +65,32 @@ def server(model_dir, adapter_dir, tmp_path_factory):
         try:
             status, _ = raw(port, "GET", "/health")
             if status == 200:
-                break
+                return proc
         except OSError:
             time.sleep(0.5)
         assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
-    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    proc.kill()
+    pytest.fail("server did not come up:\n" + log.read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not exited after 30 s."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+stop = stop_server  # the name tests/test_serve_scheduling.py imports
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, adapter_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, port = launch(model_dir, log, "--adapter", f"zh={adapter_dir}", "--api-key", KEY, "--max-body", "262144")
+    yield {"port": port, "proc": proc, "log": log, "name": model_dir.name}
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -8,54 +8,34 @@ raw HTTP on loopback, `/health` as the witness.
   decoding (before: it waited behind the whole prefill).
 - A prompt whose client leaves during its prefill is dropped from the queue (before: the prefill
   went on).
+Timing assertions are ratios between requests of one run, so a loaded machine slows both sides.
 Every wait is bounded; the server is stopped at the end.
 """
 
 import http.client
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from test_serve import free_port, raw
+from test_serve import launch, raw, stop
 
 pytestmark = pytest.mark.slow  # the 270M model in a server process
 
-LONG_PROMPT = 4000  # token ids: several seconds of prefill in 256-token chunks on any CPU seen here
+LONG_PROMPT = 2500  # token ids: seconds of prefill in 256-token chunks on any CPU seen here (minutes under load)
+TIMEOUT = 900  # seconds an HTTP answer may take on a machine loaded by other work
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from mlx_gemma.loading import resolve
 
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "mlx_gemma.cli", "serve", "--model", str(resolve("gemma-3-270m")),
-           "--port", str(port), "--prefill-step", "256"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if raw(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail("server did not come up:\n" + log.read_text())
+    proc, port = launch(resolve("gemma-3-270m"), log, "--prefill-step", "256")
     yield {"port": port, "proc": proc, "log": log}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
 
 
 def health(port) -> dict:
@@ -83,7 +63,7 @@ def open_request(port, path: str, body: dict) -> socket.socket:
 
 def timed_post(port, body: dict, out: dict, key: str) -> None:
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     out[key] = (response.status, json.loads(response.read()), time.perf_counter() - start, time.perf_counter())
@@ -101,44 +81,39 @@ def long_ids(n: int) -> list:
 def test_a_non_streaming_client_that_leaves_frees_its_row(server, path, body):
     port = server["port"]
     sock = open_request(port, path, body)
-    busy = wait_for(port, lambda b: b["running"] == 1, 60)
+    busy = wait_for(port, lambda b: b["running"] == 1, 120)
     assert busy["running"] == 1  # it decodes (3,000 tokens would take minutes)
     time.sleep(1.0)
     sock.close()
-    idle = wait_for(port, lambda b: b["running"] == 0 and b["waiting"] == 0, 15)
-    assert idle["running"] == 0 and idle["waiting"] == 0, idle
+    idle = wait_for(port, lambda b: b["running"] == 0 and b["waiting"] == 0, 60)
+    assert idle["running"] == 0 and idle["waiting"] == 0, idle  # 3,000 tokens would take minutes more
     assert "(client gone)" in server["log"].read_text()
 
 
-def test_a_short_request_is_answered_while_a_long_prompt_prefills(server):
+def test_a_short_request_is_answered_while_a_long_prompt_prefills_and_a_left_prefill_is_dropped(server):
     port = server["port"]
     out: dict = {}
     long = threading.Thread(target=timed_post, args=(port, {"prompt": long_ids(LONG_PROMPT), "max_tokens": 1,
                                                            "temperature": 0}, out, "long"))
     long.start()
-    assert wait_for(port, lambda b: b["waiting"] == 1, 60)["waiting"] == 1  # its prefill has begun
+    assert wait_for(port, lambda b: b["waiting"] == 1, 120)["waiting"] == 1  # its prefill has begun
     time.sleep(1.5)
     timed_post(port, {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}, out, "short")
-    long.join(timeout=300)
+    long.join(timeout=TIMEOUT)
     (s_status, s_body, s_latency, s_end), (l_status, l_body, l_latency, l_end) = out["short"], out["long"]
     assert s_status == l_status == 200
     assert l_body["usage"]["prompt_tokens"] == LONG_PROMPT and s_body["choices"][0]["text"]
     assert s_end < l_end  # answered while the long prompt was still prefilling
     assert s_latency < 0.5 * l_latency, (s_latency, l_latency)
 
-
-def test_a_prefill_whose_client_leaves_is_cancelled(server):
-    port = server["port"]
+    # The same prompt again, its client gone as soon as the prefill begins: it is dropped from
+    # the queue (after the chunk in progress), long before its prefill could have ended.
     start = time.perf_counter()
     sock = open_request(port, "/v1/completions", {"prompt": long_ids(LONG_PROMPT), "max_tokens": 1})
-    assert wait_for(port, lambda b: b["waiting"] == 1, 60)["waiting"] == 1
+    assert wait_for(port, lambda b: b["waiting"] == 1, 120)["waiting"] == 1
     sock.close()
-    idle = wait_for(port, lambda b: b["waiting"] == 0 and b["running"] == 0, 15)
+    idle = wait_for(port, lambda b: b["waiting"] == 0 and b["running"] == 0, l_latency)
     gone = time.perf_counter() - start
     assert idle["waiting"] == 0 and idle["running"] == 0
-    # Dropped, not finished: the log says it left with no token, and a full prefill of the same
-    # prompt (measured now) takes longer than the cancelled one was in the queue.
+    assert gone < 0.6 * l_latency, (gone, l_latency)
     assert "cancelled after 0 tokens (client gone)" in server["log"].read_text()
-    out: dict = {}
-    timed_post(port, {"prompt": long_ids(LONG_PROMPT), "max_tokens": 1}, out, "full")
-    assert gone < 0.6 * out["full"][2], (gone, out["full"][2])

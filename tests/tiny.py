@@ -87,3 +87,39 @@ def random_lora_adapter(model, out, *, seed, rank, alpha, scale, base_model=None
         if hasattr(m, "lora_B"):
             m.lora_B = mx.random.normal(m.lora_B.shape) * scale
     return save_adapter(model, out, config)
+
+
+def randomize_peft_lora_b(peft_model, seed: int, std: float = 0.05):
+    """Give a PEFT model's lora_B random values instead of PEFT's zeros (the adapter then changes
+    the answers, and gradients reach lora_A too); returns the model."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * std)
+    return peft_model
+
+
+def greedy_alone(model, ids, n):
+    """Reference: greedy ids from uncached full forward passes (no cache, no batching)."""
+    import mlx.core as mx
+
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+    return seq[len(ids):]
+
+
+class NoStops:
+    """A stand-in tokenizer for tiny random models, whose vocabularies have no text: no stop ids
+    (every answer runs to max_tokens), one byte per token, prompts given as token ids."""
+
+    stop_ids = ()
+
+    def token_bytes(self, token_id, skip_special=False):
+        return b"x"
+
+    def is_special(self, token_id):
+        return False

@@ -7,9 +7,10 @@ time is at least MARGIN; the decision and that ratio are stored in
 $MLX_GEMMA_HOME/calibration/<key>.json, where the key hashes the CPU's model name and
 instruction-set features, the MLX and numpy versions and a hash of this package's CPU code. A
 cache written under another key is never read: a new CPU, a new MLX or a changed kernel is timed
-again. A measurement taken while the 1-minute load average exceeded the core count is used by
-the process that took it but not stored: on an oversubscribed machine a timing measures the
-scheduler more than the kernels, and a stored choice would outlive the load.
+again. A measurement taken while the 1-minute load average exceeded the core count is stored
+marked busy: later processes reuse it (measuring again under load would cost as much again), and
+the first one that finds the machine quiet measures it again and replaces it, since on an
+oversubscribed machine a timing measures the scheduler as much as the kernels.
 
 MLX_GEMMA_CPU_PATHS forces choices instead (`mlx_gemma.cpu.forced`); forced paths are not timed.
 
@@ -219,8 +220,12 @@ def _read(path, key: dict) -> dict:
 def stored_choices() -> dict:
     """{model signature: {path: Choice}} measured earlier on this machine (this key's cache file)."""
     key = machine_key()
-    return {sig: {name: Choice(c["on"], c["ratio"], "cached") for name, c in paths.items()}
-            for sig, paths in _read(cache_file(key), key).items()}
+    return {sig: {name: _cached(c) for name, c in paths.items()} for sig, paths in _read(cache_file(key), key).items()}
+
+
+def _cached(entry: dict) -> Choice:
+    busy = f", measured at load {entry.get('load')}" if entry.get("busy") else ""
+    return Choice(entry["on"], entry["ratio"], "cached" + busy)
 
 
 def calibrate(model, measure: Callable = time_pair) -> dict:
@@ -234,16 +239,16 @@ def calibrate(model, measure: Callable = time_pair) -> dict:
     for name, pair in CANDIDATES.items():
         if name in force:
             choice = Choice(force[name], None, "forced")
-        elif name in stored:
-            choice = Choice(stored[name]["on"], stored[name]["ratio"], "cached")
+        elif name in stored and not (quiet and stored[name].get("busy")):  # busy: measure again when quiet
+            choice = _cached(stored[name])
         else:
             candidates = pair(model, decided)
             ratio = None if candidates is None else round(measure(*candidates), 3)
             choice = Choice(ratio is not None and ratio >= MARGIN, ratio, "n/a" if ratio is None else "measured")
-            stored[name] = {"on": choice.on, "ratio": ratio, "load": round(os.getloadavg()[0], 1)}
+            stored[name] = {"on": choice.on, "ratio": ratio, "load": round(os.getloadavg()[0], 1), "busy": not quiet}
             changed = True
         choices[name], decided[name] = choice, choice.on
-    if changed and quiet:
+    if changed:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, {"machine": key, "models": models})

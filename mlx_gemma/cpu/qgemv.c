@@ -12,7 +12,7 @@
  * N/group floats: the group sums of x, and for 4 bits x with each 32-value block split into its
  * even and odd positions (the order the nibbles come in).
  *
- * Built at first use by mlx_gemma.native with the machine's C compiler; MLX's own
+ * Built at first use by mlx_gemma.cpu.native with the machine's C compiler; MLX's own
  * quantized_matmul is used where it is not available.
  */
 

@@ -9,11 +9,13 @@ each row's `Finisher`, and an optional `Speculator`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import mlx.core as mx
 
 from ..errors import UserError
+from .prefix import PrefixCache
 from .request import Event, Request, check_prompt
 from .registry import engine_for
 from .sampler import sample
@@ -49,12 +51,14 @@ class BatchGenerator:
     """
 
     def __init__(self, model, tokenizer, prefill_step: int = DEFAULT_PREFILL_STEP, compile: bool = True,
-                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None):
+                 speculative: Optional[str] = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_model=None,
+                 prefix_cache: Optional[PrefixCache] = None):
         self.model, self.tokenizer = model, tokenizer
         self.decode = engine_for(model).step(compile)
         self.speculator = make_speculator(model, speculative, draft_tokens, draft_model, compile)
         self.stop_ids = set(tokenizer.stop_ids)
-        self.scheduler = Scheduler(model, prefill_step)
+        # prefix_cache: reused prompt prefixes, for requests that bring no cache of their own
+        self.scheduler = Scheduler(model, prefill_step, prefix_cache)
         self._next_rid = 0
 
     @property
@@ -83,8 +87,24 @@ class BatchGenerator:
         check_prompt(self.model, list(req.ids), req.start)
         rid = self._next_rid
         self._next_rid += 1
-        self.scheduler.add(Row(rid, req, self.model, self.tokenizer, self.stop_ids))
+        req, cached = self._reuse_prefix(req)
+        row = Row(rid, req, self.model, self.tokenizer, self.stop_ids)
+        row.prompt_cached = cached
+        self.scheduler.add(row)
         return rid
+
+    def _reuse_prefix(self, req: Request) -> tuple[Request, int]:
+        """The request continuing the longest cached prefix of its ids, and that prefix's length
+        (the request as it is, and 0, without a prefix cache or a hit)."""
+        store = self.scheduler.prefix_cache
+        if store is None or req.cache is not None or req.start != 0:
+            return req, 0
+        hit = store.lookup(self.model, req.adapter, req.ids)
+        if hit is None:
+            return req, 0
+        cache, n = hit
+        ids = list(req.ids)
+        return replace(req, ids=ids[n:], cache=cache, start=n, history=ids[:n]), n
 
     def cancel(self, rid: int) -> Optional[Event]:
         """Drop a request wherever it is; for a keep_cache request, an Event with its cache."""
@@ -141,7 +161,8 @@ class BatchGenerator:
             if event.finish_reason:
                 i = index[event.rid]
                 row = self.scheduler.active[i]
-                event.tokens = list(row.tokens)
+                event.tokens, event.prompt_cached = list(row.tokens), row.prompt_cached
+                self.scheduler.remember(row, self.scheduler.cache, i, row.pos)
                 if row.req.keep_cache:
                     event.cache, event.cached = self.scheduler.cache.row(i), row.pos
                 finished.append(i)

@@ -43,6 +43,7 @@ class Event:
     tokens: Optional[list] = None  # every id the row generated (a stop token included), once it ended
     cache: Optional[list] = None  # the row's cache once it ended (Request.keep_cache)
     cached: int = 0  # positions that cache holds
+    prompt_cached: int = 0  # prompt tokens a PrefixCache supplied (on the event that ends the row)
 
 
 def context_length(model) -> int:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from .finisher import Finisher
+from .prefix import PrefixCache
 from .request import Request, context_length
 from .sampler import RowSampling
 from .step import prefill
@@ -35,6 +36,14 @@ class Row:
         self.sampling = RowSampling(req.params, list(req.history) + self.ids, req.processors)
         max_tokens = min(req.params.max_tokens, context_length(model) - req.start - len(self.ids))
         self.finisher = Finisher(tokenizer, req.params, max_tokens, stop_ids)
+        self.prompt_cached = 0  # prompt tokens a PrefixCache supplied (the cache came from it)
+
+    def sequence(self, n: int) -> Optional[list]:
+        """The ids at positions 0 .. n - 1 of the row, or None when the request did not give the
+        whole history of its cache (a PrefixCache then cannot key what the cache holds)."""
+        if len(self.req.history) != self.req.start:
+            return None
+        return (list(self.req.history) + self.ids + self.tokens)[:n]
 
     @property
     def tokens(self) -> list:
@@ -61,8 +70,9 @@ class Scheduler:
     """The waiting prompts, the decode batch (`active`, row i of `cache` is active[i]) and the
     per-step prefill budget."""
 
-    def __init__(self, model, budget: int):
+    def __init__(self, model, budget: int, prefix_cache: Optional[PrefixCache] = None):
         self.model, self.budget = model, budget
+        self.prefix_cache = prefix_cache
         self.waiting: list[Row] = []
         self.active: list[Row] = []
         self.cache = model.make_cache()
@@ -94,16 +104,30 @@ class Scheduler:
 
     def _prefill_chunk(self, row: Row, most: int) -> int:
         n = min(row.prompt_left, most)
+        every = self.prefix_cache.checkpoint_every(row.cache) if self.prefix_cache is not None else None
+        if every:
+            n = min(n, every - (row.pos + row.fed) % every)  # a chunk ends on each checkpoint
         chunk = mx.array([row.ids[row.fed:row.fed + n]], mx.int32)
         prefill(self.model, chunk, row.cache, row.pos + row.fed, n, row.adapter_rows)
         row.fed += n
+        if every and (row.pos + row.fed) % every == 0 and row.prompt_left > 0:
+            self.remember(row, row.cache, 0, row.pos + row.fed)  # a checkpoint inside a long prompt
         return n
 
     def _join(self, row: Row) -> None:
+        if row.fed:
+            # now, while every ring ends at the prompt: later a prefix past the window no longer fits
+            self.remember(row, row.cache, 0, row.pos + row.fed)
         row.pos += row.fed
         self.cache.concat(row.cache)
         row.cache = None
         self.active.append(row)
+
+    def remember(self, row: Row, cache, index: int, n: int) -> None:
+        """Offer the prefix cache row `index` of `cache`, holding the row's positions 0 .. n - 1."""
+        tokens = row.sequence(n) if self.prefix_cache is not None else None
+        if tokens:
+            self.prefix_cache.remember(self.model, row.req.adapter, tokens, cache, index)
 
     def leave(self, indices: Sequence[int]) -> None:
         """Drop these rows of the decode batch; the others keep their rows of the cache."""

@@ -61,7 +61,7 @@ class ModelDrafter:
         """k greedy draft tokens following the row's next input (at position row.pos)."""
         if self.rid != row.rid:
             self.rid, self.cache, self.fed = row.rid, self.step.model.make_cache(), 0
-        self.step.extend(self.cache, (row.ids + row.tokens)[self.fed:row.pos], self.fed)
+        self.step.extend(self.cache, row.sequence(row.pos)[self.fed:], self.fed)
         self.fed = row.pos
         k = min(k, self.cache.max_snapshot)
         self.step.reserve(self.cache, 1, row.pos + k)
@@ -93,8 +93,8 @@ class Speculator:
         """Drafts pay only for one greedy row whose tokens need no per-step logits."""
         if len(rows) != 1:
             return False
-        if isinstance(self.drafter, ModelDrafter) and rows[0].req.start != 0:
-            return False  # a draft model needs the whole sequence; a cached prefix is not in `ids`
+        if isinstance(self.drafter, ModelDrafter) and rows[0].sequence(0) is None:
+            return False  # a draft model needs the whole sequence; a cache given without its history hides it
         return rows[0].sampling.plain_greedy
 
     def run(self, step: DecodeStep, cache, row, advance: Callable) -> Optional[list]:

@@ -8,7 +8,7 @@ Speed: MLX's `quantized_matmul` is fast on Metal/CUDA, but its CPU kernel is a n
 layers therefore dequantize their weight on the fly and run an fp32 matmul when the input has
 `backend.DEQUANTIZE_MIN_ROWS` rows or more (prefill, training batches, perplexity), and use the kernel
 for fewer rows (decode), where it is faster (benchmarks/quantize.py measures both). One-row
-decoding on the CPU usually bypasses both: hostdecode runs 4/8-bit products in a native kernel
+decoding on the CPU usually bypasses both: cpu.hostdecode runs 4/8-bit products in a native kernel
 (with quantized_path "auto"; forcing "kernel" or "dequantize" keeps these layers in charge).
 `quantized_path(model)` reports which path ran.
 """

@@ -22,6 +22,7 @@ from .app import DEFAULT_MAX_BODY, DEFAULT_MAX_TOKENS, build_app
 from .engine import Engine
 
 DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PROMPT_CACHE_MB = 512
 DEFAULT_PORT = 8080
 API_KEY_ENV = "MLX_GEMMA_API_KEY"
 
@@ -34,9 +35,11 @@ def model_name_for(spec: str) -> str:
 
 def create_server(model: str, adapters: Optional[dict] = None, api_key: Optional[str] = None,
                   model_name: Optional[str] = None, dtype: Optional[str] = None, prefill_step: int = 256,
-                  max_body: int = DEFAULT_MAX_BODY, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                  max_body: int = DEFAULT_MAX_BODY, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                  prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB):
     """Load `model` (any spec `load` takes) and the named adapter dirs; return (app, engine) with
-    the engine thread started."""
+    the engine thread started. prompt_cache_mb: the most MB of served prompts' KV kept for reuse
+    by later prompts that start the same way (0: none)."""
     from ..adapters import load_adapters
     from ..loading import load
 
@@ -51,13 +54,15 @@ def create_server(model: str, adapters: Optional[dict] = None, api_key: Optional
         raise UserError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
     if prefill_step < 1:
         raise UserError(f"prefill_step must be >= 1, got {prefill_step}")
+    if not prompt_cache_mb >= 0:
+        raise UserError(f"prompt_cache_mb must be >= 0, got {prompt_cache_mb}")
     net, tokenizer = load(model, dtype=dtype)
     index = load_adapters(net, adapters) if adapters else {}
     # Weights may still be lazy (a load on this thread's stream): materialise them here, since the
     # engine thread runs on a stream of its own.
     mx.eval(net.parameters())
     _warm_grammar_tables(tokenizer)
-    engine = Engine(net, tokenizer, index, prefill_step=prefill_step)
+    engine = Engine(net, tokenizer, index, prefill_step=prefill_step, prompt_cache_bytes=int(prompt_cache_mb * (1 << 20)))
     engine.start()
     app = build_app(engine, name, api_key=api_key, max_body=max_body, default_max_tokens=default_max_tokens)
     return app, engine
@@ -78,7 +83,8 @@ def _warm_grammar_tables(tokenizer) -> None:
 def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           api_key: Optional[str] = None, model_name: Optional[str] = None, dtype: Optional[str] = None,
           prefill_step: int = 256, max_body: int = DEFAULT_MAX_BODY,
-          default_max_tokens: int = DEFAULT_MAX_TOKENS, log_level: str = "info") -> None:
+          default_max_tokens: int = DEFAULT_MAX_TOKENS, log_level: str = "info",
+          prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB) -> None:
     """Serve `model` (and adapters {name: dir}) on http://host:port until interrupted.
 
     api_key (default: $MLX_GEMMA_API_KEY): required as `Authorization: Bearer KEY` on every
@@ -92,7 +98,7 @@ def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST,
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, engine = create_server(model, adapters, api_key, model_name, dtype, prefill_step, max_body,
-                                default_max_tokens)
+                                default_max_tokens, prompt_cache_mb)
     logging.getLogger("mlx_gemma.serve").info(
         "serving %s%s on http://%s:%d (API key %s)", model_name or model_name_for(model),
         f" with adapters {', '.join(adapters)}" if adapters else "", host, port, "required" if api_key else "off")

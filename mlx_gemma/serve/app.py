@@ -1,7 +1,7 @@
 """The HTTP side of the server: a Starlette (ASGI) app run by uvicorn.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET / (the
-chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus text, serve/metrics.py), GET / (the chat page). Every request is parsed by serve/protocol.py, tokenized off the event loop, and
 handed to the engine thread; answers stream back as server-sent events (`data: {json}` lines,
 ending with `data: [DONE]`) or as one JSON object.
 """
@@ -21,13 +21,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from .. import tools
 from ..constrain import GrammarMask, grammar_error
 from ..errors import UserError
 from ..generation import Event
 from . import protocol
 from .engine import Engine, Job
+from .metrics import ServerMetrics, StatusMiddleware
 from .protocol import APIError, ParsedRequest
 
 log = logging.getLogger("mlx_gemma.serve")
@@ -160,14 +163,33 @@ def _authorized(state: ServerState, request: Request) -> bool:
 
 
 def _grammar(state: ServerState, req: ParsedRequest) -> list:
-    """The row's logits processors for req.constraint: a fresh grammar matcher (built here, off
-    the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
+    """The row's logits processors for req.constraint or its tool calls: a fresh grammar matcher
+    (built here, off the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
+    if req.tool_spec is not None:
+        mask = tools.call_mask(state.engine.tokenizer, req.tool_spec)
+        return [mask] if mask is not None else []
     return [GrammarMask(req.constraint, state.engine.tokenizer)] if req.constraint is not None else []
+
+
+def _tool_spec(tok, req: ParsedRequest) -> Optional[tools.ToolSpec]:
+    """The request's tools checked against the model's format (None without tools)."""
+    if req.tools is None:
+        return None
+    try:
+        return tools.ToolSpec.of(tok, req.tools, req.tool_choice, req.parallel_tool_calls)
+    except UserError as exc:
+        param = "tool_choice" if str(exc).startswith("tool_choice") else "tools"
+        raise APIError(400, str(exc), param, "invalid_value") from None
 
 
 def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
     tok = state.engine.tokenizer
-    if req.kind == "chat":
+    req.tool_spec = _tool_spec(tok, req)
+    uses_tools = req.kind == "chat" and (req.tool_spec is not None or any(
+        m.get("tool_calls") or m["role"] == "tool" for m in req.prompt))
+    if uses_tools:
+        ids = tools.render_prompt(tok, req.prompt, req.tool_spec)
+    elif req.kind == "chat":
         ids = tok.apply_chat_template(req.prompt, add_generation_prompt=True, tokenize=True)
     elif isinstance(req.prompt, str):
         if not req.prompt:
@@ -180,11 +202,12 @@ def _prompt_ids(state: ServerState, req: ParsedRequest) -> list:
 
 
 class _Answer:
-    """Collects one job's events: text, token count, logprob entries, finish reason."""
+    """Collects one job's events: text, token ids (read for tool calls), token count, logprob
+    entries, finish reason."""
 
     def __init__(self, tokenizer, want_logprobs: bool):
         self.tok, self.want = tokenizer, want_logprobs
-        self.text, self.n_out, self.finish = [], 0, None
+        self.text, self.ids, self.n_out, self.finish = [], [], 0, None
         self.logprobs: Optional[list] = [] if want_logprobs else None
 
     def _entry(self, token_id: int):
@@ -195,6 +218,7 @@ class _Answer:
         """Record an event; returns its logprob entries (empty without logprobs)."""
         self.n_out += event.token is not None
         self.text.append(event.text)
+        self.ids.append(event.token)
         if event.finish_reason:
             self.finish = event.finish_reason
         if not self.want or event.logprob is None:
@@ -210,6 +234,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
     """The ASGI app over a started Engine."""
     state = ServerState(engine, model_name, api_key, max_body, default_max_tokens)
+    metrics = ServerMetrics(engine)
 
     async def completions(request: Request, kind: str) -> Response:
         if not _authorized(state, request):
@@ -276,13 +301,20 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         text = "".join(answer.text)
         if req.echo and isinstance(req.prompt, str):
             text = req.prompt + text
-        _log_done(req, job, n_prompt, answer)
+        _log_done(req, job, n_prompt, answer, metrics)
+        if _parses_calls(req):
+            read = tools.parse_answer(engine.tokenizer, req.tool_spec, answer.ids, answer.finish)
+            return JSONResponse(protocol.full_response(req, read.content, read.finish_reason, n_prompt,
+                                                       answer.n_out, answer.logprobs, read.tool_calls,
+                                                       n_cached=job.cached))
         return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
-                                                   answer.logprobs))
+                                                   answer.logprobs, n_cached=job.cached))
 
     async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
         answer = _Answer(engine.tokenizer, req.params.logprobs)
         offset = 0
+        # With tools, the parser turns tokens into content and tool_calls deltas.
+        parser = tools.StreamParser(engine.tokenizer, req.tool_spec) if _parses_calls(req) else None
         try:
             if req.kind == "chat":
                 yield _sse(protocol.chunk(req, first=True))
@@ -292,7 +324,10 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             pending: list = []  # logprob entries of tokens whose text is still held back
             async for event in job:
                 pending += answer.add(event)
-                if event.text or (pending and event.finish_reason):
+                if parser is not None:
+                    for d in parser.feed(event.token) + (parser.finish() if event.finish_reason else []):
+                        yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
+                elif event.text or (pending and event.finish_reason):
                     yield _sse(protocol.chunk(req, text=event.text, logprobs=pending, text_offset=offset))
                     offset += len(event.text)
                     pending = []
@@ -301,12 +336,13 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                     if failed is not None:  # never a "stop" on a value that does not parse
                         yield _sse(failed.body())
                         return
-                    yield _sse(protocol.chunk(req, finish=event.finish_reason))
+                    called = parser is not None and parser.calls and event.finish_reason == "stop"
+                    yield _sse(protocol.chunk(req, finish="tool_calls" if called else event.finish_reason))
                     if req.include_usage:
-                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out))
+                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out, n_cached=job.cached))
                     break
             yield "data: [DONE]\n\n"
-            _log_done(req, job, n_prompt, answer)
+            _log_done(req, job, n_prompt, answer, metrics)
         except APIError as exc:  # the server is shutting down
             yield _sse(exc.body())
         except (UserError, RuntimeError) as exc:
@@ -339,6 +375,12 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             body["error"] = engine.error or "the engine thread is not running"
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
+    async def metrics_route(request: Request) -> Response:
+        if not _authorized(state, request):
+            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
+                                   "invalid_api_key"))
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     async def page(request: Request) -> Response:
         html = resources.files("mlx_gemma.serve").joinpath("chat.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
@@ -356,9 +398,11 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         Route("/v1/completions", completion_route, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
         Route("/", page, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    middleware=[Middleware(StatusMiddleware, metrics=metrics)])
     app.state.server = state  # serve() answers in-flight requests through it on SIGTERM
     return app
 
@@ -377,8 +421,14 @@ def _grammar_failure(job: Job) -> Optional[APIError]:
                     "response_format", "unsupported_schema")
 
 
-def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer) -> None:
+def _parses_calls(req: ParsedRequest) -> bool:
+    """True when the answer is read for tool calls (tools given and tool_choice is not "none")."""
+    return req.tool_spec is not None and req.tool_spec.choice != "none"
+
+
+def _log_done(req: ParsedRequest, job: Job, n_prompt: int, answer: _Answer, metrics: ServerMetrics) -> None:
     end = job.finished or time.perf_counter()
+    metrics.finished(n_prompt, job.cached, answer.n_out, job.submitted, job.first_token, end)
     ttft = (job.first_token or end) - job.submitted
     rate = (answer.n_out - 1) / (end - job.first_token) if job.first_token and answer.n_out > 1 and end > job.first_token else 0.0
     log.info("%s model=%s prompt=%d out=%d ttft=%.3fs %.1f tok/s finish=%s", req.id, req.model, n_prompt,

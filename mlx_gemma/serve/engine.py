@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from ..errors import UserError
-from ..engine import BatchGenerator, Event, Request, check_prompt
+from ..engine import BatchGenerator, Event, PrefixCache, Request, check_prompt
 from ..sampling import LogitsProcessor, SamplingParams
 
 log = logging.getLogger("mlx_gemma.serve")
@@ -46,6 +46,7 @@ class Job:
     first_token: Optional[float] = None
     finished: Optional[float] = None
     n_out: int = 0
+    cached: int = 0  # prompt tokens the prefix cache supplied (set by the engine thread when the job ends)
 
     def __aiter__(self):
         return self
@@ -60,10 +61,12 @@ class Job:
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: Optional[dict] = None, prefill_step: int = 256,
-                 compile: bool = True):
+                 compile: bool = True, prompt_cache_bytes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.adapters = dict(adapters or {})  # name -> row adapter index (mlx_gemma.adapters)
-        self.generator = BatchGenerator(model, tokenizer, prefill_step, compile)
+        # served prompts' KV, reused by later prompts that start the same way (keyed by adapter row)
+        self.prefix_cache = PrefixCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.generator = BatchGenerator(model, tokenizer, prefill_step, compile, prefix_cache=self.prefix_cache)
         self.inbox: queue.Queue = queue.Queue()
         self.jobs: dict[int, Job] = {}
         self.thread = threading.Thread(target=self._run, name="mlx-gemma-engine", daemon=True)
@@ -78,6 +81,10 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and self.error is None
+
+    def load(self) -> tuple[int, int]:
+        """(rows decoding, requests queued or prefilling); plain reads, safe from any thread."""
+        return len(self.generator.active), len(self.generator.waiting) + self.inbox.qsize()
 
     def check(self, ids: Sequence[int]) -> None:
         """UserError for a prompt the model cannot take (empty, past the context, foreign ids).
@@ -145,7 +152,7 @@ class Engine:
                     if job.first_token is None:
                         job.first_token = now
                     if event.finish_reason:
-                        job.finished = now
+                        job.finished, job.cached = now, event.prompt_cached
                         del self.jobs[event.rid]
                     self._deliver(job, event)
                 self.steps += 1

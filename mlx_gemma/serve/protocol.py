@@ -47,6 +47,10 @@ class ParsedRequest:
     echo: bool = False
     response_format: Optional[dict] = None
     constraint: Optional[Constraint] = None  # the grammar response_format asks for
+    tools: Optional[list] = None  # OpenAI tools; the app checks them against the tokenizer (tools.ToolSpec)
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    tool_spec: Any = None  # set by the app: tools.ToolSpec for this model
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -103,26 +107,63 @@ def _messages(body) -> list:
     if not isinstance(messages, list) or not messages:
         raise APIError(422, "'messages' must be a non-empty list of {role, content} objects", "messages",
                        "invalid_type")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(422, f"'{where}' must be an object with a 'role' string", where, "invalid_type")
-        role, content = m["role"], m.get("content")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"'{where}.role' {role!r} is not supported; use system, user or assistant",
-                           f"{where}.role", "invalid_value")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise APIError(400, f"'{where}.content[{j}]' of type {kind!r} is not supported; this model "
-                                        "reads text parts only", f"{where}.content", "invalid_value")
-        elif not isinstance(content, str):
-            raise APIError(422, f"'{where}.content' must be a string or a list of text parts", f"{where}.content",
-                           "invalid_type")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+
+
+def _message(m, where: str) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise APIError(422, f"'{where}' must be an object with a 'role' string", where, "invalid_type")
+    role, content = m["role"], m.get("content")
+    if role not in ("system", "developer", "user", "assistant", "tool"):
+        raise APIError(400, f"'{where}.role' {role!r} is not supported; use system, user, assistant or tool",
+                       f"{where}.role", "invalid_value")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls is not None:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  for c in calls):
+            raise APIError(422, f"'{where}.tool_calls' must be a list of {{id, type, function: {{name, arguments}}}}",
+                           f"{where}.tool_calls", "invalid_type")
+        out["tool_calls"] = calls
+        if content is None:
+            return out
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise APIError(422, f"'{where}.tool_call_id' must be the id of the call this result answers",
+                           f"{where}.tool_call_id", "invalid_type")
+        out["tool_call_id"] = call_id
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"'{where}.content[{j}]' of type {kind!r} is not supported; this model "
+                                    "reads text parts only", f"{where}.content", "invalid_value")
+    elif not isinstance(content, str):
+        raise APIError(422, f"'{where}.content' must be a string or a list of text parts", f"{where}.content",
+                       "invalid_type")
     return out
+
+
+def _tools(body, kind: str, constraint) -> dict:
+    """tools / tool_choice / parallel_tool_calls, checked for shape (the app checks them against
+    the model's tokenizer: mlx_gemma.tools.ToolSpec)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = _typed(body, "parallel_tool_calls", bool, True, "true or false")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice", "invalid_value")
+        return {}
+    if kind != "chat":
+        raise APIError(400, "'tools' is a chat completions field", "tools", "invalid_value")
+    if not isinstance(tools, list):
+        raise APIError(422, "'tools' must be a list of {type: function, function: {...}} objects", "tools",
+                       "invalid_type")
+    if constraint is not None and choice != "none":
+        raise APIError(400, "'response_format' and 'tools' cannot both shape one answer; use tool_choice: none "
+                            "or drop one", "response_format", "invalid_value")
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel}
 
 
 def _prompt(body):
@@ -213,19 +254,22 @@ def parse(kind: str, body: Any, default_max_tokens: int) -> ParsedRequest:
         raise APIError(400, str(exc).replace(field_name, api_names.get(field_name, field_name), 1),
                        api_names.get(field_name, field_name), "invalid_value") from None
     response_format = _typed(body, "response_format", dict, None, "an object")
+    constraint = _constraint(response_format)
     return ParsedRequest(kind=kind, model=_typed(body, "model", str, "", "a string"), prompt=prompt, params=params,
                          stream=_typed(body, "stream", bool, False, "true or false"),
                          include_usage=bool(_typed(stream_options, "include_usage", bool, False, "true or false")),
                          echo=bool(_typed(body, "echo", bool, False, "true or false")) if kind == "completion" else False,
-                         response_format=response_format, constraint=_constraint(response_format))
+                         response_format=response_format, constraint=constraint, **_tools(body, kind, constraint))
 
 
 # ---- responses -----------------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: the prompt tokens the prefix cache supplied."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _head(req: ParsedRequest, obj: str) -> dict:
@@ -251,10 +295,13 @@ def completion_logprobs(items: list, offset0: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def full_response(req: ParsedRequest, text: str, finish: str, n_prompt: int, n_out: int,
-                  logprobs: Optional[list]) -> dict:
+def full_response(req: ParsedRequest, text: Optional[str], finish: str, n_prompt: int, n_out: int,
+                  logprobs: Optional[list], tool_calls: Optional[list] = None, n_cached: int = 0) -> dict:
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        message = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message,
                   "logprobs": chat_logprob_entries(logprobs) if logprobs is not None else None,
                   "finish_reason": finish}
         out = _head(req, "chat.completion")
@@ -263,18 +310,21 @@ def full_response(req: ParsedRequest, text: str, finish: str, n_prompt: int, n_o
                   "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None}
         out = _head(req, "text_completion")
     out["choices"] = [choice]
-    out["usage"] = usage(n_prompt, n_out)
+    out["usage"] = usage(n_prompt, n_out, n_cached)
     return out
 
 
 def chunk(req: ParsedRequest, text: Optional[str] = None, finish: Optional[str] = None, first: bool = False,
-          logprobs: Optional[list] = None, text_offset: int = 0) -> dict:
-    """One stream chunk. Chat: the first carries delta.role, later ones delta.content, the last
+          logprobs: Optional[list] = None, text_offset: int = 0, tool_calls: Optional[list] = None) -> dict:
+    """One stream chunk. Chat: the first carries delta.role, later ones delta.content or
+    delta.tool_calls (OpenAI's items: index, id and name first, then argument fragments), the last
     an empty delta with finish_reason. Completions: the text and, on the last, finish_reason."""
     if req.kind == "chat":
         delta: dict = {}
         if first:
             delta = {"role": "assistant", "content": ""}
+        elif tool_calls is not None:
+            delta = {"tool_calls": tool_calls}
         elif text is not None:
             delta = {"content": text}
         lp = chat_logprob_entries(logprobs) if logprobs else None
@@ -290,8 +340,8 @@ def chunk(req: ParsedRequest, text: Optional[str] = None, finish: Optional[str] 
     return out
 
 
-def usage_chunk(req: ParsedRequest, n_prompt: int, n_out: int) -> dict:
+def usage_chunk(req: ParsedRequest, n_prompt: int, n_out: int, n_cached: int = 0) -> dict:
     out = _head(req, "chat.completion.chunk" if req.kind == "chat" else "text_completion")
     out["choices"] = []
-    out["usage"] = usage(n_prompt, n_out)
+    out["usage"] = usage(n_prompt, n_out, n_cached)
     return out

@@ -2,10 +2,13 @@
 
 Three record formats, recognised per record by their keys:
 
-- chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``, rendered
-  with the Gemma chat template. Loss on every assistant answer and its closing ``<end_of_turn>``
-  (so the model learns to stop); the ``<start_of_turn>model\\n`` header and user/system text are
-  prompt. ``train_on_prompt=True`` puts loss on every token but the first.
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``
+  (optionally ``"tools": [...]`` and assistant ``tool_calls``, as OpenAI writes them), rendered
+  with the model's chat template: the dir's own Jinja template when it ships one, else ours
+  (Gemma 1-3 or Gemma 4 format; tool calls in mlx_gemma.tools's format). Loss on every assistant
+  answer (its tool calls included) and its closing end-of-turn marker (so the model learns to
+  stop); turn headers, user/system text and tool results are prompt. ``train_on_prompt=True``
+  puts loss on every token but the first.
 - completion: ``{"prompt": ..., "completion": ...}``. We follow TRL's convention for
   "standard" (non-conversational) prompt-completion data: plain text, no chat template,
   ``<bos>`` + prompt + completion + ``<eos>``, loss on the completion and ``<eos>`` only. (mlx-lm
@@ -32,6 +35,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import read_text
+from ..tools import encode_conversation
 
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".json")
@@ -167,7 +171,7 @@ def encode_record(record: dict, tokenizer, where: str, train_on_prompt: bool = F
                 isinstance(m, dict) and m.get("role") in ("assistant", "model") for m in messages):
             raise UserError(f"{where}: a chat record needs at least one assistant message to train on")
         try:
-            ids, mask = tokenizer.encode_chat(messages)
+            ids, mask = encode_conversation(tokenizer, messages, record.get("tools"))
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     elif fmt == "completion":
@@ -314,6 +318,10 @@ def encode_pair(record: dict, tokenizer, where: str):
     fmt = _pair_format(record, where)
     sides = []
     for key in ("chosen", "rejected"):
+        text = record[key] if fmt == "text pair" else "".join(
+            str(m.get("content", "")) for m in record[key] if isinstance(m, dict))
+        if not text.strip():
+            raise UserError(f"{where}: {key!r} is empty (no answer to train on)")
         if fmt == "chat pair":
             if not record["prompt"] or not all(isinstance(m, dict) for m in record["prompt"]):
                 raise UserError(f"{where}: \"prompt\" must be a non-empty list of messages")
@@ -327,8 +335,6 @@ def encode_pair(record: dict, tokenizer, where: str):
         mask = np.asarray(mask, np.int32)
         if len(mask):
             mask[0] = 0
-        if not mask.any():
-            raise UserError(f"{where}: {key!r} has no tokens to train on (an empty answer)")
         sides.append((np.asarray(ids, np.int32), mask))
     return fmt, sides[0], sides[1]
 

@@ -42,7 +42,7 @@ def make_objective(args: TrainArgs) -> Objective:
     """The loss of args.method: SFT, DPO (args.beta, args.dpo_loss) or ORPO (args.orpo_alpha)."""
     if args.method == "dpo":
         return DPO(beta=args.beta, loss_types=tuple(args.dpo_loss.split(",")),
-                   cached_reference=bool(args.adapter_init))
+                   cached_reference=bool(args.adapter_init), loss_chunk=args.loss_chunk)
     if args.method == "orpo":
         return ORPO(alpha=args.orpo_alpha)
     return SFT()

@@ -310,9 +310,14 @@ def reduced_loss_and_grad(model, reduce, chunk: int = DEFAULT_CHUNK):
     return fn
 
 
-def reduced_loss(model, reduce, chunk: int = DEFAULT_CHUNK):
-    """`reduced_loss_and_grad` without gradients: fn(inputs, targets, idx, *rest) -> reduce(...)."""
+def reduced_loss(model, reduce, chunk: int = DEFAULT_CHUNK, as_training: bool = False):
+    """`reduced_loss_and_grad` without gradients: fn(inputs, targets, idx, *rest) -> reduce(...).
+    as_training: the cross-entropy the training step computes, to the last bit (a DPO reference
+    equal to the policy must give rewards of exactly 0), rather than the lighter evaluation one."""
+    losses = chunked_cross_entropy if as_training and not policy().host_loss else \
+        (lambda h, t, model, chunk: token_losses(model, h, t, chunk))
+
     def fn(inputs, targets, idx, *rest):
-        return reduce(token_losses(model, hidden_at(model, inputs, idx), targets.reshape(-1)[idx], chunk), *rest)
+        return reduce(losses(hidden_at(model, inputs, idx), targets.reshape(-1)[idx], model, chunk), *rest)
 
     return fn

@@ -42,18 +42,22 @@ def _finite(points) -> list:
 
 
 def render_loss_figure(train_points, valid_points=(), tokens_per_step: Optional[float] = None,
-                       log_scale: bool = False, title: Optional[str] = None, epoch_starts: Sequence[int] = ()):
+                       log_scale: bool = False, title: Optional[str] = None, epoch_starts: Sequence[int] = (),
+                       rewards: Optional[dict] = None):
     """A matplotlib Figure: points are (step, loss) pairs; tokens_per_step (mean real tokens per
     optimizer step) adds a top axis in tokens; epoch_starts (first step of epochs 2, 3, ...) are
-    drawn as dotted vertical lines."""
+    drawn as dotted vertical lines; rewards ({"rewards/chosen": points, ...}, preference tuning)
+    adds a panel below with TRL's reward curves."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     train_points, valid_points = _finite(train_points), _finite(valid_points)
-    fig = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(8, 7.2 if rewards else 4.8), dpi=100, layout="constrained")
+    ax = fig.add_subplot(2, 1, 1) if rewards else fig.add_subplot()
+    if rewards:
+        _reward_panel(fig.add_subplot(2, 1, 2, sharex=ax), rewards)
     if train_points:
         steps, losses = zip(*train_points)
         ax.plot(steps, losses, color=TRAIN_COLOR, alpha=0.25, linewidth=1, label="train (raw)")
@@ -77,10 +81,24 @@ def render_loss_figure(train_points, valid_points=(), tokens_per_step: Optional[
     return fig
 
 
+def _reward_panel(ax, rewards: dict) -> None:
+    for name, points in rewards.items():
+        points = _finite(points)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, smooth(values), linewidth=1.5, label=name)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward (smoothed)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left")
+
+
 def write_loss_curve(path, train_points, valid_points=(), tokens_per_step: Optional[float] = None,
-                     log_scale: bool = False, epoch_starts: Sequence[int] = ()) -> Path:
+                     log_scale: bool = False, epoch_starts: Sequence[int] = (), rewards: Optional[dict] = None) -> Path:
     """Render the figure and write it as a PNG atomically (temp file + rename)."""
-    fig = render_loss_figure(train_points, valid_points, tokens_per_step, log_scale, epoch_starts=epoch_starts)
+    fig = render_loss_figure(train_points, valid_points, tokens_per_step, log_scale, epoch_starts=epoch_starts,
+                             rewards=rewards)
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
@@ -91,8 +109,10 @@ def write_metrics_figure(path, metrics: list, log_scale: bool = False) -> Option
     if not train and not valid:
         return None
     tokens = [m["tokens"] for m in metrics if "loss" in m and "tokens" in m]
+    rewards = {name: [(m["step"], m[name]) for m in metrics if name in m]
+               for name in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
     return write_loss_curve(path, train, valid, float(np.mean(tokens)) if tokens else None, log_scale,
-                            epoch_starts(metrics))
+                            epoch_starts(metrics), {k: v for k, v in rewards.items() if v} or None)
 
 
 def epoch_starts(metrics: list) -> list:

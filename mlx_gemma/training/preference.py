@@ -66,13 +66,15 @@ def log1mexp(x):
     return mx.where(x < -LN2, mx.log1p(-mx.exp(mx.minimum(x, -LN2))), mx.log(-mx.expm1(mx.maximum(x, -LN2))))
 
 
-def sequence_logps(model, arrays: tuple) -> mx.array:
+def sequence_logps(model, arrays: tuple, chunk: int = DEFAULT_CHUNK) -> mx.array:
     """Forward only, dropout off: the log-probs (2B,) of a pair batch's answers under `model` as
-    it is now; arrays: `_Pairs.answer_arrays`."""
+    it is now, computed as the training step computes them with vocabulary chunks of `chunk`;
+    arrays: `_Pairs.answer_arrays`."""
     was_training = model.training
     model.eval()
     rows = 2 * int(arrays[-1].item())
-    out = reduced_loss(model, lambda ce, w, nll, row, pairs: _per_row(-ce * w, row, rows))(*arrays)
+    out = reduced_loss(model, lambda ce, w, nll, row, pairs: _per_row(-ce * w, row, rows), chunk,
+                       as_training=True)(*arrays)
     mx.eval(out)
     model.train(was_training)
     return out
@@ -144,8 +146,12 @@ class DPO(_Pairs):
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, loss_types=("sigmoid",), cached_reference: bool = False):
+    def __init__(self, beta: float = 0.1, loss_types=("sigmoid",), cached_reference: bool = False,
+                 loss_chunk: int = DEFAULT_CHUNK):
+        """loss_chunk: the training step's vocabulary chunk (the reference is computed alike, so a
+        policy equal to its reference gets rewards of exactly 0)."""
         self.beta, self.loss_types, self.cached = float(beta), tuple(loss_types), bool(cached_reference)
+        self.chunk = int(loss_chunk)
 
     def prepare(self, model, dataset, pad_id, max_seq_len):
         """With a cached reference: every pair's (chosen, rejected) log-probs under the model as it
@@ -156,7 +162,7 @@ class DPO(_Pairs):
         for start in range(0, len(dataset), 8):
             units = [[p] for p in range(start, min(start + 8, len(dataset)))]
             batch = data_lib.make_pair_batch(dataset, units, pad_id, max_seq_len)
-            logps = sequence_logps(model, self.answer_arrays(batch))
+            logps = sequence_logps(model, self.answer_arrays(batch), self.chunk)
             ref[start:start + len(units)] = np.array(logps).reshape(2, -1).T
         dataset.reference = ref
 
@@ -166,7 +172,7 @@ class DPO(_Pairs):
         if self.cached:
             raise ValueError("DPO(cached_reference=True): call prepare(model, dataset, ...) on this split first")
         with adapter_off(model):
-            return sequence_logps(model, arrays)
+            return sequence_logps(model, arrays, self.chunk)
 
     def reduce(self, ce, w, nll, row, pairs, ref):
         seq, n = self.sequences(ce, w, row, ref.shape[0])

@@ -149,7 +149,7 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
     numbers are one process's). progress: a tqdm bar of generated tokens on stderr.
     """
     messages = [prompt_messages(r) for r in records]  # every rank checks every record: they fail alike
-    mine = _answer(model, tokenizer, dist.share(messages), max_tokens, batch_size, progress)
+    mine = answer_greedily(model, tokenizer, dist.share(messages), max_tokens, batch_size, progress)
     outputs = [row for part in dist.gather_json(mine) for row in part]  # in record order
     answers = []
     cjk = chars = reps = grams = tokens = 0
@@ -173,7 +173,7 @@ def evaluate_generation(model, tokenizer, records: Sequence[dict], max_tokens: i
     }
 
 
-def _answer(model, tokenizer, messages: list, max_tokens: int, batch_size: int, progress: bool = False) -> list:
+def answer_greedily(model, tokenizer, messages: list, max_tokens: int, batch_size: int, progress: bool = False) -> list:
     """Greedy answers to the prompts `messages` (chat turns up to the answer), in eval mode, as
     JSON-ready rows {"text", "tokens", "stop_token"} (see generation.BatchOutput)."""
     from ..generation import batch_generate

@@ -8,9 +8,10 @@ default optimizer (AdamW with warmup and a decay schedule).
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 
-from ..lora import apply_lora, load_adapter
+from ..lora import apply_lora, load_adapter, lora_layers
 from .args import TrainArgs
 
 def setup(model, args: TrainArgs) -> dict:
@@ -19,7 +20,9 @@ def setup(model, args: TrainArgs) -> dict:
     and turn on per-layer gradient checkpointing (args.grad_checkpoint). Returns the adapter config.
 
     With args.adapter_init the LoRA layers (and their rank, alpha, targets) are that adapter's, its
-    weights loaded: training continues from it (the preference stage after SFT)."""
+    weights loaded: training continues from it (the preference stage after SFT). Preference tuning
+    (args.method dpo / orpo) runs without LoRA dropout, as TRL's disable_dropout does: the policy
+    must equal its reference until it is trained."""
     if args.quantize_bits:
         from ..quant import quantize_model
 
@@ -27,12 +30,13 @@ def setup(model, args: TrainArgs) -> dict:
     mx.random.seed(args.seed)
     if args.adapter_init:
         config = load_adapter(model, args.adapter_init)
-        if args.grad_checkpoint:
-            enable_grad_checkpoint(model)
-        return config
-    targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    config = apply_lora(model, targets=targets, rank=int(args.rank), alpha=float(args.alpha),
-                        dropout=float(args.dropout), num_layers=args.num_layers, base_model=str(args.model))
+    else:
+        targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+        config = apply_lora(model, targets=targets, rank=int(args.rank), alpha=float(args.alpha),
+                            dropout=float(args.dropout), num_layers=args.num_layers, base_model=str(args.model))
+    if args.method != "sft":
+        for _, layer in lora_layers(model):
+            layer.dropout = nn.Dropout(0.0)
     if args.grad_checkpoint:
         enable_grad_checkpoint(model)
     return config
@@ -56,6 +60,8 @@ def _checkpointed_class(cls):
 def enable_grad_checkpoint(model) -> None:
     """Per layer instance (not class-wide, so other models in the process are untouched)."""
     for layer in model.layers:
+        if layer.self_attn.kv_crosses_layers:
+            continue  # Gemma 4 / 3n KV sharing: k/v pass between layers outside the checkpointed call
         layer.__class__ = _checkpointed_class(type(layer))
 
 
