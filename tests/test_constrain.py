@@ -12,9 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-jsonschema = pytest.importorskip("jsonschema")
-regex_mod = pytest.importorskip("regex")
-pytest.importorskip("llguidance")
+import jsonschema
+import regex as regex_mod
+import llguidance  # noqa: F401  (a required test dependency: imported, never skipped)
 
 from mlx_gemma.constrain import (GrammarMask, apply_bitmask, json_schema_constraint, make_constraint,
                                  regex_constraint)
@@ -38,8 +38,12 @@ def model_and_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_and_tokenizer):
-    return model_and_tokenizer[1]
+def tokenizer():
+    """The 270M's tokenizer without its weights (the mask tests need no model: not `slow`)."""
+    from mlx_gemma.loading import resolve
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    return GemmaTokenizer(resolve("gemma-3-270m"))
 
 
 def allowed_ids(mask: GrammarMask) -> np.ndarray:
@@ -161,6 +165,7 @@ def test_unsupported_schema_and_bad_regex_name_the_problem():
         make_constraint({"type": "object"}, "a+")
 
 
+@pytest.mark.slow  # the 270M model's weights
 def test_constrained_and_free_rows_share_one_batch(model_and_tokenizer):
     from mlx_gemma.generation import BatchGenerator, Request, SamplingParams, encode_prompt, generate
     from mlx_gemma.constrain import grammar_mask
@@ -191,6 +196,7 @@ def test_constrained_and_free_rows_share_one_batch(model_and_tokenizer):
             assert texts[rid] == generate(model, tok, [{"role": "user", "content": q}], max_tokens=24)
 
 
+@pytest.mark.slow  # the 270M model's weights
 def test_python_keywords_generate_and_batch_generate(model_and_tokenizer):
     from mlx_gemma.generation import batch_generate, generate
 

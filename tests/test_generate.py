@@ -465,6 +465,7 @@ def test_cli_draft_model_gives_plain_greedy_text(tiny_dir, tokenizer):
     assert "drafts: " in drafted.stderr and "drafts: " not in plain.stderr
 
 
+@pytest.mark.slow  # the 270M model's weights
 def test_speculative_chinese_qa_equals_plain_greedy(real):
     """The 270M on bundled Chinese Q&A questions (system prompt included): same answer, drafts used."""
     from mlx_gemma.generation import stream_generate

@@ -13,7 +13,7 @@ import mlx_gemma  # noqa: F401  (before anything imports mlx.core)
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf import quants  # noqa: E402
 
@@ -106,8 +106,8 @@ def tiny_config(model_type):
 @pytest.fixture(scope="module")
 def hf_tiny():
     """model_type -> (config dict, HF state dict as float32 numpy) from transformers' own classes."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    import transformers
+    import torch
     torch.manual_seed(0)
     out = {}
     for model_type, (cfg_cls, model_cls) in {
@@ -414,8 +414,8 @@ def transformers_270m(gguf_path):
     from_pretrained parses the file twice (config, then weights) with gguf.GGUFReader, ~25 s
     each on these machines; both parses see the same bytes, so share one reader object.
     """
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     readers = {}
 
     def shared_reader(path, *args, **kwargs):
@@ -461,6 +461,7 @@ def test_real_270m_matches_transformers(real_ckpt, transformers_270m):
     assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (18, 640, 4, 1, 256)
 
 
+@pytest.mark.slow  # reads the real 270M GGUF's tensors
 def test_real_270m_metadata(real_ckpt):
     """Cheap checks on the real file that do not need transformers."""
     tok = real_ckpt.tokenizer
@@ -472,13 +473,14 @@ def test_real_270m_metadata(real_ckpt):
     assert all(t.dtype == np.float32 for t in real_ckpt.tensors.values())
 
 
+@pytest.mark.slow  # reads the real 270M GGUF's tensors (read_gguf)
 def test_real_vocab_round_trips_through_write_gguf(real_ckpt, tmp_path):
     """GGUF vocab -> tokenizer.model (convert.spm) -> write_gguf -> read_gguf keeps every piece.
 
     A tiny random network carries the real 262,144-piece vocabulary, so the export path sees
     the real user-defined pieces (runs of spaces, stored with literal spaces by llama.cpp).
     """
-    pytest.importorskip("mlx_gemma.convert.spm")
+    import mlx_gemma.convert.spm  # noqa: F401  (a required test dependency: imported, never skipped)
     from mlx_gemma.convert.gguf import tokenizer_model_bytes
 
     tok = real_ckpt.tokenizer

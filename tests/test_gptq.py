@@ -185,6 +185,7 @@ def test_calibration_windows_share_the_budget_and_cut_consecutive_windows(tmp_pa
     assert np.all(w[[0, 2, 4]][:, 1:] == tok.encode("x", add_bos=False)[0])
 
 
+@pytest.mark.slow  # loads the 270M (for its tokenizer)
 def test_calibration_from_a_jsonl_data_file_renders_records_as_training_does(tmp_path):
     from mlx_gemma.loading import load
     from mlx_gemma.training.data import encode_record

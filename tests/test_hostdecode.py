@@ -3,6 +3,7 @@ against MLX's compiled step: every Gemma variant's logits at every step, the KV 
 greedy ids, the models it must decline, and cache arrays it must not write through."""
 
 import copy
+import json
 import platform
 import os
 import subprocess
@@ -324,3 +325,36 @@ def test_the_native_kernel_is_vectorised_in_the_code_the_compiler_made():
     packed_fma = any(op in body for op in ("vfmadd231ps", "vfmadd213ps", "vfmadd132ps"))
     assert packed_fma or ("mulps" in body and "addps" in body)
     assert "cvtsi2ss" not in body  # no scalar int -> float conversion of codes
+
+
+def test_quantized_model_decodes_on_mlx_when_the_native_build_fails(tmp_path):
+    """With the compiler failing (CC=false), a 4-bit model still decodes: 12 greedy tokens under the
+    machine's own policy equal the forced MLX quantized_matmul path's (what the test above only
+    promised in its docstring)."""
+    code = """
+import json
+import mlx_gemma, numpy as np, mlx.core as mx
+import mlx_gemma.cpu.native as native
+from mlx_gemma import backend
+from mlx_gemma.config import GemmaConfig
+from mlx_gemma.generation import generate_step
+from mlx_gemma.model import Gemma
+from mlx_gemma.quant import quantize_model
+assert native.qgemv() is None
+cfg = GemmaConfig.from_dict(dict(model_type="gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                 query_pre_attn_scalar=16, sliding_window=8))
+mx.random.seed(0)
+model = Gemma(cfg)
+quantize_model(model, bits=4, group_size=32)
+prompt = mx.array(np.random.default_rng(1).integers(3, 512, (1, 9)))
+def run(**policy):
+    with backend.override(**policy):
+        return [t.item() for t in generate_step(model, prompt, cache=model.make_cache(), max_tokens=12)]
+print(json.dumps([run(), run(host_decode=False, quantized_path="kernel")]))
+"""
+    env = {**os.environ, "CC": "false", "MLX_GEMMA_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default, forced = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(default) == 12 and default == forced

@@ -22,8 +22,8 @@ from mlx_gemma.errors import UserError
 from mlx_gemma.loading import load
 from mlx_gemma.tokenizer import GemmaTokenizer
 
-keras_hub = pytest.importorskip("keras_hub")
-keras = pytest.importorskip("keras")
+import keras_hub
+import keras
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "heldout_zh_en.txt"
 TEXTS = ["Hello, 世界! 机器学习 is fun.", "福建土楼是分布在福建西南部 the Tulou of Fujian", "  spaces   and\ttabs\n\n",
@@ -146,7 +146,7 @@ def test_cli_convert_preset_and_weights_file(vocab_spm, tmp_path):
     model, tok = load(str(tmp_path / "out"), dtype="float32")
     assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
     # The tokenizer.json written for a SentencePiece-trained vocabulary: transformers reads the same ids.
-    transformers = pytest.importorskip("transformers")
+    import transformers
     os.remove(tmp_path / "out" / "tokenizer.model")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     for text in TEXTS:
@@ -208,7 +208,7 @@ def test_unsupported_backbone_options_are_named(tmp_path):
 def test_sizes_describe_the_released_models():
     """The size table against transformers' own config of the same models (7B: GemmaConfig's defaults;
     others: the fields HF publishes, as transformers' config classes build them)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ours = keras_convert.hf_config(*_with_vocab(keras_convert.SIZES["gemma_7b"], 256000))
     ref = transformers.GemmaConfig()
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

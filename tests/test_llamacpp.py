@@ -14,6 +14,8 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp "
                                                     "from source; install a prebuilt wheel to run these tests)")
 
+pytestmark = pytest.mark.slow  # the 270M through llama.cpp and mlx-gemma
+
 # llama.cpp's numerics differ from ours on the same f32 weights: its GELU is a float16 lookup
 # table, its attention/softmax/RMSNorm accumulate in other orders. Measured on the 270M over the
 # prompts below: max |Δlogit| 0.018 (mixed text) and 0.060 (chat turn, logits up to ~98); the bound leaves headroom

@@ -226,10 +226,11 @@ def test_4bit_perplexity_within_10_percent(heldout_baseline):
     assert abs(ppl / base - 1) <= 0.10
 
 
+@pytest.mark.slow  # reads the real 270M GGUF
 def test_mixed_recipe_upgrades_the_layers_llama_cpp_q4_k_m_upgrades(gguf_path):
     """Reference: the tensor types llama.cpp chose for the embedded Q4_K_M GGUF. Its v / down
     tensors in Q6_K or Q8_0 (more bits) are exactly the ones the mixed recipe keeps at 8 bits."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
 
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
     n = 18
@@ -240,7 +241,7 @@ def test_mixed_recipe_upgrades_the_layers_llama_cpp_q4_k_m_upgrades(gguf_path):
 
 
 def test_mixed_recipe_round_trips_and_loads_in_mlx_lm(tmp_path):
-    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx_lm
     from mlx_lm.utils import load_model
 
     # pattern 6: mlx-lm reads sliding_window_pattern (default 6), not transformers 5's layer_types
@@ -272,7 +273,7 @@ def greedy_ids(model, prompt_ids, n):
 
 @pytest.mark.slow  # the 270M model's weights: minutes on a 2-core CPU
 def test_our_quantized_dir_loads_in_mlx_lm_with_same_greedy_text(real_model, tmp_path):
-    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx_lm
     from mlx_gemma.loading import load
 
     model, tok = load("gemma-3-270m", dtype="float32")
@@ -290,7 +291,7 @@ def test_our_quantized_dir_loads_in_mlx_lm_with_same_greedy_text(real_model, tmp
 
 
 def test_mlx_lm_quantized_dir_loads_in_mlx_gemma(tiny_dir, tmp_path):
-    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx_lm
     from mlx_lm.utils import load_model
 
     # pattern 6: mlx-lm reads sliding_window_pattern (default 6), not transformers 5's layer_types

@@ -65,7 +65,7 @@ NOT_RUN = {
     "mlx-gemma convert-to-gguf gemma-3-270m": "needs the `./ad` adapter; test_export checks the GGUF writer",
     "mlx-gemma convert model.gguf": "the reader's own .gguf; test_gguf converts GGUF files",
     "mlx-gemma generate --prompt \"Invent a person.\" --json-schema": "needs the reader's person.schema.json; the "
-        "Python block beside it runs a schema, test_constrain / test_structured_serve test --json-schema",
+        "Python block beside it runs a schema; tests/test_cli_constrained.py runs --json-schema FILE",
     "mlx-gemma convert gemma_zh": "the reader's Keras files from Kaggle; test_keras converts presets and "
                                   ".weights.h5 files that keras-hub writes",
     "mlx-gemma generate --model gemma-2b-zh": "needs the Keras model converted by the (not run) line above",

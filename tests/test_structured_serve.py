@@ -16,9 +16,11 @@ import pytest
 from test_serve import KEY, raw  # noqa: F401  (the server helpers of the serve tests)
 from test_serve import adapter_dir, model_dir, server  # noqa: F401  (module fixtures, one server here)
 
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("llguidance")
+import openai
+import jsonschema
+import llguidance  # noqa: F401  (a required test dependency: imported, never skipped)
+
+pytestmark = pytest.mark.slow  # every test here talks to a server process running the 270M
 
 N = 20  # sampled answers per schema
 N_FREE = 10  # unconstrained answers per schema, for contrast (printed, not asserted)
@@ -137,7 +139,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 def browser():
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium); the page test needs a real browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (driver only)")
+    from playwright import sync_api
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield b
@@ -229,3 +231,44 @@ def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, s
     other_tab.close()
     page.close()
     context.close()
+
+
+def test_chat_page_compare_mode_with_a_system_prompt(browser, server, model_dir, adapter_dir):  # noqa: F811
+    """Compare mode asks two models the same question in two columns, each with the system-prompt
+    field's text as the system message: column A's streamed text is the base model's greedy
+    answer and column B's the adapter's, both equal to `generate` on the same messages."""
+    from mlx_gemma.generation import generate
+    from mlx_gemma.loading import load
+
+    system, question = "你是一个只用中文回答的助手。", "天空为什么是蓝色的？"
+    port = server["port"]
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    wait_for(lambda: page.eval_on_selector_all("#model-a option", "os => os.map(o => o.value)") ==
+             [server["name"], "zh"], 30)
+    assert not page.is_visible("#model-b") and not page.is_visible('.column[data-col="b"]')
+    page.check("#compare")
+    assert page.is_visible("#model-b") and page.is_visible('.column[data-col="b"]')
+    page.select_option("#model-a", server["name"])
+    page.select_option("#model-b", "zh")
+    page.fill("#system", system)
+    page.dispatch_event("#system", "input")
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "input")
+    page.fill("#max-tokens", "16")
+    page.dispatch_event("#max-tokens", "input")
+    page.fill("#prompt", question)
+    page.click("#send")
+    answers = {col: f'.column[data-col="{col}"] .msg.assistant >> nth=-1' for col in "ab"}
+    for sel in answers.values():
+        wait_for(lambda: page.get_attribute(sel, "data-state") == "done", 300)
+    got = {col: page.eval_on_selector(sel + " >> .content", "e => e.textContent") for col, sel in answers.items()}
+    assert page.inner_text(answers["b"] + " >> .who") == "zh"
+    assert "model=zh" in server["log"].read_text()
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    expected = {"a": generate(*load(str(model_dir)), messages, max_tokens=16, temp=0.0),
+                "b": generate(*load(str(model_dir), adapter=str(adapter_dir)), messages, max_tokens=16, temp=0.0)}
+    assert got == expected and got["a"] != got["b"]
+    page.close()

@@ -1,11 +1,13 @@
 """Making a model trainable: QLoRA quantization, LoRA layers, gradient checkpointing, and the
-default optimizer (AdamW with warmup and a decay schedule).
+default optimizer (AdamW, bias-corrected as torch's, with transformers' warmup and decay schedules).
 
     adapter_config = setup(model, args)            # args: a TrainArgs
     optimizer = make_optimizer(args, total_steps)
 """
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -69,33 +71,40 @@ WSD_DECAY = 0.2  # share of the steps the wsd schedule spends decaying
 
 
 def make_schedule(args: TrainArgs, total_steps: int):
-    """Linear warmup to args.lr (default 5% of the steps), then args.lr_schedule: a cosine decay to
-    args.min_lr; wsd: args.lr held, then a linear decay to args.min_lr over the last WSD_DECAY of
-    the steps (warmup-stable-decay: most steps at the peak rate); or args.lr held to the end."""
+    """The learning rate of each optimizer step (0-based), as transformers' schedulers give it, so a
+    run's rates equal those of the TRL/PEFT recipe we follow (tests/test_optimizer_torch.py):
+    a linear warmup from 0 (wsd: from args.min_lr) reaching args.lr at step `warmup` (default 5%
+    of the steps), then args.lr_schedule: cosine (`get_cosine_with_min_lr_schedule_with_warmup`:
+    a half cosine to args.min_lr at step total_steps), wsd (`get_wsd_schedule`, linear decay: args.lr
+    held, then a linear decay over the last WSD_DECAY of the steps, reaching args.min_lr one step
+    after the last) or constant. Written with mx ops: the compiled update calls it on a traced step."""
+    lr, floor = float(args.lr), float(args.min_lr)
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
     warmup = min(int(warmup), total_steps)
-    rest = max(total_steps - warmup, 1)
     kind = args.lr_schedule or "cosine"
-    if kind == "cosine":
-        pieces, bounds = [optim.cosine_decay(args.lr, rest, end=args.min_lr)], []
-    elif kind == "constant":
-        pieces, bounds = [lambda s: mx.array(args.lr, mx.float32)], []
-    else:  # wsd
-        decay = min(max(1, round(WSD_DECAY * total_steps)), rest)
-        pieces = [lambda s: mx.array(args.lr, mx.float32),
-                  optim.linear_schedule(args.lr, args.min_lr, max(decay - 1, 1))]
-        bounds = [rest - decay]
-        if bounds[0] <= 0:
-            pieces, bounds = pieces[1:], []
-    if warmup > 0:
-        ramp = optim.linear_schedule(args.lr / warmup, args.lr, warmup - 1) if warmup > 1 else \
-            (lambda s: mx.array(args.lr, mx.float32))
-        pieces, bounds = [ramp] + pieces, [warmup] + [warmup + b for b in bounds]
-    return pieces[0] if len(pieces) == 1 else optim.join_schedules(pieces, bounds)
+    decay = min(max(1, round(WSD_DECAY * total_steps)), max(total_steps - warmup, 1))
+    start = floor if kind == "wsd" else 0.0  # where transformers starts each warmup
+
+    def schedule(step):
+        s = step.astype(mx.float32)
+        ramp = start + (lr - start) * s / max(1, warmup)
+        if kind == "cosine":
+            progress = mx.minimum((s - warmup) / max(1, total_steps - warmup), 1.0)
+            after = floor + (lr - floor) * 0.5 * (1.0 + mx.cos(math.pi * progress))
+        elif kind == "wsd":
+            progress = mx.clip((s - (total_steps - decay)) / decay, 0.0, 1.0)
+            after = lr - (lr - floor) * progress
+        else:
+            after = mx.array(lr, mx.float32)
+        return mx.where(s < warmup, ramp, after)
+
+    return schedule
 
 
 def make_optimizer(args: TrainArgs, total_steps: int) -> optim.Optimizer:
-    """The default optimizer: AdamW with `make_schedule` and args.weight_decay."""
-    return optim.AdamW(learning_rate=make_schedule(args, total_steps), weight_decay=args.weight_decay)
+    """The default optimizer: AdamW with `make_schedule` and args.weight_decay. Bias-corrected as in
+    the Adam and AdamW papers and torch.optim.AdamW (MLX's AdamW leaves it off by default)."""
+    return optim.AdamW(learning_rate=make_schedule(args, total_steps), weight_decay=args.weight_decay,
+                       bias_correction=True)
 
 
