@@ -54,6 +54,7 @@ def tokenizer_model_from_tokenizer_json(data: dict, special_tokens: dict | None 
     tokenizer.json that is not a SentencePiece-style BPE (another normalizer or pre-tokenizer,
     a non-BPE model, ids with gaps).
     """
+    _check_shapes(data, special_tokens, source)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"{source}: model.type is {model.get('type')!r}; mlx-gemma reads Gemma's BPE tokenizer.json")
@@ -91,6 +92,50 @@ def tokenizer_model_from_tokenizer_json(data: dict, special_tokens: dict | None 
     ids = {name: _special_id(pieces, special_tokens, name, default, source)
            for name, default in (("bos_token", "<bos>"), ("eos_token", "<eos>"), ("pad_token", "<pad>"))}
     return serialize_gemma_model(proto, ids["bos_token"], ids["eos_token"], pieces.index(unk), ids["pad_token"])
+
+
+def _check_shapes(data, special_tokens, source: str) -> None:
+    """UserError naming `source` and the field when the JSON is not shaped as a tokenizer.json
+    (`[]`, `5`, `{"model": 5}`, a vocab that is a string, a merge of one piece...), so that the
+    readers below only meet the types they expect."""
+    def bad(what: str, value) -> UserError:
+        return UserError(f"{source}: {what}, got {type(value).__name__} {value!r:.60}; the file is not a "
+                         "tokenizer.json (re-save the tokenizer)")
+
+    if not isinstance(data, dict):
+        raise bad("the file must hold a JSON object", data)
+    model = data.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise bad("model must be an object", model)
+    model = model or {}
+    vocab = model.get("vocab")
+    if vocab is not None and not (isinstance(vocab, dict) and all(
+            isinstance(p, str) and isinstance(i, int) and not isinstance(i, bool) and i >= 0
+            for p, i in vocab.items())):
+        raise bad("model.vocab must map pieces to token ids (whole numbers >= 0)", vocab)
+    merges = model.get("merges")
+    if merges is not None and not (isinstance(merges, list) and all(
+            isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m)) for m in merges)):
+        raise bad("model.merges must be a list of \"a b\" strings or [a, b] pairs", merges)
+    for key in ("unk_token",):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise bad(f"model.{key} must be a string", model[key])
+    added = data.get("added_tokens")
+    if added is not None and not (isinstance(added, list) and all(
+            isinstance(a, dict) and isinstance(a.get("id"), int) and not isinstance(a.get("id"), bool)
+            and a["id"] >= 0 and isinstance(a.get("content"), str) for a in added)):
+        raise bad("added_tokens must be a list of {id, content} objects", added)
+    for key in ("normalizer", "pre_tokenizer"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise bad(f"{key} must be an object", data[key])
+    normalizer = data.get("normalizer") or {}
+    if normalizer.get("type") == "Sequence" and not (
+            isinstance(normalizer.get("normalizers"), list)
+            and all(isinstance(n, dict) for n in normalizer["normalizers"])):
+        raise bad("normalizer.normalizers must be a list of objects", normalizer.get("normalizers"))
+    if special_tokens is not None and not isinstance(special_tokens, dict):
+        raise UserError(f"{source}: the tokenizer_config.json beside it must hold a JSON object, got "
+                        f"{type(special_tokens).__name__}; re-save the tokenizer")
 
 
 def _check_pipeline(data: dict, source: str) -> None:

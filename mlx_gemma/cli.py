@@ -354,6 +354,9 @@ def generate(model, prompt, system, raw, adapter, dtype, json_schema, regex, dra
         sys.stdout.flush()
         stats = chunk.stats
     click.echo("")
+    if mask and mask[0].error:  # the text above is cut short: say so instead of the stats line
+        raise UserError(f"the {'--json-schema' if json_schema else '--regex'} grammar failed while generating "
+                        f"({mask[0].error}); simplify it")
     click.echo(stats.line(), err=True)
 
 
@@ -589,6 +592,42 @@ def _removed_if_left_empty(out):
         raise
 
 
+class _RanksType(click.ParamType):
+    """--ranks N: a whole number from 1 to the machine's cores (each rank needs one: more only
+    multiplies the load). A bad value is the documented one `error:` line, exit 1, not click's
+    usage text."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        import os
+
+        cores = os.cpu_count() or 1
+        try:
+            ranks = int(value)
+        except (TypeError, ValueError):
+            ranks = None
+        if ranks is None or ranks < 1:
+            raise UserError(f"--ranks must be a whole number of processes from 1 to {cores}, got {value!r}")
+        if ranks > cores:
+            raise UserError(f"--ranks {ranks} is more than this machine's {cores} cores (each rank needs one); use "
+                            f"--ranks {cores} or less, or `mlx.launch --hostfile` to spread ranks over machines")
+        return ranks
+
+
+def _check_adapter_fits(args) -> None:
+    """--rank against the model's layer sizes and this machine's memory, before the weights load
+    (a model dir's config.json is enough; other specs are checked when they load)."""
+    from pathlib import Path
+
+    from .loading import read_config, resolve
+    from .training.args import check_rank
+
+    path = Path(resolve(args.model))
+    if path.is_dir() and (path / "config.json").is_file():
+        check_rank(args, read_config(path))
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML/JSON file of train options (keys as below, e.g. lr: 1e-4); the command line overrides it.")
@@ -597,7 +636,7 @@ def _removed_if_left_empty(out):
                    "write report.md / report.json next to the adapter.")
 @click.option("--report-max-tokens", default=128, type=int,
               help="New tokens per test answer in the report (the <end_of_turn> check uses this limit).")
-@click.option("--ranks", default=1, type=click.IntRange(min=1),
+@click.option("--ranks", default=1, type=_RanksType(),
               help="Train data-parallel on N local processes (through mlx.launch; the cores are shared out as "
                    "BLAS threads). Several Macs: `mlx.launch --hostfile hosts.json -- mlx-gemma train ...`. "
                    "The report's evaluation is shared out among the ranks too.")
@@ -626,6 +665,7 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
     if values.get("resume"):
         values = restore_options(values, given)
     args = TrainArgs(**values)
+    _check_train_args(args)
     if ranks > 1:
         sys.exit(_train_on_local_ranks(ctx, args, ranks, report, report_max_tokens))
     from .training import distributed
@@ -644,17 +684,24 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
         sys.exit(130)
 
 
+def _check_train_args(args) -> None:
+    """Every check that needs no weights, before the slow work: option ranges, --out (writable;
+    on --resume, the run's adapter options kept), --rank against the model."""
+    from .training.trainer import check_args, prepare_out_dir, resolve_defaults
+
+    check_args(resolve_defaults(args))
+    prepare_out_dir(args)
+    _check_adapter_fits(args)
+
+
 def _train_on_local_ranks(ctx, args, ranks: int, report: bool, report_max_tokens: int) -> int:
-    """`train --ranks N`: check the options here, then start N ranks running the same train
-    command; the exit status says how the ranks ended."""
+    """`train --ranks N` (its options checked by `_check_train_args`): start N ranks running the
+    same train command; the exit status says how the ranks ended."""
     from .training import distributed
-    from .training.job import prepare_out_dir, ranks_outcome, train_argv
-    from .training.trainer import check_args, resolve_defaults
+    from .training.job import ranks_outcome, train_argv
 
     if distributed.launched():
         raise UserError("--ranks starts its own ranks; under mlx.launch leave it out")
-    check_args(resolve_defaults(args))
-    prepare_out_dir(args)  # fail before any rank starts
     argv = (["--debug"] if ctx.obj.get("debug") else []) + [
         "train", "--report" if report else "--no-report", "--report-max-tokens", str(report_max_tokens),
         *train_argv(args)]
@@ -719,6 +766,7 @@ def data_hc3(src, out_dir, system, test_size, valid_size, seed, force):
     """Turn HC3-style Q&A records (SRC, .jsonl/.json) into chat train/valid/test.jsonl in OUT_DIR."""
     from .training.hc3 import DEFAULT_SYSTEM_PROMPT, hc3_to_chat
 
+    _check_utf8(system, "--system")
     report = hc3_to_chat(src, out_dir, system if system is not None else DEFAULT_SYSTEM_PROMPT,
                          test_size, valid_size, seed, force)
     click.echo(f"{report['records']} records from {report['source']}: train {report['train']}, "
@@ -869,9 +917,27 @@ def serve(model, adapters, host, port, api_key, model_name, prefill_step, max_bo
     """
     from .serve import serve as run_server
 
-    run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
-               dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
-               log_level=log_level, prompt_cache_mb=prompt_cache_mb)
+    try:
+        run_server(model, _adapter_pairs(adapters), host=host, port=port, api_key=api_key, model_name=model_name,
+                   dtype=dtype, prefill_step=prefill_step, max_body=max_body, default_max_tokens=default_max_tokens,
+                   log_level=log_level, prompt_cache_mb=prompt_cache_mb)
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM, after every client got its answer (or a 503)
+        _exit_without_teardown(143 if isinstance(stop, Terminated) else 130,
+                               "terminated" if isinstance(stop, Terminated) else "interrupted")
+
+
+def _exit_without_teardown(code: int, word: str) -> None:
+    """End the server process now. Its work is done (answers sent, engine stopped, nothing to
+    write), and MLX's stream threads can still abort the interpreter's teardown ("terminate
+    called without an active exception", status 134) when requests were cancelled mid-step."""
+    import logging
+    import os
+
+    click.echo(word, err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

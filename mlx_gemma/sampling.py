@@ -23,11 +23,25 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 DEFAULT_MAX_TOKENS = 256
 
 
+# Bounds that keep float32 sampling finite: logits / temp and logits / penalty stay far from
+# float32's range (a temp of 1e-300 is 0 in float32, and 1/0 turns every logit into inf or NaN).
+MIN_TEMP = 1e-5  # a temperature below this samples greedily
+MAX_TEMP = 1e4  # above it, -inf (masked) logits / temp would turn NaN in float32
+MIN_PENALTY = 1e-2  # repetition_penalty in [MIN_PENALTY, 1 / MIN_PENALTY]
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float range (a 400-digit number)
+        return False
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temp 0 is greedy. Otherwise logits are divided by temp, then filtered by top-k, top-p and
+    temp 0 (or below MIN_TEMP, where float32 logits / temp would overflow) is greedy. Otherwise logits are divided by temp, then filtered by top-k, top-p and
     min-p (transformers' order) and sampled; a seed makes the samples reproducible.
     repetition_penalty: CTRL-style, over the last `repetition_window` tokens (prompt included).
     frequency_penalty / presence_penalty: OpenAI-style, over the tokens generated so far:
@@ -68,17 +82,19 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temp == 0
+        return self.temp < MIN_TEMP
 
     def check(self) -> None:
         """Raise UserError naming the first out-of-range field."""
         def bad(name, rule):
-            raise UserError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            got = repr(getattr(self, name))
+            got = got if len(got) <= 40 else f"a {len(got)}-digit number" if got.isdigit() else got[:40] + "..."
+            raise UserError(f"{name} must be {rule}, got {got}")
 
         numbers = ("temp", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
         for name in numbers:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
                 bad(name, "a finite number")
         for name in ("max_tokens", "top_k", "repetition_window", "top_logprobs"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
@@ -88,16 +104,18 @@ class SamplingParams:
             bad("seed", "an integer in [0, 2**64)")
         if self.temp < 0:
             bad("temp", ">= 0 (0 = greedy)")
+        if self.temp > MAX_TEMP:
+            bad("temp", f"at most {MAX_TEMP:g}")
         if self.top_k < 0:
             bad("top_k", ">= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1] (1 = off)")
         if not 0 <= self.min_p < 1:
             bad("min_p", "in [0, 1) (0 = off)")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "> 0 (1 = off)")
-        if self.repetition_window < 1:
-            bad("repetition_window", ">= 1")
+        if not MIN_PENALTY <= self.repetition_penalty <= 1 / MIN_PENALTY:
+            bad("repetition_penalty", f"in [{MIN_PENALTY:g}, {1 / MIN_PENALTY:g}] (1 = off)")
+        if not 1 <= self.repetition_window < 2 ** 31:
+            bad("repetition_window", "in [1, 2**31)")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "in [-2, 2] (0 = off)")
         if not -2 <= self.presence_penalty <= 2:

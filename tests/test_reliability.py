@@ -569,3 +569,182 @@ def test_alias_cache_check_costs_little(tiny_alias):
     for _ in range(5):
         assert loading._cache_entry_problem(tiny_alias) is None
     assert (time.perf_counter() - start) / 5 < 0.5
+
+
+# ---- issue #32: options checked before the slow work, malformed inputs as one line ----------------
+
+
+def cli(*args, timeout=600):
+    """The real command line in a child process: (exit status, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "mlx_gemma.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_line(code, stdout, stderr) -> str:
+    assert code == 1 and stdout == "" and "Traceback" not in stderr, (code, stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def train_args(model_dir, data_dir, out, *extra):
+    return ["train", "--model", model_dir, "--data", data_dir, "--out", out, "--iters", "2", "--batch-size", "1",
+            "--rank", "2", "--max-seq-len", "32", "--eval-every", "0", "--save-every", "1", "--no-test",
+            "--no-report", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(model_dir, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = run(*train_args(model_dir, data_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# every option that shapes the adapter or its step sequence, with a value other than the run's
+RESUME_CHANGES = [("--rank", "4"), ("--alpha", "8"), ("--dropout", "0.2"), ("--targets", "q_proj,v_proj"),
+                  ("--num-layers", "2"), ("--quantize-bits", "4"), ("--quantize-group-size", "32"),
+                  ("--dtype", "float16"), ("--batch-size", "2"), ("--grad-accum", "2"), ("--max-seq-len", "48"),
+                  ("--drop-long", None), ("--pack", None), ("--train-on-prompt", None), ("--seed", "7"),
+                  ("--lr", "1e-3"), ("--min-lr", "1e-6"), ("--lr-schedule", "constant"), ("--warmup", "1"),
+                  ("--weight-decay", "0.1"), ("--max-grad-norm", "0.5")]
+
+
+@pytest.mark.parametrize("flag,value", RESUME_CHANGES, ids=[f for f, _ in RESUME_CHANGES])
+def test_resume_refuses_options_that_shaped_the_adapter(trained_run, flag, value):
+    before = snapshot(trained_run)
+    args = ["train", "--out", trained_run, "--resume", "--iters", "3", flag] + ([value] if value else [])
+    line = error_line(run(*args))
+    assert line.startswith(f"error: --resume: {flag} ") and "differs from the run in" in line, line
+    assert str(trained_run / "train_config.json") in line and "--force" in line, line
+    assert snapshot(trained_run) == before
+
+
+def test_resume_rank_through_the_real_cli(trained_run):
+    """The issue's case: a rank-2 run resumed with --rank 8 (it exited 0 and wrote r=8 over rank-2 weights)."""
+    before = snapshot(trained_run)
+    line = one_line(*cli("train", "--out", trained_run, "--resume", "--rank", "8"))
+    assert line == (f"error: --resume: --rank 8 differs from the run in {trained_run / 'train_config.json'} "
+                    "(--rank 2); a resumed run keeps the options that shaped its adapter: drop --rank, or start a "
+                    "new run (another --out, or --force)")
+    assert snapshot(trained_run) == before
+
+
+def test_resume_with_the_same_options_and_more_steps_runs(trained_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    result = run("train", "--out", out, "--resume", "--rank", "2", "--lr", "2e-4", "--iters", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    assert run("generate", "--model", json.loads((out / "train_config.json").read_text())["model"], "--adapter", out,
+               "--prompt", "hi", "--max-tokens", "2").exit_code == 0
+
+
+def test_rank_above_the_layer_sizes_is_refused_before_the_load(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    line = one_line(*cli(*train_args(model_dir, data_dir, out, "--rank", "100000")))
+    assert line == ("error: --rank 100000 is above what LoRA can use on this model: k_proj maps 32 to 16 features, "
+                    "so its update has rank at most 16; use --rank 16 or less")
+    assert everything(tmp_path) == []
+
+
+def test_rank_memory_estimate_on_the_270m():
+    """Within the layer sizes, a rank whose LoRA weights, gradients and AdamW state outgrow the memory."""
+    from mlx_gemma.training.args import TrainArgs, check_rank
+
+    config = loading.read_config(loading.resolve("gemma-3-270m"))
+    args = TrainArgs(rank=256, targets="all-linear")
+    check_rank(args, config)  # this machine's memory holds it
+    params = config.num_hidden_layers * 256 * sum(
+        a + b for a, b in [(640, 1024), (640, 256), (640, 256), (1024, 640), (640, 2048), (640, 2048), (2048, 640)])
+    with pytest.raises(UserError, match=f"--rank 256 trains {params:,} LoRA parameters: about "):
+        check_rank(args, config, memory_bytes=params * 16 - 1)
+    check_rank(args, config, memory_bytes=params * 16)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1000"])
+def test_ranks_is_bounded_with_one_error_line(value, model_dir, data_dir, tmp_path):
+    line = one_line(*cli(*train_args(model_dir, data_dir, tmp_path / "out", "--ranks", value)))
+    cores = os.cpu_count()
+    if value == "1000":
+        assert line.startswith(f"error: --ranks 1000 is more than this machine's {cores} cores"), line
+    else:
+        assert line == f"error: --ranks must be a whole number of processes from 1 to {cores}, got {value!r}"
+    assert everything(tmp_path) == []
+
+
+def test_unwritable_out_is_refused_before_the_model_loads(data_dir, tmp_path, monkeypatch):
+    """--model does not exist: the --out error coming first shows the check runs before the load."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    out = tmp_path / "out"
+    line = error_line(run(*train_args(tmp_path / "no-such-model", data_dir, out)))
+    assert line == f"error: cannot write {out}: read-only file system; choose a folder on a writable disk"
+    assert everything(tmp_path) == []
+
+
+def test_read_only_out_through_the_real_cli(data_dir, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out = small_disk / "run"
+    line = one_line(*cli(*train_args(small_disk / "no-such-model", data_dir, out)))
+    assert line.startswith(f"error: cannot write {out}: read-only file system"), line
+
+
+BAD_TOKENIZER_JSON = [
+    ("[]", "the file must hold a JSON object, got list"), ("5", "the file must hold a JSON object, got int"),
+    ("null", "the file must hold a JSON object, got NoneType"), ('{"model": 5}', "model must be an object"),
+    ('{"model": {"type": "BPE", "vocab": "abc"}}', "model.vocab must map pieces to token ids"),
+    ('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"]], "unk_token": "a"}, "normalizer": '
+     '{"type": "Replace", "pattern": {"String": " "}, "content": "\\u2581"}}', "merge 0 (['a']) is not a pair"),
+    ('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [5]}}', "model.merges must be a list"),
+    ('{"added_tokens": {"id": 1}}', "added_tokens must be a list of {id, content} objects"),
+]
+
+
+@pytest.mark.parametrize("text,needle", BAD_TOKENIZER_JSON, ids=[t[:24] for t, _ in BAD_TOKENIZER_JSON])
+def test_malformed_tokenizer_json_is_one_line(text, needle, model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(model_dir, src)
+    (src / "tokenizer.model").unlink()
+    (src / "tokenizer.json").write_text(text)
+    line = error_line(run("convert", src, tmp_path / "out"))
+    assert line.startswith(f"error: {src / 'tokenizer.json'}: ") and needle in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_hc3_lone_surrogate_names_the_record(tmp_path):
+    src = tmp_path / "hc3.jsonl"
+    src.write_text('{"question": "q1", "human_answers": ["a1"]}\n'
+                   '{"question": "q2", "human_answers": ["fine", "x"]}\n'
+                   '{"question": "q3", "human_answers": ["caf\\udce9"]}\n')
+    line = one_line(*cli("data", "hc3", src, tmp_path / "out"))
+    assert line == (f"error: {src}:3: 'human_answers' holds a lone surrogate (\\udce9 at character 4), which is not "
+                    "text; fix or drop the record")
+    assert everything(tmp_path) == ["hc3.jsonl"]
+
+
+def test_generate_temp_underflow_is_greedy_and_huge_values_are_refused(model_dir):
+    greedy = run("generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", "6", "--raw")
+    tiny = run("generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", "6", "--raw", "--temp", "1e-300",
+               "--seed", "1")
+    assert greedy.exit_code == tiny.exit_code == 0 and greedy.stdout == tiny.stdout, (greedy.output, tiny.output)
+    for flag, value, needle in [("--temp", "1e300", "temp must be at most 10000"),
+                                ("--temp", "1" * 400, "temp must be a finite number"),
+                                ("--repetition-penalty", "1e-300", "repetition_penalty must be in [0.01, 100]"),
+                                ("--repetition-window", str(10 ** 30), "repetition_window must be in [1, 2**31)"),
+                                ("--top-p", "nan", "top_p must be a finite number")]:
+        line = error_line(run("generate", "--model", model_dir, "--prompt", "hi", flag, value))
+        assert needle in line, line

@@ -158,7 +158,8 @@ def wait_for(predicate, timeout=120.0, every=0.2):
 
 def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, server):  # noqa: F811
     port = server["port"]
-    page = browser.new_page()
+    context = browser.new_context()  # one profile: its tabs share localStorage, each has its own sessionStorage
+    page = context.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     assert page.title() == "mlx-gemma chat"
     # No key yet: the models list is refused, and the page says so.
@@ -206,13 +207,30 @@ def test_chat_page_streams_stops_switches_adapter_and_survives_reload(browser, s
     n_messages = page.locator(".column[data-col='a'] .msg").count()
     assert n_messages == 4  # two user turns, two answers (the stopped one kept its text)
 
-    # Reload: the conversation, the model choice and the key come back from localStorage.
+    # Reload: the conversation and the model choice come back from localStorage, the key from
+    # sessionStorage (this tab only): by default no storage that outlives the tab holds the key.
     page.reload()
     wait_for(lambda: page.locator(".column[data-col='a'] .msg").count() == n_messages, 30)
     assert page.input_value("#api-key") == KEY
     wait_for(lambda: page.input_value("#model-a") == "zh", 30)
     assert page.inner_text('.column[data-col="a"] .msg.assistant >> nth=0 >> .content') == stopped_text
+    assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
+    assert not page.is_checked("#remember-key")
+    other_tab = context.new_page()  # same browser profile (localStorage), a new tab (sessionStorage)
+    other_tab.goto(f"http://127.0.0.1:{port}/")
+    wait_for(lambda: other_tab.locator(".column[data-col='a'] .msg").count() == n_messages, 30)
+    assert other_tab.input_value("#api-key") == ""
+    # An explicit "remember": the key is kept in localStorage, and a new tab has it.
+    page.check("#remember-key")
+    assert KEY in page.evaluate("() => JSON.stringify(localStorage)")
+    other_tab.reload()
+    wait_for(lambda: other_tab.input_value("#api-key") == KEY, 30)
+    assert other_tab.is_checked("#remember-key")
+    page.uncheck("#remember-key")  # forgetting it removes it
+    assert KEY not in page.evaluate("() => JSON.stringify(localStorage)")
+    other_tab.close()
     page.close()
+    context.close()
 
 
 def test_chat_page_compare_mode_with_a_system_prompt(browser, server, model_dir, adapter_dir):  # noqa: F811

@@ -61,10 +61,23 @@ def create_server(model: str, adapters: Optional[dict] = None, api_key: Optional
     # Weights may still be lazy (a load on this thread's stream): materialise them here, since the
     # engine thread runs on a stream of its own.
     mx.eval(net.parameters())
+    _warm_grammar_tables(tokenizer)
     engine = Engine(net, tokenizer, index, prefill_step=prefill_step, prompt_cache_bytes=int(prompt_cache_mb * (1 << 20)))
     engine.start()
     app = build_app(engine, name, api_key=api_key, max_body=max_body, default_max_tokens=default_max_tokens)
     return app, engine
+
+
+def _warm_grammar_tables(tokenizer) -> None:
+    """Build the grammar engine's vocabulary tables now, before requests are served: llguidance
+    builds them in native code that holds the GIL for seconds, which would stall the event loop
+    (every stream, /health) at the first response_format request."""
+    try:
+        from ..constrain import grammar_tokenizer
+
+        grammar_tokenizer(tokenizer)
+    except ImportError:  # llguidance not installed: response_format requests say so themselves
+        pass
 
 
 def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -89,7 +102,52 @@ def serve(model: str, adapters: Optional[dict] = None, host: str = DEFAULT_HOST,
     logging.getLogger("mlx_gemma.serve").info(
         "serving %s%s on http://%s:%d (API key %s)", model_name or model_name_for(model),
         f" with adapters {', '.join(adapters)}" if adapters else "", host, port, "required" if api_key else "off")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level=log_level,
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     try:
-        uvicorn.run(app, host=host, port=int(port), log_level=log_level, timeout_graceful_shutdown=2)
+        _run_until_signal(server, app)
     finally:
-        engine.stop()
+        signals = getattr(server, "_captured_signals", [])
+        stop_engine(engine, 128 + signals[0] if signals else 1)
+
+
+SHUTDOWN_GRACE_S = 5  # for answers already sent to reach their clients after SIGTERM / Ctrl-C
+ENGINE_STOP_S = 15  # how long the way out waits for the engine's current step
+
+
+def _run_until_signal(server, app) -> None:
+    """uvicorn's run, where the first SIGTERM / Ctrl-C also answers every request in flight with a
+    503 at once (ServerState.shut_down, on the event loop), so uvicorn's graceful wait ends as
+    soon as those answers are written, instead of cancelling handlers mid-request."""
+    import asyncio
+
+    on_exit = server.handle_exit
+
+    def handle_exit(sig, frame):
+        on_exit(sig, frame)
+        loop = getattr(app.state, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(app.state.server.shut_down)  # signal-safe: a write to the loop's pipe
+
+    server.handle_exit = handle_exit
+
+    async def main():
+        app.state.loop = asyncio.get_running_loop()
+        await server.serve()
+
+    asyncio.run(main())
+
+
+def stop_engine(engine: Engine, exit_code: int) -> None:
+    """Stop the engine thread and wait for its current step. A process that exits while MLX still
+    runs in that thread aborts ("terminate called without an active exception", status 134), so
+    when the step outlasts ENGINE_STOP_S (a long prefill on a slow machine), the process ends at
+    once with `exit_code` instead, skipping the interpreter's teardown; every client has its
+    answer by then, and the server writes no files."""
+    engine.stop()
+    engine.thread.join(timeout=ENGINE_STOP_S)
+    if engine.thread.is_alive():
+        logging.getLogger("mlx_gemma.serve").warning(
+            "the engine is still inside a step after %d s; exiting without waiting for it", ENGINE_STOP_S)
+        logging.shutdown()
+        os._exit(exit_code)

@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from .. import tools
-from ..constrain import GrammarMask
+from ..constrain import GrammarMask, grammar_error
 from ..errors import UserError
 from ..generation import Event
 from . import protocol
@@ -37,6 +37,7 @@ log = logging.getLogger("mlx_gemma.serve")
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes
 DEFAULT_MAX_TOKENS = 2048  # per answer, when the request gives no max_tokens
+MAX_BODY_DEPTH = 100  # JSON nesting of a request body (a response_format schema sits 3 levels down)
 
 
 class ServerState:
@@ -45,6 +46,16 @@ class ServerState:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
         self.created = int(time.time())
+        self.jobs: dict = {}  # id(job) -> job: requests in flight, answered with a 503 when the server shuts down
+        self.closing = False
+
+    def shut_down(self) -> None:
+        """SIGTERM / Ctrl-C (on the event loop): every request in flight ends now with a 503 (a
+        stream with an error event) and frees its row; later requests get a 503 too."""
+        self.closing = True
+        for job in list(self.jobs.values()):
+            job.events.put_nowait(_shutting_down())
+            self.engine.cancel(job)
 
     def adapter_index(self, name: str) -> int:
         if not name or name == self.model_name:
@@ -64,6 +75,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry against a running server", None, "server_shutting_down")
+
+
 async def _read_json(request: Request, limit: int):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -74,10 +89,49 @@ async def _read_json(request: Request, limit: int):
         body += part
         if len(body) > limit:
             raise APIError(413, f"the request body exceeds {limit} bytes", None, "body_too_large")
+    return await run_in_threadpool(_parse_body, bytes(body))
+
+
+def _parse_body(body: bytes):
+    """The JSON of a request body, checked for what the readers below cannot take: nesting past
+    MAX_BODY_DEPTH, strings that are not Unicode text (lone surrogates, which JSON's \\ud800
+    escapes can carry) and integers beyond 64 bits. Runs off the event loop (4 MiB parse)."""
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_BODY_DEPTH} levels", None,
+                       "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+        raise APIError(400, f"the request body is not valid JSON ({str(exc)[:200]})", None, "invalid_json") from None
+    stack = [(value, (), 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".") or "the body"
+        if depth > MAX_BODY_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_BODY_DEPTH} levels (at '{where[:80]}')",
+                           None, "invalid_json")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                _check_text(key, where)
+                stack.append((item, path + (key,), depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, path + (i,), depth + 1) for i, item in enumerate(node))
+        elif isinstance(node, str):
+            _check_text(node, where)
+        elif type(node) is int and not -2 ** 63 <= node < 2 ** 64:
+            raise APIError(400, f"'{where}' is a {len(str(abs(node)))}-digit number; numbers must fit in 64 bits",
+                           where, "invalid_value")
+    return value
+
+
+def _check_text(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"'{where}' holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
+                            f"{exc.start + 1}), which is not text; send valid Unicode", where, "invalid_value") from None
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -186,11 +240,14 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         if not _authorized(state, request):
             return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
                                    "invalid_api_key"))
+        if state.closing:
+            return _error(_shutting_down())
         if not engine.alive:
             return _error(APIError(503, f"the engine stopped: {engine.error}", None, "engine_stopped"))
         try:
             body = await _read_json(request, state.max_body)
-            req = protocol.parse(kind, body, state.default_max_tokens)
+            # Off the event loop: a response_format schema is compiled here (up to a second).
+            req = await run_in_threadpool(protocol.parse, kind, body, state.default_max_tokens)
             adapter = state.adapter_index(req.model)
             req.model = req.model or state.model_name
             ids = await run_in_threadpool(_prompt_ids, state, req)
@@ -199,9 +256,17 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             return _error(exc)
         except UserError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
-            return _error(APIError(400, str(exc), "messages" if kind == "chat" else "prompt", code))
+            param = "response_format" if _grammar_refused(exc) else "messages" if kind == "chat" else "prompt"
+            return _error(APIError(400, str(exc), param, code))
+        except Exception as exc:  # a bug: one log line with its traceback, a 500, the server goes on
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return _error(APIError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", None,
+                                   "server_error"))
+        if state.closing:
+            return _error(_shutting_down())
         job = engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop(), processors=processors)
         job.request_id = req.id
+        state.jobs[id(job)] = job
         if req.stream:
             return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -220,13 +285,19 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
             # (nothing else would notice before the answer is complete).
             if await _first_done(_collect(job, answer), _until_disconnect(request)) == 1:
                 return Response(status_code=499)  # nobody reads it
+        except APIError as exc:  # the server is shutting down
+            return _error(exc)
         except UserError as exc:
             return _error(APIError(400, str(exc), None, "invalid_value"))
         except RuntimeError as exc:
             return _error(APIError(500, str(exc), None, "engine_error"))
         finally:
+            state.jobs.pop(id(job), None)
             if job.finished is None:  # the client went away while we waited
                 engine.cancel(job)
+        failed = _grammar_failure(job)
+        if failed is not None:
+            return _error(failed)
         text = "".join(answer.text)
         if req.echo and isinstance(req.prompt, str):
             text = req.prompt + text
@@ -261,6 +332,10 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                     offset += len(event.text)
                     pending = []
                 if event.finish_reason:
+                    failed = _grammar_failure(job)
+                    if failed is not None:  # never a "stop" on a value that does not parse
+                        yield _sse(failed.body())
+                        return
                     called = parser is not None and parser.calls and event.finish_reason == "stop"
                     yield _sse(protocol.chunk(req, finish="tool_calls" if called else event.finish_reason))
                     if req.include_usage:
@@ -268,9 +343,12 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
                     break
             yield "data: [DONE]\n\n"
             _log_done(req, job, n_prompt, answer, metrics)
+        except APIError as exc:  # the server is shutting down
+            yield _sse(exc.body())
         except (UserError, RuntimeError) as exc:
             yield _sse(APIError(500, str(exc), None, "engine_error").body())
         finally:
+            state.jobs.pop(id(job), None)
             if job.finished is None:  # client disconnected mid-stream: free its row now
                 engine.cancel(job)
 
@@ -323,8 +401,24 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/", page, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
-                     middleware=[Middleware(StatusMiddleware, metrics=metrics)])
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    middleware=[Middleware(StatusMiddleware, metrics=metrics)])
+    app.state.server = state  # serve() answers in-flight requests through it on SIGTERM
+    return app
+
+
+def _grammar_refused(exc: UserError) -> bool:
+    """Whether a UserError came from building the row's grammar (GrammarMask)."""
+    return str(exc).startswith(("json_schema ", "regex "))
+
+
+def _grammar_failure(job: Job) -> Optional[APIError]:
+    """The 400 of a row whose grammar failed while generating (its text does not parse), or None."""
+    error = grammar_error(job.processors)
+    if error is None:
+        return None
+    return APIError(400, f"the response_format grammar failed while generating ({error}); simplify the schema",
+                    "response_format", "unsupported_schema")
 
 
 def _parses_calls(req: ParsedRequest) -> bool:

@@ -107,7 +107,10 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _deliver(self, job: Job, item) -> None:
-        job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        except RuntimeError:  # the caller's event loop has closed (the server is shutting down): nobody listens
+            pass
 
     def _take(self, block: bool) -> bool:
         """Apply queued submissions and cancellations; False when asked to stop."""
@@ -160,6 +163,10 @@ class Engine:
                 self._deliver(job, RuntimeError(f"the engine stopped: {self.error}"))
             self.jobs.clear()
             self._fail_queued()
+        finally:
+            # Work this thread queued and never waited for (a step dispatched ahead) must end
+            # before the process does: MLX aborts at exit while its stream still runs.
+            mx.synchronize()
 
     def _fail_queued(self) -> None:
         """Answer every request still queued with the engine's error (the engine has stopped)."""

@@ -86,10 +86,12 @@ class TrainArgs:
                                "train_config.json).")
     force: bool = _opt(False, "Start over in an --out dir that holds another run.")
 
-    # options that shape the adapter or the step sequence: a resumed run must keep them
-    RESUME_KEYS = ("model", "rank", "alpha", "targets", "num_layers", "quantize_bits", "quantize_group_size",
-                   "batch_size", "grad_accum", "max_seq_len", "pack", "seed", "lr", "lr_schedule", "train_on_prompt",
-                   "method", "beta", "dpo_loss", "orpo_alpha", "adapter_init")
+    # options that shape the adapter (its tensors, their scale, the base they sit on, the objective)
+    # or the step sequence: a resumed run must keep them (`resume_conflict`); --iters / --epochs may grow
+    RESUME_KEYS = ("model", "rank", "alpha", "dropout", "targets", "num_layers", "quantize_bits",
+                   "quantize_group_size", "dtype", "batch_size", "grad_accum", "max_seq_len", "drop_long", "pack",
+                   "train_on_prompt", "seed", "lr", "min_lr", "lr_schedule", "warmup", "weight_decay",
+                   "max_grad_norm", "method", "beta", "dpo_loss", "orpo_alpha", "adapter_init")
     # options that describe one invocation, never restored from a previous run's train_config.json
     PER_RUN_KEYS = ("resume", "force")
 
@@ -274,3 +276,72 @@ def _check_method(args: TrainArgs) -> None:
     if args.method in ("dpo", "orpo") and args.pack:
         raise UserError(f"--pack does not apply to --method {args.method} (chosen and rejected rows are batched "
                         "side by side); leave it out")
+
+
+def resume_conflict(saved: dict, options: dict, where: str) -> None:
+    """UserError when `options` (a resumed run's) differ from `saved` (its train_config.json) in
+    a RESUME_KEYS option: the checkpoint's tensors were made with the saved ones (a rank-4
+    adapter resumed at --rank 8 wrote r=8 over rank-4 weights). Keys the saved config lacks (an
+    older run) are not compared."""
+    for name in TrainArgs.RESUME_KEYS:
+        if name not in saved or name not in options:
+            continue
+        before = coerce_value(name, saved[name], where) if saved[name] is not None else None
+        now = options[name]
+        if isinstance(before, float) and isinstance(now, (int, float)) and not isinstance(now, bool):
+            now = float(now)
+        if before != now:
+            shown = {True: "on", False: "off", None: "the default"}
+            raise UserError(f"--resume: {_flag(name)} {shown.get(now, now)} differs from the run in {where} "
+                            f"({_flag(name)} {shown.get(before, before)}); a resumed run keeps the options that "
+                            f"shaped its adapter: drop {_flag(name)}, or start a new run (another --out, or --force)")
+
+
+# ---- the adapter's size against the model, before the model loads ----------------------------
+
+# bytes per trained parameter: the float32 weight, its gradient and AdamW's two moments
+_TRAIN_BYTES_PER_PARAM = 4 * 4
+
+
+def _layer_shapes(config) -> dict:
+    """{target: (in features, out features)} of one decoder layer's linear layers."""
+    h, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, \
+        config.num_key_value_heads * config.head_dim
+    i = config.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def check_rank(args: TrainArgs, config, memory_bytes: Optional[int] = None) -> None:
+    """UserError when --rank exceeds the smallest adapted layer (B @ A has rank <= min(in, out),
+    so more only costs memory), or when the LoRA weights with their gradients and AdamW state
+    would not fit in `memory_bytes` (default: this machine's RAM). `config` is the model's
+    GemmaConfig, read without loading the weights."""
+    shapes = _layer_shapes(config)
+    names = list(shapes) if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
+    names = [n for n in names if n in shapes]  # unknown names: apply_lora words that error
+    if not names:
+        return
+    smallest = min(names, key=lambda n: min(shapes[n]))
+    limit = min(shapes[smallest])
+    if args.rank > limit:
+        raise UserError(f"--rank {args.rank} is above what LoRA can use on this model: {smallest} maps "
+                        f"{shapes[smallest][0]} to {shapes[smallest][1]} features, so its update has rank at most "
+                        f"{limit}; use --rank {limit} or less")
+    layers = min(args.num_layers or config.num_hidden_layers, config.num_hidden_layers)
+    params = layers * sum(args.rank * sum(shapes[n]) for n in names)
+    need = params * _TRAIN_BYTES_PER_PARAM
+    memory_bytes = memory_bytes or _physical_memory()
+    if memory_bytes and need > memory_bytes:
+        raise UserError(f"--rank {args.rank} trains {params:,} LoRA parameters: about {need / 2 ** 30:.1f} GiB with "
+                        f"their gradients and AdamW state, more than this machine's {memory_bytes / 2 ** 30:.1f} GiB "
+                        "of memory; lower --rank, --num-layers or --targets")
+
+
+def _physical_memory() -> Optional[int]:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None

@@ -75,7 +75,18 @@ def _question_and_answer(where: str, record: dict) -> tuple[str, str]:
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise UserError(f"{where}: 'human_answers' must be a list of strings")
     answer = next((a for a in map(normalize_text, answers) if a), "")
+    _check_text(where, "question", question)
+    _check_text(where, "human_answers", answer)
     return normalize_text(question), answer
+
+
+def _check_text(where: str, field: str, text: str) -> None:
+    """UserError for a lone surrogate (JSON can escape one, "\\ud800"; no UTF-8 file can hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{where}: '{field}' holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
+                        f"{exc.start + 1}), which is not text; fix or drop the record") from None
 
 
 def _split_counts(n: int, test_size: float, valid_size: float) -> tuple[int, int, int]:

@@ -61,7 +61,7 @@ def load_training_data(args: TrainArgs, tokenizer) -> dict:
 
 def prepare_out_dir(args: TrainArgs) -> Optional[Path]:
     """Check --out before slow work; the checkpoint to resume from, or None (see RunDir.check)."""
-    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force)
+    return RunDir(args.out, writer=dist.rank() == 0).check(args.resume, args.force, args.to_dict())
 
 
 def restore_options(values: dict, given: set) -> dict:

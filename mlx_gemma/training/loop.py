@@ -328,7 +328,7 @@ def train(model, tokenizer, args: TrainArgs, train_set, valid_set=None, test_set
     objective = loss if isinstance(loss, Objective) else SFT(loss)
     run_dir = RunDir(args.out, writer=dist.rank() == 0)
     created_dir = not run_dir.path.exists()
-    resume_from = run_dir.check(args.resume, args.force)
+    resume_from = run_dir.check(args.resume, args.force, args.to_dict())
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     for split in (train_set, valid_set, test_set):  # before a checkpoint is restored: the reference is the start
         if split is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
-from ..files import atomic_output_dir, read_text, write_json_atomic
+from ..files import atomic_output_dir, read_text, write_error, write_json_atomic
+from .args import resume_conflict
 
 KEEP_CHECKPOINTS = 3
 CONFIG = "train_config.json"
@@ -86,10 +88,12 @@ class RunDir:
 
     # ---- starting -----------------------------------------------------------------------------
 
-    def check(self, resume: bool, force: bool) -> Optional[Path]:
+    def check(self, resume: bool, force: bool, options: Optional[dict] = None) -> Optional[Path]:
         """Check the dir before any slow work; return the checkpoint to resume from, or None.
 
         A dir holding another run is an error unless `resume` (continue) or `force` (start over).
+        `options` (the TrainArgs as a dict): on resume, refused where they differ from the run's
+        in an option that shaped its adapter; on a new run, --out must be writable.
         """
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} exists and is not a directory")
@@ -98,12 +102,33 @@ class RunDir:
             if ckpt is None:
                 raise UserError(f"--resume: no checkpoint in {self.path}/checkpoints; start a new run without "
                                 "--resume (or with --force if the dir holds files)")
-            self.read_config()  # a damaged config is reported now, not after the model load
+            saved = self.read_config()  # a damaged config is reported now, not after the model load
+            if saved is not None and options is not None:
+                resume_conflict(saved, options, str(self.path / CONFIG))
+            self.check_writable()
             return ckpt
         if self.holds_files() and not force and self.writer:  # other ranks: rank 0 may be writing already
             raise UserError(f"--out {self.path} already holds files (another run?); pass --resume to continue it or "
                             "--force to start over")
+        self.check_writable()
         return None
+
+    def check_writable(self) -> None:
+        """files.WriteError (one line: the folder and the cause) when the run could not write into
+        --out: tried with a temporary file in the nearest folder that exists, before the model
+        loads and the data is tokenized, rather than at the first checkpoint."""
+        if not self.writer:
+            return
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserError(f"--out {self.path}: {folder} is a file, not a folder; choose another output path")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:  # worded for --out, not for the probe's temporary name
+            raise write_error(OSError(exc.errno, exc.strerror), self.path) or exc from None
 
     def start(self, config: dict, resume_step: Optional[int]) -> None:
         """Begin writing: a fresh run removes a previous run's files and writes train_config.json;
