@@ -15,7 +15,7 @@ from mlx_gemma.loading import build_model, read_config
 from mlx_gemma.lora import load_adapter
 from mlx_gemma.sampling import SamplingParams
 
-from tiny import make_hf_model, random_ids, random_lora_adapter, save_hf_model
+from tiny import NoStops, greedy_alone, make_hf_model, random_ids, random_lora_adapter, save_hf_model
 
 
 def load_dir(path):
@@ -32,26 +32,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(model_dir):
     return load_dir(model_dir)
-
-
-class NoStops:
-    """A stand-in tokenizer: the tiny vocab has no text; no stop ids, bytes for detokenizing."""
-
-    stop_ids = ()
-
-    def token_bytes(self, token_id, skip_special=False):
-        return b"x"
-
-    def is_special(self, token_id):
-        return False
-
-
-def greedy_alone(model, ids, n):
-    """Reference: greedy ids from uncached full forward passes (no cache, no batching)."""
-    seq = list(ids)
-    for _ in range(n):
-        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
-    return seq[len(ids):]
 
 
 def run(engine, joins=None):

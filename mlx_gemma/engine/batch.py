@@ -57,6 +57,8 @@ class BatchGenerator:
         self.decode = engine_for(model).step(compile)
         self.speculator = make_speculator(model, speculative, draft_tokens, draft_model, compile)
         self.stop_ids = set(tokenizer.stop_ids)
+        # ids the detokenizer can read (a stand-in tokenizer without a vocabulary reads any)
+        self.vocab = getattr(tokenizer, "vocab_size", None)
         # prefix_cache: reused prompt prefixes, for requests that bring no cache of their own
         self.scheduler = Scheduler(model, prefill_step, prefix_cache)
         self._next_rid = 0
@@ -139,7 +141,8 @@ class BatchGenerator:
         logits = self.decode(self.scheduler.cache, tokens, pos, max(r.pos for r in rows) + 1, adapter_rows(rows))
         # An embedding with more rows than the tokenizer has pieces (padded or multimodal tables)
         # must never yield an id the detokenizer cannot read: sample among the tokenizer's ids.
-        logits = logits[:, :self.tokenizer.vocab_size]
+        if self.vocab is not None:
+            logits = logits[:, :self.vocab]
         sampled, scores = sample(logits, [r.sampling for r in rows])
         events = []
         for row, token, score in zip(rows, sampled, scores):
