@@ -18,7 +18,7 @@ from ..errors import NAME_ONLY, UserError
 from ..loading import load
 from . import data as data_lib
 from . import distributed as dist
-from .args import DEFAULT_OUT, TrainArgs, check_args, resolve_defaults, train_fields
+from .args import DEFAULT_OUT, PREFERENCE_NEEDS_DATA, TrainArgs, check_args, resolve_defaults, train_fields
 from .loop import TrainResult, train
 from .objectives import SFT, Objective
 from .preference import DPO, ORPO
@@ -53,8 +53,7 @@ def load_training_data(args: TrainArgs, tokenizer) -> dict:
     records (PairDataset) for --method dpo / orpo."""
     if args.method in ("dpo", "orpo"):
         if not args.data:
-            raise UserError("--method {method} needs --data: a preference set (prompt/chosen/rejected records; "
-                            "`mlx-gemma data pairs` makes one)", method=args.method)
+            raise UserError(PREFERENCE_NEEDS_DATA, method=args.method)
         return data_lib.load_pair_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long)
     return data_lib.load_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long, args.train_on_prompt)
 
