@@ -129,7 +129,8 @@ def test_convert_q_mixed_recipe_puts_the_chosen_layers_at_8_bits(tiny_dir, tmp_p
 
 
 _MALLOC_PROBE = """
-import ctypes, os, mlx_gemma
+import ctypes, os, mlx_gemma.cpu
+mlx_gemma.cpu.enable()  # what the CLI does; importing alone leaves malloc as it is
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 page = os.sysconf("SC_PAGE_SIZE")
@@ -144,8 +145,8 @@ print((rss() - before) >> 20)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_tuning_keeps_freed_blocks_and_the_switch_turns_it_off():
-    """README: freed blocks up to 1 GiB stay in the heap for reuse; MLX_GEMMA_NO_MALLOPT=1 keeps
-    glibc's defaults (a 200 MB block is mmap'ed and returned to the system on free)."""
+    """README: with the CPU paths enabled (the CLI, or mlx_gemma.cpu.enable()), freed blocks up to
+    1 GiB stay in the heap for reuse; MLX_GEMMA_NO_MALLOPT=1 keeps glibc's defaults (a 200 MB block is mmap'ed and returned to the system on free)."""
     def kept_mb(**env):
         out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, check=True,
                              env={**os.environ, **env}).stdout
