@@ -28,6 +28,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+# Every test here talks to a real `mlx-gemma serve` process (a tiny model, but a server): slow.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module", params=["gemma4", "gemma3"])
 def server(request, tmp_path_factory):
     from test_serve import free_port, start_server, stop_server
