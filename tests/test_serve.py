@@ -391,6 +391,7 @@ def test_chat_logprobs_equal_a_full_forward_pass(client, server, library):
     """Chat logprobs / top_logprobs against a second path: greedy decoding by uncached forward
     passes over the whole sequence, each token's log_softmax there; tokens compared as bytes."""
     import mlx.core as mx
+    import numpy as np
 
     from mlx_gemma.generation import encode_prompt
 
