@@ -69,8 +69,9 @@ def timed_post(port, body: dict, out: dict, key: str) -> None:
     out[key] = (response.status, json.loads(response.read()), time.perf_counter() - start, time.perf_counter())
 
 
-def long_ids(n: int) -> list:
-    return [2] + [1000 + (i * 7919) % 20000 for i in range(n - 1)]
+def long_ids(n: int, shift: int = 0) -> list:
+    """n prompt ids; another shift shares only <bos> with them (no prompt-cache hit)."""
+    return [2] + [1000 + (i * 7919 + shift) % 20000 for i in range(n - 1)]
 
 
 @pytest.mark.parametrize("path, body", [
@@ -109,7 +110,8 @@ def test_a_short_request_is_answered_while_a_long_prompt_prefills_and_a_left_pre
     # The same prompt again, its client gone as soon as the prefill begins: it is dropped from
     # the queue (after the chunk in progress), long before its prefill could have ended.
     start = time.perf_counter()
-    sock = open_request(port, "/v1/completions", {"prompt": long_ids(LONG_PROMPT), "max_tokens": 1})
+    # (another prompt: the first one's keys are in the server's prompt cache and would need no prefill)
+    sock = open_request(port, "/v1/completions", {"prompt": long_ids(LONG_PROMPT, shift=1), "max_tokens": 1})
     assert wait_for(port, lambda b: b["waiting"] == 1, 120)["waiting"] == 1
     sock.close()
     idle = wait_for(port, lambda b: b["waiting"] == 0 and b["running"] == 0, l_latency)
