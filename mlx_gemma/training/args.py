@@ -266,8 +266,9 @@ def check_args(args: TrainArgs) -> None:
             raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
 
 
-# Checked before the model loads (check_args) and again where the data is read (library callers).
-PREFERENCE_NEEDS_DATA = ("--method {method} needs --data: a preference set (prompt/chosen/rejected records; "
+# Checked by run_training before the model loads, and where the data is read. Not in check_args:
+# `train()` takes its datasets from the caller and never reads args.data.
+PREFERENCE_NEEDS_DATA = ("{method} needs {data}: a preference set (prompt/chosen/rejected records; "
                          "`mlx-gemma data pairs` makes one)")
 
 
@@ -281,8 +282,6 @@ def _check_method(args: TrainArgs) -> None:
     if args.method in ("dpo", "orpo") and args.pack:
         raise UserError(f"--pack does not apply to --method {args.method} (chosen and rejected rows are batched "
                         "side by side); leave it out")
-    if args.method in ("dpo", "orpo") and not args.data:
-        raise UserError(PREFERENCE_NEEDS_DATA, method=args.method)
 
 
 def resume_conflict(saved: dict, options: dict, where: str) -> None:

@@ -53,7 +53,7 @@ def load_training_data(args: TrainArgs, tokenizer) -> dict:
     records (PairDataset) for --method dpo / orpo."""
     if args.method in ("dpo", "orpo"):
         if not args.data:
-            raise UserError(PREFERENCE_NEEDS_DATA, method=args.method)
+            raise UserError(PREFERENCE_NEEDS_DATA, method=args.method, data=NAME_ONLY)
         return data_lib.load_pair_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long)
     return data_lib.load_splits(data_path(args), tokenizer, args.max_seq_len, args.drop_long, args.train_on_prompt)
 
@@ -104,7 +104,9 @@ def run_training(args: TrainArgs, progress: bool = True, echo=print) -> TrainRes
     """Load the model and data named by `args`, set up LoRA, train, and return the result (the CLI's `train`)."""
     args = resolve_defaults(args)
     check_args(args)
-    prepare_out_dir(args)  # fail before the slow model load
+    if args.method in ("dpo", "orpo") and not args.data:  # fail before the slow model load
+        raise UserError(PREFERENCE_NEEDS_DATA, method=args.method, data=NAME_ONLY)
+    prepare_out_dir(args)
     model, tokenizer, splits, extra = _load(args, echo)
     adapter_config = setup(model, args)
     return train(model, tokenizer, args, splits["train"], splits["valid"], splits["test"], progress=progress,
