@@ -2,8 +2,8 @@
 
 Two forms are read, with h5py only (neither Keras nor a backend is needed):
 - a preset dir, as `save_to_preset` writes it and Kaggle ships it: config.json (the backbone's
-  Keras config: class_name GemmaBackbone or Gemma3Backbone), model.weights.h5 (or a sharded
-  model.weights.json + model_NNNNN.weights.h5), assets/tokenizer/vocabulary.spm (the
+  Keras config: class_name GemmaBackbone, Gemma3Backbone or Gemma4Backbone), model.weights.h5 (or
+  a sharded model.weights.json + model_NNNNN.weights.h5), assets/tokenizer/vocabulary.spm (the
   SentencePiece model; the preset's tokenizer.json is Keras' layer config, not HF's);
 - a `.weights.h5` file as `model.save_weights` writes it (a backbone or a CausalLM task, LoRA
   already merged by Keras on save), with the vocabulary and the architecture given separately:
@@ -11,22 +11,32 @@ Two forms are read, with h5py only (neither Keras nor a backend is needed):
 
 What the layout table below encodes (read from keras_hub 0.32's Gemma layers):
 - h5 paths follow the Python objects, not the Keras layer names: decoder blocks are
-  `gemma_decoder_block`, `gemma_decoder_block_1`, ... (`gemma3_decoder_block...` for Gemma 3) in
-  layer order, the embedding `reversible_embedding`, the final norm `rms_normalization`; each
-  variable is `<object path>/vars/<index>`.
+  `gemma_decoder_block`, `gemma_decoder_block_1`, ... (`gemma3_decoder_block...` for Gemma 3,
+  `gemma4_text_decoder_block...` for Gemma 4) in layer order, the embedding
+  `reversible_embedding`, the final norm the last `rms_normalization[_N]`; each variable is
+  `<object path>/vars/<index>`.
 - attention kernels are einsum kernels per head: query (heads, hidden, head_dim), key / value
   (kv_heads, hidden, head_dim), output (heads, head_dim, hidden). HF's q_proj is
   (heads * head_dim, hidden), head-major, so q = kernel.transpose(0, 2, 1).reshape(-1, hidden).
 - Gemma 1/2 rotate q and k with the half-split RoPE HF uses, then interleave the two halves; the
   same permutation on q and k leaves every score unchanged, so no weight permutation is needed.
 - MLP kernels are (in, out); HF stores (out, in). Gemma 1/2's `intermediate_dim` counts gate and
-  up together (twice HF's intermediate_size); Gemma 3's does not.
-- norm scales are zero-centred, applied as x * (1 + scale), exactly as HF stores them: copied as is.
+  up together (twice HF's intermediate_size); Gemma 3's and 4's do not.
+- norm scales are stored as HF stores them and copied as is: zero-centred, applied as
+  x * (1 + scale), in Gemma 1-3; applied as x * scale (starting at 1) in Gemma 4.
 - the embedding is tied (ReversibleEmbedding, tie_weights=True); its soft cap is the final
   logit soft cap.
 - `query_head_dim_normalize=False` (Gemma 2 27B, Gemma 3 27B) means scores scaled by
   (hidden / heads) ** -0.5, as keras_hub's own HF exporter writes it (query_pre_attn_scalar);
-  keras_hub 0.32's decoder blocks ignore the flag and always use head_dim.
+  keras_hub 0.32's decoder blocks ignore the flag and always use head_dim. Gemma 4 scales by 1.
+- Gemma 4 adds: a `layer_scalar` per block (a 0-d variable, HF (1,)); global layers with their own
+  head size (`global_head_dim`) and, when `num_global_key_value_heads` is set, their own KV heads
+  with k == v (no value kernel: keras_hub ties the two options together); KV-shared blocks (the
+  last `num_kv_shared_layers`) without key / value / key-norm variables and, with
+  `use_double_wide_mlp`, a 2x wide MLP; per-layer embeddings (`embedding`, `dense` and the first
+  `rms_normalization` at the top, three variables per block); the MoE block, whose experts keep
+  gate and up apart as (experts, hidden, inner) where HF stacks them as `gate_up_proj`
+  (experts, 2 * inner, hidden).
 
 `hf_config` and `hf_weights` are pure functions over dicts; `read_checkpoint` does the I/O.
 """
@@ -41,6 +51,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..config import FULL, SLIDING, GemmaConfig
 from ..errors import UserError
 
 # Kaggle's / KerasHub's Gemma text architectures, as Keras backbone configs, for a bare
@@ -81,8 +92,11 @@ SIZE_ALIASES = {"2b": "gemma_2b", "7b": "gemma_7b"}
 
 _REQUIRED = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
              "intermediate_dim", "head_dim")
-# The Keras backbones of text Gemmas our model runs -> the h5 name of their decoder blocks.
-_BACKBONES = {"GemmaBackbone": "gemma_decoder_block", "Gemma3Backbone": "gemma3_decoder_block"}
+# The Keras backbones of text Gemmas our model runs.
+_BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma4Backbone")
+# HF model_type -> the h5 name of its Keras decoder blocks.
+_BLOCKS = {"gemma": "gemma_decoder_block", "gemma2": "gemma_decoder_block", "gemma3_text": "gemma3_decoder_block",
+           "gemma4_text": "gemma4_text_decoder_block"}
 
 # One decoder block: Keras object path + variable index -> (HF name under model.layers.{i}., layout).
 _LAYER_TABLE = {
@@ -99,15 +113,26 @@ _LAYER_TABLE = {
     "gating_ffw/0": ("mlp.gate_proj.weight", "transpose"),
     "gating_ffw_2/0": ("mlp.up_proj.weight", "transpose"),
     "ffw_linear/0": ("mlp.down_proj.weight", "transpose"),
+    # Gemma 4
+    "0": ("layer_scalar", "scalar"),  # the block's own variable
+    "per_layer_input_gate/0": ("per_layer_input_gate.weight", "transpose"),
+    "per_layer_up_proj/0": ("per_layer_projection.weight", "transpose"),
+    "post_per_layer_input_norm/0": ("post_per_layer_input_norm.weight", "copy"),
+    "pre_ffw_norm_moe/0": ("pre_feedforward_layernorm_2.weight", "copy"),
+    "post_ffw_norm_dense/0": ("post_feedforward_layernorm_1.weight", "copy"),
+    "post_ffw_norm_moe_path/0": ("post_feedforward_layernorm_2.weight", "copy"),
+    "moe_router/0": ("router.scale", "copy"),
+    "moe_router/proj/0": ("router.proj.weight", "transpose"),
+    # gate and up are stacked into HF's experts.gate_up_proj once all are read (_stack_experts)
+    "moe_expert_bank/0": ("experts.gate_proj", "experts"),
+    "moe_expert_bank/1": ("experts.up_proj", "experts"),
+    "moe_expert_bank/2": ("experts.down_proj", "experts"),
+    "moe_expert_bank/3": ("router.per_expert_scale", "copy"),
 }
-# Multimodal Gemma 3 presets carry an image encoder beside the text backbone; it is not read.
-_VISION_PREFIX = "gemma3_vision_encoder/"
+# Multimodal presets carry image / audio encoders beside the text backbone; they are not read.
+_TOWER_PREFIXES = ("gemma3_vision_encoder/", "gemma4_vision_encoder/", "gemma4_audio_encoder/")
 # Gemma 1 has one norm before the MLP, which HF calls post_attention_layernorm.
 _GEMMA1_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
-_TOP_TABLE = {
-    "reversible_embedding/0": ("model.embed_tokens.weight", "copy"),
-    "rms_normalization/0": ("model.norm.weight", "copy"),
-}
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -120,7 +145,7 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
     """
     if class_name not in _BACKBONES:
         raise UserError(f"{source}: Keras backbone {class_name!r} is not supported; mlx-gemma reads "
-                        f"{' and '.join(_BACKBONES)} (Gemma 1, 2 and 3 text)")
+                        f"{', '.join(_BACKBONES)} (Gemma 1, 2, 3 and 4 text)")
     k = dict(keras)
     missing = [f for f in _REQUIRED if k.get(f) is None]
     if missing:
@@ -138,6 +163,9 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, torch_dtype=_dtype_name(k.get("dtype")),
     )
     sliding = bool(k.get("use_sliding_window_attention"))
+    if class_name == "Gemma4Backbone":
+        _gemma4_fields(k, out, source)
+        return {key: v for key, v in out.items() if v is not None}
     if class_name == "Gemma3Backbone":
         _gemma3_fields(k, out, source)
         # keras_hub: five local layers, then one global (i % 6 < 5), bases 10k local / 1M global.
@@ -171,6 +199,15 @@ def _gemma3_fields(k: dict, out: dict, source: str) -> None:
         if not k.get(flag, flag == "use_query_key_norm"):
             raise UserError(f"{source}: {flag} is false; mlx-gemma's Gemma 3 always has it (every released "
                             "Gemma 3 does)")
+    _refuse_non_causal(k, source)
+    factor = float(k.get("global_rope_scaling_factor", 1.0))
+    out.update(model_type="gemma3_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
+               rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+               rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1.0 else None)
+
+
+def _refuse_non_causal(k: dict, source: str) -> None:
+    """Gemma 3 / 4 options outside a causal text model with global-only RoPE scaling."""
     for flag, what in (("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma)"),
                        ("is_embedding_model", "an embedding model (EmbeddingGemma)")):
         if k.get(flag):
@@ -179,10 +216,41 @@ def _gemma3_fields(k: dict, out: dict, source: str) -> None:
     if float(k.get("local_rope_scaling_factor", 1.0)) != 1.0:
         raise UserError(f"{source}: local_rope_scaling_factor {k['local_rope_scaling_factor']} is not "
                         "supported; mlx-gemma scales RoPE on global layers only")
+
+
+def _gemma4_fields(k: dict, out: dict, source: str) -> None:
+    """Gemma4Backbone's options as transformers' Gemma4TextConfig fields."""
+    _refuse_non_causal(k, source)
+    if not k.get("use_sliding_window_attention", True):
+        raise UserError(f"{source}: use_sliding_window_attention is false; mlx-gemma's Gemma 4 limits its "
+                        "sliding_attention layers to sliding_window_size, as every released Gemma 4 does")
+    n, pattern = k["num_layers"], int(k.get("sliding_window_pattern") or 6)
+    # keras_hub: the given layer_types, else every `pattern`-th layer global (not forcing the last).
+    kinds = list(k.get("layer_types") or [FULL if i % pattern == pattern - 1 else SLIDING for i in range(n)])
+    if len(kinds) != n or kinds[-1] != FULL:
+        raise UserError(f"{source}: layer_types makes the last layer {kinds[-1]!r}; Gemma 4 (transformers, "
+                        f"mlx-gemma) always makes it {FULL!r}: give layer_types ending in it")
+    rotary = float(k.get("global_rope_partial_rotary_factor") or 1.0)
     factor = float(k.get("global_rope_scaling_factor", 1.0))
-    out.update(model_type="gemma3_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
-               rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
-               rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1.0 else None)
+    if rotary != 1.0:  # keras_hub's partial RoPE keeps exponents over the full head: HF's proportional
+        rope = {"rope_type": "proportional", "partial_rotary_factor": rotary, "factor": factor}
+    else:
+        rope = {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+    kv_global = k.get("num_global_key_value_heads")  # keras_hub: set means k == v on global layers
+    per_layer = k.get("hidden_size_per_layer_input") or 0
+    out.update(
+        model_type="gemma4_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
+        layer_types=kinds, sliding_window=k.get("sliding_window_size", 512),
+        rope_theta=float(k.get("global_rope_wavelength") or 1_000_000.0),
+        rope_local_base_freq=float(k.get("local_rope_wavelength") or 10_000.0), rope_scaling=rope,
+        global_head_dim=k.get("global_head_dim") or k["head_dim"], attention_k_eq_v=kv_global is not None,
+        num_global_key_value_heads=kv_global, num_kv_shared_layers=k.get("num_kv_shared_layers") or 0,
+        hidden_size_per_layer_input=per_layer,
+        vocab_size_per_layer_input=(k.get("vocab_size_per_layer_input") or k["vocabulary_size"]) if per_layer else None,
+        use_double_wide_mlp=bool(k.get("use_double_wide_mlp")), enable_moe_block=bool(k.get("enable_moe_block")))
+    if out["enable_moe_block"]:
+        out.update(num_experts=k.get("num_experts"), top_k_experts=k.get("num_experts_per_token"),
+                   moe_intermediate_size=k.get("expert_intermediate_dim"))
 
 
 def _dtype_name(policy) -> str | None:
@@ -219,40 +287,72 @@ def hf_weights(variables: dict, config: dict, source: str = "weights") -> dict:
     if missing:
         raise UserError(f"{source}: Keras variable {missing[0]} is missing; the checkpoint does not match "
                         "its config (or the size given)")
-    return {name: _LAYOUTS[layout](variables[key]) for key, (name, layout, _) in expected.items()}
+    return _stack_experts({name: _LAYOUTS[layout](variables[key]) for key, (name, layout, _) in expected.items()})
 
 
 def _expected(config: dict) -> dict:
     """{keras key: (HF name, layout, Keras shape)} for every variable of the backbone `config` describes."""
-    d, hd = config["hidden_size"], config["head_dim"]
-    heads, kv, ff = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    c = GemmaConfig.from_dict(config)
+    block = _BLOCKS[c.model_type]
+    out = {}
+    for i in range(c.num_hidden_layers):
+        prefix = block if i == 0 else f"{block}_{i}"
+        shapes = _layer_shapes(c, i)
+        for suffix, (name, layout) in _LAYER_TABLE.items():
+            if name in shapes:
+                hf = _GEMMA1_NAMES.get(name, name) if c.model_type == "gemma" else name
+                out[f"{prefix}/{suffix}"] = (f"model.layers.{i}.{hf}", layout, shapes[name])
+    d, p = c.hidden_size, c.per_layer_input_size
+    out["reversible_embedding/0"] = ("model.embed_tokens.weight", "copy", (c.vocab_size, d))
+    norms = ["model.norm.weight"]
+    if p:  # Gemma 4's per-layer embeddings, created before the final norm: it becomes rms_normalization_1
+        n = c.num_hidden_layers
+        out["embedding/0"] = ("model.embed_tokens_per_layer.weight", "copy", (c.vocab_size_per_layer_input, n * p))
+        out["dense/0"] = ("model.per_layer_model_projection.weight", "transpose", (d, n * p))
+        norms.insert(0, "model.per_layer_projection_norm.weight")
+    for j, name in enumerate(norms):
+        out["rms_normalization" + (f"_{j}" if j else "") + "/0"] = (name, "copy", (p if j < len(norms) - 1 else d,))
+    return out
+
+
+def _layer_shapes(c: GemmaConfig, i: int) -> dict:
+    """{HF name under model.layers.{i}.: Keras shape} of the variables decoder block i holds."""
+    d, hd, heads, kv, ff = c.hidden_size, c.layer_head_dim(i), c.num_attention_heads, c.layer_kv_heads(i), c.mlp_width(i)
     shapes = {
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-        "pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (heads, d, hd), "self_attn.k_proj.weight": (kv, d, hd),
-        "self_attn.v_proj.weight": (kv, d, hd), "self_attn.o_proj.weight": (heads, hd, d),
-        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "input_layernorm.weight": (d,), "pre_feedforward_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (heads, d, hd), "self_attn.o_proj.weight": (heads, hd, d),
         "mlp.gate_proj.weight": (d, ff), "mlp.up_proj.weight": (d, ff), "mlp.down_proj.weight": (ff, d),
     }
-    kind = config["model_type"]
-    skip = set()
-    if kind == "gemma":
-        skip = {"post_attention_layernorm.weight", "post_feedforward_layernorm.weight"}
-    if kind != "gemma3_text":
-        skip |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
-    block = _BACKBONES["Gemma3Backbone" if kind == "gemma3_text" else "GemmaBackbone"]
-    out = {}
-    for i in range(config["num_hidden_layers"]):
-        prefix = block if i == 0 else f"{block}_{i}"
-        for suffix, (name, layout) in _LAYER_TABLE.items():
-            if name in skip:
-                continue
-            hf = _GEMMA1_NAMES.get(name, name) if kind == "gemma" else name
-            out[f"{prefix}/{suffix}"] = (f"model.layers.{i}.{hf}", layout, shapes[name])
-    top_shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
-    for key, (name, layout) in _TOP_TABLE.items():
-        out[key] = (name, layout, top_shapes[name])
-    return out
+    own_kv = c.kv_source(i) == i  # KV-shared blocks hold no key / value variables
+    if own_kv:
+        shapes["self_attn.k_proj.weight"] = (kv, d, hd)
+        if not c.k_eq_v(i):
+            shapes["self_attn.v_proj.weight"] = (kv, d, hd)
+    if c.has_ffw_norms:
+        shapes.update({"post_attention_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)})
+    if c.has_qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (hd,), **({"self_attn.k_norm.weight": (hd,)} if own_kv else {})})
+    if c.has_layer_scalar:
+        shapes["layer_scalar"] = ()
+    if c.per_layer_input_size:
+        p = c.per_layer_input_size
+        shapes.update({"per_layer_input_gate.weight": (d, p), "per_layer_projection.weight": (p, d),
+                       "post_per_layer_input_norm.weight": (d,)})
+    if c.enable_moe_block:
+        e, m = c.num_experts, c.moe_intermediate_size
+        shapes.update({"router.scale": (d,), "router.proj.weight": (d, e), "router.per_expert_scale": (e,),
+                       "experts.gate_proj": (e, d, m), "experts.up_proj": (e, d, m), "experts.down_proj": (e, m, d),
+                       "pre_feedforward_layernorm_2.weight": (d,), "post_feedforward_layernorm_1.weight": (d,),
+                       "post_feedforward_layernorm_2.weight": (d,)})
+    return shapes
+
+
+def _stack_experts(weights: dict) -> dict:
+    """Keras' separate expert gate / up kernels -> HF's experts.gate_up_proj (experts, 2 * inner, hidden)."""
+    for name in [n for n in weights if n.endswith(".experts.gate_proj")]:
+        stem = name[: -len("gate_proj")]
+        weights[stem + "gate_up_proj"] = mx.concatenate([weights.pop(name), weights.pop(stem + "up_proj")], axis=1)
+    return weights
 
 
 def _heads_in(w):
@@ -267,7 +367,9 @@ def _heads_out(w):
     return w.reshape(n * h, d).T
 
 
-_LAYOUTS = {"copy": lambda w: w, "transpose": lambda w: w.T, "heads_in": _heads_in, "heads_out": _heads_out}
+_LAYOUTS = {"copy": lambda w: w, "transpose": lambda w: w.T, "heads_in": _heads_in, "heads_out": _heads_out,
+            "scalar": lambda w: w.reshape(1),  # Gemma 4's layer_scalar: 0-d in Keras, (1,) in HF
+            "experts": lambda w: mx.transpose(w, (0, 2, 1))}  # (experts, in, out) -> HF (experts, out, in)
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -318,8 +420,8 @@ def read_checkpoint(path, vocab=None, size: str | None = None, config=None) -> K
                             "or as the preset's config.json (--config), one of them")
         class_name, keras = _size_config(size) if size is not None else _backbone_config(config)
     variables = read_variables(weights_file)
-    if keras.get("vision_encoder"):  # a multimodal Gemma 3: we run its language model only
-        variables = {k: v for k, v in variables.items() if not k.startswith(_VISION_PREFIX)}
+    if keras.get("vision_encoder") or keras.get("audio_encoder"):  # multimodal: we run its language model only
+        variables = {k: v for k, v in variables.items() if not k.startswith(_TOWER_PREFIXES)}
     if "vocabulary_size" not in keras:  # a size: the file's embedding says
         keras["vocabulary_size"] = int(variables.get("reversible_embedding/0", np.zeros((0,))).shape[0])
     source = str(config or (path / "config.json" if path.is_dir() else size))
@@ -412,7 +514,7 @@ def _to_mx(dataset, name: str, shard: Path) -> mx.array:
 
 def _strip_task_level(found: dict, file: Path) -> dict:
     """A CausalLM's weights nest the backbone one level down ("gemma_backbone/..."); the inputs have no weights."""
-    backbone = re.compile(r"^(gemma3?_backbone)/")
+    backbone = re.compile(r"^(gemma[34]?_backbone)/")
     nested = {k for k in found if backbone.match(k)}
     if not nested:
         return found

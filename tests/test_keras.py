@@ -50,6 +50,10 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def vocab_spm():
+    return train_vocab()
+
+
+def train_vocab(control_symbols=("<start_of_turn>", "<end_of_turn>"), user_defined_symbols=("\n", "\t")) -> bytes:
     """A small Gemma-shaped SentencePiece BPE vocabulary trained on our Chinese + English text."""
     import sentencepiece as spm
 
@@ -58,7 +62,7 @@ def vocab_spm():
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=VOCAB, model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>"], user_defined_symbols=["\n", "\t"],
+        unk_piece="<unk>", control_symbols=list(control_symbols), user_defined_symbols=list(user_defined_symbols),
         byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=0.98, normalization_rule_name="identity",
         minloglevel=2)
@@ -187,8 +191,8 @@ def test_unknown_variable_is_one_clear_error(vocab_spm, tmp_path):
 
 def test_unsupported_backbone_options_are_named(tmp_path):
     base = dict(vocabulary_size=10, num_layers=1, intermediate_dim=8, **COMMON)
-    with pytest.raises(UserError, match="Gemma4Backbone"):
-        keras_convert.hf_config("Gemma4Backbone", base)
+    with pytest.raises(UserError, match="Gemma3nBackbone"):
+        keras_convert.hf_config("Gemma3nBackbone", base)
     g3 = dict(base, use_post_ffw_norm=True, use_post_attention_norm=True)
     with pytest.raises(UserError, match="use_post_ffw_norm is false"):
         keras_convert.hf_config("Gemma3Backbone", dict(g3, use_post_ffw_norm=False))

@@ -1,0 +1,160 @@
+"""Keras Gemma 4 presets: tiny random KerasHub `Gemma4Backbone`s, saved as a preset dir and as a
+`.weights.h5` file, read by our converter, against Keras' own forward pass (torch backend,
+float32); the vocabulary against keras-hub's Gemma4Tokenizer.
+
+Every backbone sets its norm scales, `layer_scalar`s, router scales and per-expert scales away from
+their defaults (Gemma 4 norms are x·w, starting at 1), and feeds 12 tokens through sliding windows
+of 4, so a wrong convention or a window that does not bind cannot pass unseen.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported: no TensorFlow, no JAX
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma.cli import main
+from mlx_gemma.convert import keras as keras_convert
+from mlx_gemma.errors import UserError
+from mlx_gemma.loading import load
+
+import keras
+import keras_hub
+from test_keras import SEQ, train_vocab
+
+S, F = "sliding_attention", "full_attention"
+COMMON = dict(image_size=None, num_query_heads=4, num_key_value_heads=2, hidden_dim=32, head_dim=8,
+              sliding_window_size=4, final_logit_soft_cap=30.0)
+BACKBONES = {
+    # E2B-like: per-layer embeddings, the last 3 layers reuse KV (both kinds), a 2x MLP on them,
+    # global layers with twice the head size and proportional RoPE over a quarter of it.
+    "e2b": dict(num_layers=8, intermediate_dim=48, layer_types=[S, S, F, S, S, S, F, F], global_head_dim=16,
+                num_kv_shared_layers=3, hidden_size_per_layer_input=8, use_double_wide_mlp=True,
+                global_rope_partial_rotary_factor=0.25, local_rope_wavelength=5_000.0, **COMMON),
+    # 26B-A4B-like: experts beside the dense MLP, k == v on global layers with one KV head, proportional
+    # RoPE scaled by 8, an attention soft cap.
+    "moe": dict(num_layers=6, intermediate_dim=32, layer_types=[S, S, F, S, S, F], global_head_dim=16,
+                num_global_key_value_heads=1, enable_moe_block=True, num_experts=4, expert_intermediate_dim=16,
+                num_experts_per_token=2, global_rope_partial_rotary_factor=0.25, global_rope_scaling_factor=8.0,
+                global_rope_wavelength=50_000.0, attention_logit_soft_cap=50.0, **COMMON),
+    # No layer_types: keras-hub's pattern (every 3rd layer global), full RoPE scaled linearly.
+    "pattern": dict(num_layers=6, intermediate_dim=48, sliding_window_pattern=3, global_rope_scaling_factor=4.0,
+                    **COMMON),
+}
+VOCAB_SYMBOLS = dict(control_symbols=(), user_defined_symbols=("<|turn>", "<turn|>", "\n", "\t"))
+
+
+@pytest.fixture(scope="module")
+def vocab_spm():
+    """A vocabulary with Gemma 4's turn markers as user-defined pieces, as keras-hub's converter builds
+    them from tokenizer.json's added tokens."""
+    return train_vocab(**VOCAB_SYMBOLS)
+
+
+def make_backbone(kind, vocab_size, seed=0):
+    """A Gemma4Backbone with random weights; norm scales, layer scalars, the router's scale and the
+    per-expert scales around 1 (their default) but away from it."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=vocab_size, dtype="float32", **BACKBONES[kind])
+    rng = np.random.default_rng(seed)
+    for w in backbone.weights:
+        noise = rng.standard_normal(w.shape).astype("float32")
+        w.assign(1.0 + 0.3 * noise if w.path.endswith(("scale", "layer_scalar")) else 0.08 * noise)
+    return backbone
+
+
+def keras_logits(backbone, ids):
+    lm = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)  # the cap is the backbone's
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
+    out = lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32"),
+              "position_ids": positions})
+    return keras.ops.convert_to_numpy(out), lm
+
+
+def save_preset(backbone, vocab_spm, path):
+    backbone.save_to_preset(str(path))
+    keras_hub.models.Gemma4Tokenizer(proto=vocab_spm, has_vision_tokens=False,
+                                     has_video_tokens=False).save_to_preset(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BACKBONES))
+def test_preset_and_weights_file_match_keras_logits(kind, vocab_spm, tmp_path):
+    from mlx_gemma.tokenizer import GemmaTokenizer
+
+    vocab_size = GemmaTokenizer.from_bytes(vocab_spm).vocab_size
+    backbone = make_backbone(kind, vocab_size)
+    ids = np.random.default_rng(1).integers(3, vocab_size, size=(2, SEQ))
+    ref, lm = keras_logits(backbone, ids)
+
+    preset = save_preset(backbone, vocab_spm, tmp_path / "preset")
+    model, tok = load(str(preset), dtype="float32")
+    assert model.config.model_type == "gemma4_text"
+    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
+
+    # A CausalLM's save_weights (the backbone nested one level down) + vocabulary + the preset's config.
+    lm.save_weights(str(tmp_path / "tuned.weights.h5"))
+    shutil.copy(preset / "assets" / "tokenizer" / "vocabulary.spm", tmp_path / "vocabulary.spm")
+    model2, _ = load(str(tmp_path / "tuned.weights.h5"), dtype="float32", vocab=str(tmp_path / "vocabulary.spm"),
+                     keras_config=str(preset / "config.json"))
+    assert np.abs(np.array(model2(mx.array(ids))) - ref).max() <= 1e-4
+
+
+def test_backbones_exercise_what_gemma4_adds():
+    """The parity test above covers these only if the tiny configs turn them on."""
+    e2b = keras_convert.hf_config("Gemma4Backbone", dict(BACKBONES["e2b"], vocabulary_size=64))
+    moe = keras_convert.hf_config("Gemma4Backbone", dict(BACKBONES["moe"], vocabulary_size=64))
+    pattern = keras_convert.hf_config("Gemma4Backbone", dict(BACKBONES["pattern"], vocabulary_size=64))
+    assert e2b["num_kv_shared_layers"] and e2b["hidden_size_per_layer_input"] and e2b["use_double_wide_mlp"]
+    assert {S, F} <= set(e2b["layer_types"][-e2b["num_kv_shared_layers"]:])  # shared layers of both kinds
+    assert e2b["global_head_dim"] != e2b["head_dim"] and e2b["rope_scaling"]["rope_type"] == "proportional"
+    assert moe["enable_moe_block"] and moe["attention_k_eq_v"] and moe["num_global_key_value_heads"] == 1
+    assert moe["rope_scaling"]["factor"] == 8.0 and moe["attn_logit_softcapping"] == 50.0
+    assert pattern["layer_types"] == [S, S, F, S, S, F] and pattern["rope_scaling"]["rope_type"] == "linear"
+    assert COMMON["sliding_window_size"] < SEQ
+
+
+def test_tokenizer_ids_equal_keras_hub(vocab_spm, tmp_path):
+    keras_tok = keras_hub.models.Gemma4Tokenizer(proto=vocab_spm, has_vision_tokens=False, has_video_tokens=False)
+    preset = save_preset(make_backbone("pattern", 1000), vocab_spm, tmp_path / "preset")
+    _, ours = load(str(preset), dtype="float32")
+    texts = ["Hello, 世界! 机器学习 is fun.", "  spaces   and\ttabs\n\n", "<|turn>user\n福建土楼<turn|>\n<|turn>model\n"]
+    for text in texts:
+        assert ours.encode(text, add_bos=False) == keras.ops.convert_to_numpy(keras_tok(text)).tolist(), text
+    # A vocabulary with Gemma 4's turn markers gets Gemma 4's chat format.
+    prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert prompt.endswith("<|turn>user\nhi<turn|>\n<|turn>model\n")
+
+
+def test_cli_converts_a_preset_that_transformers_reads(vocab_spm, tmp_path):
+    """Keras -> HF in one step: transformers' Gemma4ForCausalLM on what convert-to-hf wrote = Keras' logits."""
+    import torch
+    import transformers
+
+    backbone = make_backbone("e2b", 1000)
+    ids = np.random.default_rng(2).integers(3, 1000, size=(1, SEQ))
+    ref, _ = keras_logits(backbone, ids)
+    preset = save_preset(backbone, vocab_spm, tmp_path / "preset")
+    result = CliRunner().invoke(main, ["convert-to-hf", str(preset), str(tmp_path / "hf"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager")
+    assert type(hf).__name__ == "Gemma4ForCausalLM"
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(hf_logits - ref).max() <= 1e-4
+
+
+def test_what_gemma4_cannot_express_is_named():
+    base = dict(BACKBONES["pattern"], vocabulary_size=64)
+    with pytest.raises(UserError, match="layer_types makes the last layer 'sliding_attention'"):
+        keras_convert.hf_config("Gemma4Backbone", dict(base, layer_types=[S, S, F, S, S, S]))
+    with pytest.raises(UserError, match="use_sliding_window_attention is false"):
+        keras_convert.hf_config("Gemma4Backbone", dict(base, use_sliding_window_attention=False))
+    with pytest.raises(UserError, match="local_rope_scaling_factor"):
+        keras_convert.hf_config("Gemma4Backbone", dict(base, local_rope_scaling_factor=2.0))
+    with pytest.raises(UserError, match="is_embedding_model"):
+        keras_convert.hf_config("Gemma4Backbone", dict(base, is_embedding_model=True))
