@@ -2,9 +2,10 @@
 
 Two forms are read, with h5py only (neither Keras nor a backend is needed):
 - a preset dir, as `save_to_preset` writes it and Kaggle ships it: config.json (the backbone's
-  Keras config: class_name GemmaBackbone, Gemma3Backbone or Gemma4Backbone), model.weights.h5 (or
-  a sharded model.weights.json + model_NNNNN.weights.h5), assets/tokenizer/vocabulary.spm (the
-  SentencePiece model; the preset's tokenizer.json is Keras' layer config, not HF's);
+  Keras config: class_name GemmaBackbone, Gemma3Backbone, Gemma3nBackbone or Gemma4Backbone),
+  model.weights.h5 (or a sharded model.weights.json + model_NNNNN.weights.h5),
+  assets/tokenizer/vocabulary.spm (the SentencePiece model; the preset's tokenizer.json is Keras'
+  layer config, not HF's);
 - a `.weights.h5` file as `model.save_weights` writes it (a backbone or a CausalLM task, LoRA
   already merged by Keras on save), with the vocabulary and the architecture given separately:
   a size from `SIZES` or a preset's config.json.
@@ -37,6 +38,11 @@ What the layout table below encodes (read from keras_hub 0.32's Gemma layers):
   `rms_normalization` at the top, three variables per block); the MoE block, whose experts keep
   gate and up apart as (experts, hidden, inner) where HF stacks them as `gate_up_proj`
   (experts, 2 * inner, hidden).
+- Gemma 3n (Gemma3nBackbone): keras_hub names the text model's variables after HF's, under
+  `gemma3n_multimodal_embedding_processor/language_model/`, with Dense kernels (in, out); its
+  config uses HF's field names but for `text_vocab_size` / `text_hidden_size`, a float
+  `rope_scaling` and `final_logit_soft_cap`. KV-shared blocks keep unused k / v variables, which
+  are dropped on load as for HF checkpoints.
 
 `hf_config` and `hf_weights` are pure functions over dicts; `read_checkpoint` does the I/O.
 """
@@ -93,7 +99,7 @@ SIZE_ALIASES = {"2b": "gemma_2b", "7b": "gemma_7b"}
 _REQUIRED = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
              "intermediate_dim", "head_dim")
 # The Keras backbones of text Gemmas our model runs.
-_BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma4Backbone")
+_BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma3nBackbone", "Gemma4Backbone")
 # HF model_type -> the h5 name of its Keras decoder blocks.
 _BLOCKS = {"gemma": "gemma_decoder_block", "gemma2": "gemma_decoder_block", "gemma3_text": "gemma3_decoder_block",
            "gemma4_text": "gemma4_text_decoder_block"}
@@ -131,6 +137,34 @@ _LAYER_TABLE = {
 }
 # Multimodal presets carry image / audio encoders beside the text backbone; they are not read.
 _TOWER_PREFIXES = ("gemma3_vision_encoder/", "gemma4_vision_encoder/", "gemma4_audio_encoder/")
+# Gemma 3n: keras_hub names its text model's variables after HF's (Dense kernels (in, out)), under
+# one root; decoder blocks are transformer_layers/gemma3n_text_decoder_block[_i], AltUp's projection
+# lists altup[_unembed]_projections/dense[_j]. Keras suffix -> HF name (2-D kernels are transposed).
+_GEMMA3N_ROOT = "gemma3n_multimodal_embedding_processor/language_model/"
+_GEMMA3N_TOP = {
+    "embed_tokens/embedding/0": "model.embed_tokens.weight",
+    "embed_tokens_per_layer/embedding/0": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_projection/0": "model.per_layer_model_projection.weight",
+    "per_layer_projection_norm/0": "model.per_layer_projection_norm.weight",
+    "final_normalization/0": "model.norm.weight",
+}
+_GEMMA3N_LAYER = {f"attention/{n}/0": f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "q_norm", "k_norm")}
+_GEMMA3N_LAYER.update({f"{n}/0": f"{n}.weight" for n in (
+    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj", "input_layernorm", "post_attention_layernorm",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm", "altup/correction_coefs", "altup/prediction_coefs",
+    "altup/modality_router", "altup/router_norm", "laurel/linear_left", "laurel/linear_right",
+    "laurel/post_laurel_norm", "per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")})
+_GEMMA3N_LAYER = {k: v.replace("/", ".") for k, v in _GEMMA3N_LAYER.items()}
+_GEMMA3N_LAYER["altup/0"] = "altup.correct_output_scale"
+_GEMMA3N_PATHS = re.compile(r"^(?:transformer_layers/gemma3n_text_decoder_block(?:_(\d+))?/(.+)"
+                            r"|altup(_unembed)?_projections/dense(?:_(\d+))?/0)$")
+# Gemma3nBackbone config fields that are transformers' Gemma3nTextConfig fields under the same name.
+_GEMMA3N_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                   "layer_types", "sliding_window", "rope_theta", "rope_local_base_freq", "max_position_embeddings",
+                   "vocab_size_per_layer_input", "hidden_size_per_layer_input", "altup_num_inputs", "laurel_rank",
+                   "altup_coef_clip", "altup_active_idx", "altup_correct_scale", "num_kv_shared_layers",
+                   "pad_token_id", "rms_norm_eps")
 # Gemma 1 has one norm before the MLP, which HF calls post_attention_layernorm.
 _GEMMA1_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
 
@@ -147,6 +181,8 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
         raise UserError(f"{source}: Keras backbone {class_name!r} is not supported; mlx-gemma reads "
                         f"{', '.join(_BACKBONES)} (Gemma 1, 2, 3 and 4 text)")
     k = dict(keras)
+    if class_name == "Gemma3nBackbone":
+        return _gemma3n_config(k, source)
     missing = [f for f in _REQUIRED if k.get(f) is None]
     if missing:
         raise UserError(f"{source}: the Keras backbone config has no {', '.join(missing)}; give the config.json "
@@ -253,6 +289,32 @@ def _gemma4_fields(k: dict, out: dict, source: str) -> None:
                    moe_intermediate_size=k.get("expert_intermediate_dim"))
 
 
+def _gemma3n_config(k: dict, source: str) -> dict:
+    """Gemma3nBackbone's config (HF's Gemma3nTextConfig names, mostly) as a gemma3n_text config dict."""
+    scaling = k.get("rope_scaling")  # keras_hub's is one number (a factor), not HF's dict
+    for flag, bad, fix in (("attention_bias", bool(k.get("attention_bias")), "false"),
+                           ("rope_scaling", scaling is not None and scaling != 1.0, "null (no RoPE scaling)")):
+        if bad:
+            raise UserError(f"{source}: {flag} is {k[flag]!r}; mlx-gemma's Gemma 3n supports {fix}, as every "
+                            "released Gemma 3n has")
+    if k.get("hidden_activation", "gelu_approximate") not in ("gelu_approximate", "gelu_pytorch_tanh"):
+        raise UserError(f"{source}: hidden_activation {k['hidden_activation']!r} is not supported; Gemma 3n "
+                        "uses the tanh GELU (gelu_approximate)")
+    if k.get("final_logit_soft_cap") is None:  # transformers' Gemma 3n fills a missing cap with 30
+        raise UserError(f"{source}: final_logit_soft_cap is null; mlx-gemma's Gemma 3n (as transformers') always "
+                        "soft-caps its logits: give the cap (30.0 in every released Gemma 3n)")
+    out = {name: k.get(name) for name in _GEMMA3N_FIELDS}
+    missing = [n for n in ("text_vocab_size", "text_hidden_size", *_GEMMA3N_FIELDS[:9]) if k.get(n) is None]
+    if missing:
+        raise UserError(f"{source}: the Keras backbone config has no {', '.join(missing)}; give the config.json "
+                        "of the preset the weights belong to")
+    out.update(model_type="gemma3n_text", vocab_size=k["text_vocab_size"], hidden_size=k["text_hidden_size"],
+               final_logit_softcapping=k["final_logit_soft_cap"], hidden_activation="gelu_pytorch_tanh",
+               tie_word_embeddings=True, torch_dtype=_dtype_name(k.get("dtype")),
+               activation_sparsity_pattern=k.get("activation_sparsity_pattern") or [0.0] * k["num_hidden_layers"])
+    return {key: v for key, v in out.items() if v is not None}
+
+
 def _dtype_name(policy) -> str | None:
     """The variables' dtype of a Keras dtype policy ("bfloat16", {"config": {"name": ...}}, "mixed_bfloat16")."""
     if isinstance(policy, dict):
@@ -272,6 +334,8 @@ def hf_weights(variables: dict, config: dict, source: str = "weights") -> dict:
     implies, and every table entry the model needs must be present; the first offending
     variable is named in a UserError.
     """
+    if config["model_type"] == "gemma3n_text":
+        return _gemma3n_weights(variables, source)
     expected = _expected(config)
     unknown = sorted(set(variables) - set(expected))
     if unknown:
@@ -345,6 +409,26 @@ def _layer_shapes(c: GemmaConfig, i: int) -> dict:
                        "pre_feedforward_layernorm_2.weight": (d,), "post_feedforward_layernorm_1.weight": (d,),
                        "post_feedforward_layernorm_2.weight": (d,)})
     return shapes
+
+
+def _gemma3n_weights(variables: dict, source: str) -> dict:
+    """Gemma 3n's Keras variables -> HF weights by _GEMMA3N_TOP / _GEMMA3N_LAYER; shapes are checked
+    against the model when it is built (every tensor named)."""
+    out = {}
+    for key, value in variables.items():
+        rest = key[len(_GEMMA3N_ROOT):] if key.startswith(_GEMMA3N_ROOT) else None
+        match = _GEMMA3N_PATHS.match(rest or "")
+        if rest in _GEMMA3N_TOP:
+            name = _GEMMA3N_TOP[rest]
+        elif match and match.group(2) in _GEMMA3N_LAYER:
+            name = f"model.layers.{match.group(1) or 0}.{_GEMMA3N_LAYER[match.group(2)]}"
+        elif match and match.group(2) is None:
+            name = f"model.altup{match.group(3) or ''}_projections.{match.group(4) or 0}.weight"
+        else:
+            raise UserError(f"{source}: unknown Keras variable {key}; it is not part of a gemma3n_text backbone "
+                            "mlx-gemma can map")
+        out[name] = value if value.ndim != 2 or "embed_tokens" in name else value.T
+    return out
 
 
 def _stack_experts(weights: dict) -> dict:
@@ -422,6 +506,8 @@ def read_checkpoint(path, vocab=None, size: str | None = None, config=None) -> K
     variables = read_variables(weights_file)
     if keras.get("vision_encoder") or keras.get("audio_encoder"):  # multimodal: we run its language model only
         variables = {k: v for k, v in variables.items() if not k.startswith(_TOWER_PREFIXES)}
+    if class_name == "Gemma3nBackbone" and (keras.get("vision_encoder_config") or keras.get("audio_encoder_config")):
+        variables = {k: v for k, v in variables.items() if k.startswith(_GEMMA3N_ROOT)}
     if "vocabulary_size" not in keras:  # a size: the file's embedding says
         keras["vocabulary_size"] = int(variables.get("reversible_embedding/0", np.zeros((0,))).shape[0])
     source = str(config or (path / "config.json" if path.is_dir() else size))
@@ -514,7 +600,7 @@ def _to_mx(dataset, name: str, shard: Path) -> mx.array:
 
 def _strip_task_level(found: dict, file: Path) -> dict:
     """A CausalLM's weights nest the backbone one level down ("gemma_backbone/..."); the inputs have no weights."""
-    backbone = re.compile(r"^(gemma[34]?_backbone)/")
+    backbone = re.compile(r"^(gemma(?:3n|3|4)?_backbone)/")
     nested = {k for k in found if backbone.match(k)}
     if not nested:
         return found

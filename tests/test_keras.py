@@ -191,8 +191,8 @@ def test_unknown_variable_is_one_clear_error(vocab_spm, tmp_path):
 
 def test_unsupported_backbone_options_are_named(tmp_path):
     base = dict(vocabulary_size=10, num_layers=1, intermediate_dim=8, **COMMON)
-    with pytest.raises(UserError, match="Gemma3nBackbone"):
-        keras_convert.hf_config("Gemma3nBackbone", base)
+    with pytest.raises(UserError, match="PaliGemmaBackbone"):
+        keras_convert.hf_config("PaliGemmaBackbone", base)
     g3 = dict(base, use_post_ffw_norm=True, use_post_attention_norm=True)
     with pytest.raises(UserError, match="use_post_ffw_norm is false"):
         keras_convert.hf_config("Gemma3Backbone", dict(g3, use_post_ffw_norm=False))

@@ -1,6 +1,7 @@
-"""Keras Gemma 4 presets: tiny random KerasHub `Gemma4Backbone`s, saved as a preset dir and as a
-`.weights.h5` file, read by our converter, against Keras' own forward pass (torch backend,
-float32); the vocabulary against keras-hub's Gemma4Tokenizer.
+"""Keras Gemma 4 and Gemma 3n presets: tiny random KerasHub `Gemma4Backbone`s and a
+`Gemma3nBackbone`, saved as a preset dir and as a `.weights.h5` file, read by our converter, against
+Keras' own forward pass (torch backend, float32); the vocabulary against keras-hub's
+Gemma4Tokenizer; what keras-hub can say and we cannot, one named error each.
 
 Every backbone sets its norm scales, `layer_scalar`s, router scales and per-expert scales away from
 their defaults (Gemma 4 norms are x·w, starting at 1), and feeds 12 tokens through sliding windows
@@ -158,3 +159,50 @@ def test_what_gemma4_cannot_express_is_named():
         keras_convert.hf_config("Gemma4Backbone", dict(base, local_rope_scaling_factor=2.0))
     with pytest.raises(UserError, match="is_embedding_model"):
         keras_convert.hf_config("Gemma4Backbone", dict(base, is_embedding_model=True))
+
+
+# Gemma 3n: AltUp (4 streams), LAuReL, Gaussian top-k sparsity on the first layer, per-layer MLP
+# widths, per-layer embeddings, the last two layers reusing KV (one of each kind).
+GEMMA3N = dict(text_hidden_size=32, num_hidden_layers=6, pad_token_id=0, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=8, intermediate_size=[48, 48, 64, 64, 48, 48], hidden_activation="gelu_approximate",
+               layer_types=[S, F, S, S, F, S], sliding_window=4, rope_theta=1_000_000.0, rope_local_base_freq=5_000.0,
+               max_position_embeddings=256, hidden_size_per_layer_input=8, altup_num_inputs=4, laurel_rank=4,
+               activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0, 0.0, 0.0], num_kv_shared_layers=2,
+               final_logit_soft_cap=30.0)
+
+
+def test_gemma3n_preset_matches_keras_logits(vocab_spm, tmp_path):
+    vocab = 1000
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Gemma3nBackbone(text_vocab_size=vocab, vocab_size_per_layer_input=vocab,
+                                                dtype="float32", **GEMMA3N)
+    rng = np.random.default_rng(0)
+    for w in backbone.weights:
+        noise = rng.standard_normal(w.shape).astype("float32")
+        w.assign(1.0 + 0.3 * noise if w.path.endswith("scale") else 0.08 * noise)
+    ids = np.random.default_rng(1).integers(3, vocab, size=(2, SEQ))
+    lm = keras_hub.models.Gemma3nCausalLM(backbone=backbone, preprocessor=None)
+    ref = keras.ops.convert_to_numpy(lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, bool)}))
+    backbone.save_to_preset(str(tmp_path / "p"))
+    # Gemma3nTokenizer insists on image / audio tokens; the preset's vocabulary file is what we read.
+    (tmp_path / "p" / "assets" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "p" / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(vocab_spm)
+    model, _ = load(str(tmp_path / "p"), dtype="float32")
+    assert model.config.model_type == "gemma3n_text" and model.config.altup_num_inputs == 4
+    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
+    lm.save_weights(str(tmp_path / "tuned.weights.h5"))  # a CausalLM's: gemma3n_backbone/... inside
+    model2, _ = load(str(tmp_path / "tuned.weights.h5"), dtype="float32", keras_config=str(tmp_path / "p"),
+                     vocab=str(tmp_path / "p" / "assets" / "tokenizer" / "vocabulary.spm"))
+    assert np.abs(np.array(model2(mx.array(ids))) - ref).max() <= 1e-4
+
+
+def test_what_gemma3n_cannot_express_is_named():
+    base = dict(GEMMA3N, text_vocab_size=64, vocab_size_per_layer_input=64)
+    for change, words in ((dict(attention_bias=True), "attention_bias is True"),
+                          (dict(rope_scaling=8.0), "rope_scaling is 8.0"),
+                          (dict(hidden_activation="relu"), "hidden_activation 'relu'"),
+                          (dict(final_logit_soft_cap=None), "final_logit_soft_cap is null")):
+        with pytest.raises(UserError, match=words):
+            keras_convert.hf_config("Gemma3nBackbone", dict(base, **change))
+    with pytest.raises(UserError, match="has no text_hidden_size"):
+        keras_convert.hf_config("Gemma3nBackbone", {k: v for k, v in base.items() if k != "text_hidden_size"})
