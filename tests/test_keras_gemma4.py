@@ -149,6 +149,33 @@ def test_cli_converts_a_preset_that_transformers_reads(vocab_spm, tmp_path):
     assert np.abs(hf_logits - ref).max() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["gemma4_e2b", "gemma4_moe"])
+def test_preset_made_by_keras_hubs_hf_converter_matches_transformers(kind, vocab_spm, tmp_path):
+    """Kaggle's Keras presets come from keras-hub's own HF -> Keras converter: a tiny transformers
+    checkpoint through it (Gemma4Backbone.from_preset on the HF dir), saved as a preset, read by us,
+    against transformers' logits on the original (20 tokens, window 8)."""
+    import json
+    import torch
+
+    from gemma4_tiny import make_hf_model, random_ids, save
+
+    hf = make_hf_model(kind, vocab_size=1000, vocab_size_per_layer_input=1000)
+    hf_dir = save(hf, tmp_path / "hf")
+    # keras-hub 0.32's converter reads the older fields only, not transformers 5's per_layer_config.
+    config = json.loads((hf_dir / "config.json").read_text())
+    override = next(iter(config["per_layer_config"].values()))
+    config["global_head_dim"] = override["head_dim"]
+    config["num_global_key_value_heads"] = override.get("num_key_value_heads")
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(hf_dir), dtype="float32")
+    preset = save_preset(backbone, vocab_spm, tmp_path / "preset")
+    ids = random_ids(1000, (2, 20))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    model, _ = load(str(preset), dtype="float32")
+    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
+
+
 def test_what_gemma4_cannot_express_is_named():
     base = dict(BACKBONES["pattern"], vocabulary_size=64)
     with pytest.raises(UserError, match="layer_types makes the last layer 'sliding_attention'"):
