@@ -176,6 +176,24 @@ def test_preset_made_by_keras_hubs_hf_converter_matches_transformers(kind, vocab
     assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
 
 
+def test_multimodal_gemma4_preset_reads_its_language_model(vocab_spm, tmp_path):
+    from keras_hub.src.models.gemma4.gemma4_vision_encoder import Gemma4VisionEncoder
+
+    encoder = Gemma4VisionEncoder(image_size=16, patch_size=4, num_heads=2, hidden_dim=8, num_layers=1,
+                                  intermediate_dim=16, head_dim=4, output_dim=32, pool_size=2, position_embedding_size=16)
+    kwargs = dict(BACKBONES["e2b"], image_size=16)
+    backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=1000, vision_encoder=encoder, dtype="float32", **kwargs)
+    for w in backbone.weights:  # the vision encoder's too: nothing may be taken for the text model's
+        w.assign(np.random.default_rng(len(w.path)).standard_normal(w.shape).astype("float32"))
+    save_preset(backbone, vocab_spm, tmp_path / "p")
+    ckpt = keras_convert.read_checkpoint(tmp_path / "p")
+    assert not any("vision" in name for name in ckpt.weights)
+    for layer, name in (("final_normalization", "model.norm.weight"),
+                        ("per_layer_projection_norm", "model.per_layer_projection_norm.weight")):
+        scale = keras.ops.convert_to_numpy(backbone.get_layer(layer).scale)
+        assert np.array_equal(np.array(ckpt.weights[name]), scale), name
+
+
 def test_what_gemma4_cannot_express_is_named():
     base = dict(BACKBONES["pattern"], vocabulary_size=64)
     with pytest.raises(UserError, match="layer_types makes the last layer 'sliding_attention'"):
