@@ -9,7 +9,6 @@ of 4, so a wrong convention or a window that does not bind cannot pass unseen.
 """
 
 import os
-import shutil
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported: no TensorFlow, no JAX
 
@@ -25,7 +24,7 @@ from mlx_gemma.loading import load
 
 import keras
 import keras_hub
-from test_keras import SEQ, train_vocab
+from test_keras import SEQ, assert_loads_like_keras, keras_case, keras_logits, save_preset, train_vocab
 
 S, F = "sliding_attention", "full_attention"
 COMMON = dict(image_size=None, num_query_heads=4, num_key_value_heads=2, hidden_dim=32, head_dim=8,
@@ -68,41 +67,11 @@ def make_backbone(kind, vocab_size, seed=0):
     return backbone
 
 
-def keras_logits(backbone, ids):
-    lm = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)  # the cap is the backbone's
-    positions = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
-    out = lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32"),
-              "position_ids": positions})
-    return keras.ops.convert_to_numpy(out), lm
-
-
-def save_preset(backbone, vocab_spm, path):
-    backbone.save_to_preset(str(path))
-    keras_hub.models.Gemma4Tokenizer(proto=vocab_spm, has_vision_tokens=False,
-                                     has_video_tokens=False).save_to_preset(str(path))
-    return path
-
-
 @pytest.mark.parametrize("kind", list(BACKBONES))
 def test_preset_and_weights_file_match_keras_logits(kind, vocab_spm, tmp_path):
-    from mlx_gemma.tokenizer import GemmaTokenizer
-
-    vocab_size = GemmaTokenizer.from_bytes(vocab_spm).vocab_size
-    backbone = make_backbone(kind, vocab_size)
-    ids = np.random.default_rng(1).integers(3, vocab_size, size=(2, SEQ))
-    ref, lm = keras_logits(backbone, ids)
-
-    preset = save_preset(backbone, vocab_spm, tmp_path / "preset")
-    model, tok = load(str(preset), dtype="float32")
-    assert model.config.model_type == "gemma4_text"
-    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
-
-    # A CausalLM's save_weights (the backbone nested one level down) + vocabulary + the preset's config.
-    lm.save_weights(str(tmp_path / "tuned.weights.h5"))
-    shutil.copy(preset / "assets" / "tokenizer" / "vocabulary.spm", tmp_path / "vocabulary.spm")
-    model2, _ = load(str(tmp_path / "tuned.weights.h5"), dtype="float32", vocab=str(tmp_path / "vocabulary.spm"),
-                     keras_config=str(preset / "config.json"))
-    assert np.abs(np.array(model2(mx.array(ids))) - ref).max() <= 1e-4
+    preset, lm, ids, ref = keras_case(make_backbone, kind, vocab_spm, tmp_path)
+    # the CausalLM's save_weights nests the backbone one level down (gemma4_backbone/...)
+    assert assert_loads_like_keras(preset, lm, ids, ref, tmp_path).config.model_type == "gemma4_text"
 
 
 def test_backbones_exercise_what_gemma4_adds():
@@ -196,14 +165,12 @@ def test_multimodal_gemma4_preset_reads_its_language_model(vocab_spm, tmp_path):
 
 def test_what_gemma4_cannot_express_is_named():
     base = dict(BACKBONES["pattern"], vocabulary_size=64)
-    with pytest.raises(UserError, match="layer_types makes the last layer 'sliding_attention'"):
-        keras_convert.hf_config("Gemma4Backbone", dict(base, layer_types=[S, S, F, S, S, S]))
-    with pytest.raises(UserError, match="use_sliding_window_attention is false"):
-        keras_convert.hf_config("Gemma4Backbone", dict(base, use_sliding_window_attention=False))
-    with pytest.raises(UserError, match="local_rope_scaling_factor"):
-        keras_convert.hf_config("Gemma4Backbone", dict(base, local_rope_scaling_factor=2.0))
-    with pytest.raises(UserError, match="is_embedding_model"):
-        keras_convert.hf_config("Gemma4Backbone", dict(base, is_embedding_model=True))
+    for change, words in ((dict(layer_types=[S, S, F, S, S, S]), "layer_types makes the last layer 'sliding_attention'"),
+                          (dict(use_sliding_window_attention=False), "use_sliding_window_attention is false"),
+                          (dict(local_rope_scaling_factor=2.0), "local_rope_scaling_factor 2.0"),
+                          (dict(is_embedding_model=True), "is_embedding_model is true")):
+        with pytest.raises(UserError, match=words):
+            keras_convert.hf_config("Gemma4Backbone", dict(base, **change))
 
 
 # Gemma 3n: AltUp (4 streams), LAuReL, Gaussian top-k sparsity on the first layer, per-layer MLP
@@ -232,13 +199,8 @@ def test_gemma3n_preset_matches_keras_logits(vocab_spm, tmp_path):
     # Gemma3nTokenizer insists on image / audio tokens; the preset's vocabulary file is what we read.
     (tmp_path / "p" / "assets" / "tokenizer").mkdir(parents=True)
     (tmp_path / "p" / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(vocab_spm)
-    model, _ = load(str(tmp_path / "p"), dtype="float32")
+    model = assert_loads_like_keras(tmp_path / "p", lm, ids, ref, tmp_path)  # gemma3n_backbone/... in the .h5
     assert model.config.model_type == "gemma3n_text" and model.config.altup_num_inputs == 4
-    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
-    lm.save_weights(str(tmp_path / "tuned.weights.h5"))  # a CausalLM's: gemma3n_backbone/... inside
-    model2, _ = load(str(tmp_path / "tuned.weights.h5"), dtype="float32", keras_config=str(tmp_path / "p"),
-                     vocab=str(tmp_path / "p" / "assets" / "tokenizer" / "vocabulary.spm"))
-    assert np.abs(np.array(model2(mx.array(ids))) - ref).max() <= 1e-4
 
 
 def test_what_gemma3n_cannot_express_is_named():
