@@ -257,6 +257,9 @@ def _refuse_non_causal(k: dict, source: str) -> None:
 def _gemma4_fields(k: dict, out: dict, source: str) -> None:
     """Gemma4Backbone's options as transformers' Gemma4TextConfig fields."""
     _refuse_non_causal(k, source)
+    if k.get("attention_logit_soft_cap") is not None:
+        raise UserError(f"{source}: attention_logit_soft_cap is {k['attention_logit_soft_cap']}; Gemma 4 "
+                        "(transformers, mlx-gemma, every released preset) has no attention soft cap: set it to null")
     if not k.get("use_sliding_window_attention", True):
         raise UserError(f"{source}: use_sliding_window_attention is false; mlx-gemma's Gemma 4 limits its "
                         "sliding_attention layers to sliding_window_size, as every released Gemma 4 does")
@@ -381,7 +384,8 @@ def _expected(config: dict) -> dict:
 
 def _layer_shapes(c: GemmaConfig, i: int) -> dict:
     """{HF name under model.layers.{i}.: Keras shape} of the variables decoder block i holds."""
-    d, hd, heads, kv, ff = c.hidden_size, c.layer_head_dim(i), c.num_attention_heads, c.layer_kv_heads(i), c.mlp_width(i)
+    d, heads, ff = c.hidden_size, c.num_attention_heads, c.mlp_width(i)
+    hd, kv = c.layer_head_dim(i), c.layer_kv_heads(i)
     shapes = {
         "input_layernorm.weight": (d,), "pre_feedforward_layernorm.weight": (d,),
         "self_attn.q_proj.weight": (heads, d, hd), "self_attn.o_proj.weight": (heads, hd, d),

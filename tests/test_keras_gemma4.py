@@ -36,11 +36,11 @@ BACKBONES = {
                 num_kv_shared_layers=3, hidden_size_per_layer_input=8, use_double_wide_mlp=True,
                 global_rope_partial_rotary_factor=0.25, local_rope_wavelength=5_000.0, **COMMON),
     # 26B-A4B-like: experts beside the dense MLP, k == v on global layers with one KV head, proportional
-    # RoPE scaled by 8, an attention soft cap.
+    # RoPE scaled by 8.
     "moe": dict(num_layers=6, intermediate_dim=32, layer_types=[S, S, F, S, S, F], global_head_dim=16,
                 num_global_key_value_heads=1, enable_moe_block=True, num_experts=4, expert_intermediate_dim=16,
                 num_experts_per_token=2, global_rope_partial_rotary_factor=0.25, global_rope_scaling_factor=8.0,
-                global_rope_wavelength=50_000.0, attention_logit_soft_cap=50.0, **COMMON),
+                global_rope_wavelength=50_000.0, **COMMON),
     # No layer_types: keras-hub's pattern (every 3rd layer global), full RoPE scaled linearly.
     "pattern": dict(num_layers=6, intermediate_dim=48, sliding_window_pattern=3, global_rope_scaling_factor=4.0,
                     **COMMON),
@@ -83,7 +83,7 @@ def test_backbones_exercise_what_gemma4_adds():
     assert {S, F} <= set(e2b["layer_types"][-e2b["num_kv_shared_layers"]:])  # shared layers of both kinds
     assert e2b["global_head_dim"] != e2b["head_dim"] and e2b["rope_scaling"]["rope_type"] == "proportional"
     assert moe["enable_moe_block"] and moe["attention_k_eq_v"] and moe["num_global_key_value_heads"] == 1
-    assert moe["rope_scaling"]["factor"] == 8.0 and moe["attn_logit_softcapping"] == 50.0
+    assert moe["rope_scaling"]["factor"] == 8.0 and moe["rope_theta"] == 50_000.0
     assert pattern["layer_types"] == [S, S, F, S, S, F] and pattern["rope_scaling"]["rope_type"] == "linear"
     assert COMMON["sliding_window_size"] < SEQ
 
@@ -92,7 +92,8 @@ def test_tokenizer_ids_equal_keras_hub(vocab_spm, tmp_path):
     keras_tok = keras_hub.models.Gemma4Tokenizer(proto=vocab_spm, has_vision_tokens=False, has_video_tokens=False)
     preset = save_preset(make_backbone("pattern", 1000), vocab_spm, tmp_path / "preset")
     _, ours = load(str(preset), dtype="float32")
-    texts = ["Hello, 世界! 机器学习 is fun.", "  spaces   and\ttabs\n\n", "<|turn>user\n福建土楼<turn|>\n<|turn>model\n"]
+    texts = ["Hello, 世界! 机器学习 is fun.", "  spaces   and\ttabs\n\n",
+             "<|turn>user\n福建土楼<turn|>\n<|turn>model\n"]
     for text in texts:
         assert ours.encode(text, add_bos=False) == keras.ops.convert_to_numpy(keras_tok(text)).tolist(), text
     # A vocabulary with Gemma 4's turn markers gets Gemma 4's chat format.
@@ -149,7 +150,8 @@ def test_multimodal_gemma4_preset_reads_its_language_model(vocab_spm, tmp_path):
     from keras_hub.src.models.gemma4.gemma4_vision_encoder import Gemma4VisionEncoder
 
     encoder = Gemma4VisionEncoder(image_size=16, patch_size=4, num_heads=2, hidden_dim=8, num_layers=1,
-                                  intermediate_dim=16, head_dim=4, output_dim=32, pool_size=2, position_embedding_size=16)
+                                  intermediate_dim=16, head_dim=4, output_dim=32, pool_size=2,
+                                  position_embedding_size=16)
     kwargs = dict(BACKBONES["e2b"], image_size=16)
     backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=1000, vision_encoder=encoder, dtype="float32", **kwargs)
     for w in backbone.weights:  # the vision encoder's too: nothing may be taken for the text model's
@@ -165,10 +167,12 @@ def test_multimodal_gemma4_preset_reads_its_language_model(vocab_spm, tmp_path):
 
 def test_what_gemma4_cannot_express_is_named():
     base = dict(BACKBONES["pattern"], vocabulary_size=64)
-    for change, words in ((dict(layer_types=[S, S, F, S, S, S]), "layer_types makes the last layer 'sliding_attention'"),
+    last_sliding = "layer_types makes the last layer 'sliding_attention'"
+    for change, words in ((dict(layer_types=[S, S, F, S, S, S]), last_sliding),
                           (dict(use_sliding_window_attention=False), "use_sliding_window_attention is false"),
                           (dict(local_rope_scaling_factor=2.0), "local_rope_scaling_factor 2.0"),
-                          (dict(is_embedding_model=True), "is_embedding_model is true")):
+                          (dict(is_embedding_model=True), "is_embedding_model is true"),
+                          (dict(attention_logit_soft_cap=50.0), "attention_logit_soft_cap is 50.0")):
         with pytest.raises(UserError, match=words):
             keras_convert.hf_config("Gemma4Backbone", dict(base, **change))
 
