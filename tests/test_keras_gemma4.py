@@ -101,6 +101,32 @@ def test_tokenizer_ids_equal_keras_hub(vocab_spm, tmp_path):
     assert prompt.endswith("<|turn>user\nhi<turn|>\n<|turn>model\n")
 
 
+def test_vocabulary_built_as_keras_hub_builds_gemma4_presets(vocab_spm, tmp_path):
+    """keras-hub makes a Gemma 4 preset's vocabulary.spm from HF's tokenizer.json (a BPE proto with
+    merge-rank scores, added tokens user-defined): ours on that file = keras-hub's Gemma4Tokenizer =
+    the `tokenizers` library on the tokenizer.json it came from."""
+    import json
+
+    import tokenizers
+    from keras_hub.src.utils.transformers.convert_gemma4 import _build_sentencepiece_proto
+
+    from mlx_gemma.convert.tokenizer_json import tokenizer_json_from_model
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json_from_model(vocab_spm)))
+    proto = _build_sentencepiece_proto(json.loads((tmp_path / "tokenizer.json").read_text()))
+    hf_tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    keras_tok = keras_hub.models.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
+    size = 1001  # keras-hub appends a <|video|> piece when the tokenizer.json has none
+    _, ours = load(str(save_preset(make_backbone("pattern", size), proto, tmp_path / "preset")), dtype="float32")
+    assert ours.vocab_size == size
+    texts = ["Hello, 世界! 机器学习 is fun.", "  spaces   and\ttabs\n\n", "emoji 🤗 and 中文 mixed",
+             "数字 12345 and punctuation：，。！", "<|turn>user\n福建土楼<turn|>\n<|turn>model\n"]
+    for text in texts:
+        ids = ours.encode(text, add_bos=False)
+        assert ids == keras.ops.convert_to_numpy(keras_tok(text)).tolist(), text
+        assert ids == hf_tok.encode(text, add_special_tokens=False).ids, text
+
+
 def test_cli_converts_a_preset_that_transformers_reads(vocab_spm, tmp_path):
     """Keras -> HF in one step: transformers' Gemma4ForCausalLM on what convert-to-hf wrote = Keras' logits."""
     import torch
