@@ -191,6 +191,24 @@ def test_multimodal_gemma4_preset_reads_its_language_model(vocab_spm, tmp_path):
         assert np.array_equal(np.array(ckpt.weights[name]), scale), name
 
 
+def test_bfloat16_preset_keeps_its_scalars(vocab_spm, tmp_path):
+    """bf16 variables (2-byte opaque data in the .h5), the 0-d layer_scalar among them, come back exactly."""
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=1000, dtype="bfloat16", **BACKBONES["moe"])
+    for w in backbone.weights:
+        if w.path.endswith(("layer_scalar", "per_expert_scale")):
+            w.assign(np.random.default_rng(3).uniform(0.5, 1.5, w.shape).astype("float32"))
+    save_preset(backbone, vocab_spm, tmp_path / "p")
+    ckpt = keras_convert.read_checkpoint(tmp_path / "p")
+    for i in range(len(backbone.transformer_layers)):
+        block = backbone.get_layer(f"decoder_block_{i}")
+        for ours, theirs in ((f"model.layers.{i}.layer_scalar", block.layer_scalar),
+                             (f"model.layers.{i}.router.per_expert_scale", block.moe_expert_bank.per_expert_scale)):
+            assert ckpt.weights[ours].dtype == mx.bfloat16
+            ref = keras.ops.convert_to_numpy(keras.ops.cast(theirs, "float32")).reshape(-1)
+            assert np.array_equal(np.array(ckpt.weights[ours].astype(mx.float32)), ref), ours
+
+
 def test_what_gemma4_cannot_express_is_named():
     base = dict(BACKBONES["pattern"], vocabulary_size=64)
     last_sliding = "layer_types makes the last layer 'sliding_attention'"
