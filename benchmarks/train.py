@@ -6,7 +6,10 @@ batch 4, the bundled zh_baike chat training split. Every trainer runs the *same*
 first `warmup + steps` batches of mlx-gemma's length-grouped order (seed 0), with loss on the
 answer tokens only. The first `warmup` steps (compilation, allocator warm-up) are not timed.
 
-Each trainer runs in its own subprocess, so peak memory is its own:
+Each trainer runs in its own subprocess, so peak memory is its own, --rounds times (default 3),
+the trainers' order alternating between rounds; the table gives min / median / max over the
+rounds, and its header the CPU (lscpu model name, x86-64 level), CPU count and the 1-minute load
+averages seen before/after each process:
 - mlx-gemma: `mlx_gemma.training.trainer.train` (the real trainer: chunked LM-head loss, compiled step);
 - mlx-lm: `mlx_lm.tuner.trainer.train` with its `default_loss` (full logits) and LoRA layers,
   fed our batches; run after `import mlx_gemma`, so both MLX trainers use the same OpenBLAS;
@@ -16,7 +19,12 @@ tokens/s counts real (unpadded) input tokens. Peak memory: MLX's `mx.get_peak_me
 MLX trainers (arrays only, reset before training), and for every process its peak RSS (the OS
 view; for torch the only one, and it includes loading the model).
 
-    python benchmarks/train.py [--steps 8] [--warmup 2] [--batch 4] [--only mlx-gemma,mlx-lm,torch,parallel]
+    python benchmarks/train.py [--rounds 3] [--steps 8] [--warmup 2] [--batch 4] [--max-seq-len 512]
+        [--only mlx-gemma,mlx-lm,torch,parallel] [--json results.json]
+
+Expected time of the default run (3 trainers x 3 rounds): about 15-17 minutes on a quiet 2-core
+machine (per round ~1.2 min mlx-gemma, ~3 min mlx-lm, ~1.3 min torch at README's 81 / 28 / 91
+tok/s, plus loading); `parallel` adds ~1.5 and ~2.5 min per round.
 
 `parallel` adds two mlx-gemma rows on the same batches: one process with 2 OpenBLAS threads, and
 2 data-parallel ranks (mlx.launch, ring backend on loopback) with 1 thread each; peak memory is
@@ -28,28 +36,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+import harness
+from harness import ALPHA, DROPOUT, LR, RANK, TARGETS, peak_rss_gb
 
 TRAINERS = ("mlx-gemma", "mlx-lm", "torch")
 # data-parallel rows on this CPU: (row name, ranks, OpenBLAS threads per rank); the same global
 # batch and steps as the mlx-gemma row, its rows shared out over the ranks
 PARALLEL = {"mlx-gemma 1 rank x 2 threads": (1, 2), "mlx-gemma 2 ranks x 1 thread": (2, 1)}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-RANK, ALPHA, DROPOUT, LR = 16, 32.0, 0.05, 2e-4
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
-
 
 # ---- the batches (parent process) ---------------------------------------------------------------
 
@@ -93,76 +95,25 @@ def model_dir() -> str:
 
 def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
     import mlx_gemma  # noqa: F401
+    import mlx.core as mx
     from mlx_gemma import load
     from mlx_gemma.training import data as data_lib
     from mlx_gemma.training import distributed
-    from mlx_gemma.training.trainer import TrainArgs, default_data_dir, setup, train
+    from mlx_gemma.training.trainer import default_data_dir
 
     model, tok = load("gemma-3-270m", dtype="float32")
     train_set = data_lib.load_dataset(default_data_dir() / "train.jsonl", tok, "train", args.max_seq_len)
-    times = {}
-
-    def on_step(step, rec):
-        times[step] = time.perf_counter()
-        if step <= len(tokens):  # the trainer must have run exactly our batches
-            assert rec["tokens"] == tokens[step - 1], (step, rec["tokens"], tokens[step - 1])
-
-    with tempfile.TemporaryDirectory() as out:
-        targs = TrainArgs(out=out, iters=args.warmup + args.steps, batch_size=args.batch, rank=RANK, alpha=ALPHA,
-                          dropout=DROPOUT, lr=LR, max_seq_len=args.max_seq_len, eval_every=0, save_every=0,
-                          test=False, seed=0)
-        result = train(model, tok, targs, train_set, progress=False, on_step=on_step,
-                       adapter_config=setup(model, targs))
-    import mlx.core as mx
-
-    return {"seconds": times[args.warmup + args.steps] - times[args.warmup],
-            "loss": result.train_loss, "peak_gb": result.peak_memory_gb, "rss_gb": peak_rss_gb(),
-            "mlx": mx.__version__, "rank": distributed.rank()}
+    res = harness.mlx_gemma_lora(model, tok, train_set, args.steps, args.warmup, args.batch, args.max_seq_len,
+                                 tokens=tokens)
+    return dict(res, mlx=mx.__version__, rank=distributed.rank())
 
 
 def worker_mlx_lm(args, batches, tokens, pad) -> dict:
     import mlx_gemma  # noqa: F401  (the same OpenBLAS under MLX as mlx-gemma)
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
     model, _ = load_model(Path(model_dir()))
-    model.freeze()
-    linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": ALPHA / RANK, "dropout": DROPOUT,
-                                                     "keys": [f"self_attn.{t}" for t in TARGETS]})
-    mx.random.seed(0)
-
-    def iterate(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
-        # mlx-lm's batch: the ids (B, L + 1) and per row (offset, length): loss on targets
-        # steps offset..length (1-based) == our loss positions (one contiguous answer per row)
-        for inputs, targets, weights in batches:
-            ids = np.concatenate([inputs, targets[:, -1:]], axis=1)
-            spans = []
-            for w in weights:
-                pos = np.nonzero(w)[0]
-                assert len(pos) == pos[-1] - pos[0] + 1, "one contiguous answer per row"
-                spans.append((pos[0] + 1, pos[-1] + 1))
-            yield mx.array(ids), mx.array(np.array(spans, np.int32))
-
-    times = {}
-
-    class Clock(TrainingCallback):
-        def on_train_loss_report(self, info):
-            times[info["iteration"]] = time.perf_counter()
-            times["loss"] = info["train_loss"]
-
-    with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArgs(batch_size=args.batch, iters=args.warmup + args.steps, steps_per_report=1,
-                             steps_per_eval=10 ** 9, steps_per_save=10 ** 9, max_seq_length=args.max_seq_len + 1,
-                             adapter_file=os.path.join(out, "adapters.safetensors"))
-        mx.reset_peak_memory()
-        train(model, optim.AdamW(learning_rate=LR, weight_decay=0.0), [None] * len(batches), args=targs,
-              iterate_batches=iterate, training_callback=Clock())
-    return {"seconds": times[args.warmup + args.steps] - times[args.warmup], "loss": times["loss"],
-            "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": peak_rss_gb()}
+    return harness.mlx_lm_lora(model, batches, tokens, args.steps, args.warmup, args.batch, args.max_seq_len)
 
 
 def worker_torch(args, batches, tokens, pad) -> dict:
@@ -191,6 +142,7 @@ def worker_torch(args, batches, tokens, pad) -> dict:
         opt.zero_grad(set_to_none=True)
         times[k] = time.perf_counter()
     return {"seconds": times[args.warmup + args.steps] - times[args.warmup], "loss": float(loss),
+            "tokens": sum(tokens[args.warmup:args.warmup + args.steps]),
             "peak_gb": None, "rss_gb": peak_rss_gb(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
@@ -201,27 +153,67 @@ WORKERS = {"mlx-gemma": worker_mlx_gemma, "mlx-lm": worker_mlx_lm, "torch": work
 # ---- parent ---------------------------------------------------------------------------------------
 
 
-def run_worker(name: str, args, batches_path: str) -> dict:
+def run_worker(name: str, args, batches_path: str, loads: list) -> dict:
     ranks, threads = PARALLEL.get(name, (1, None))
     cmd = [sys.executable, __file__, "--worker", "mlx-gemma" if name in PARALLEL else name, "--batches",
            batches_path, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--max-seq-len", str(args.max_seq_len)]
     env = dict(os.environ, **({"OPENBLAS_NUM_THREADS": str(threads)} if threads else {}))
-    if ranks > 1:
-        from mlx_gemma.training.distributed import free_port_pair
+    if ranks == 1:
+        return harness.run_child(cmd, loads, env)
+    from mlx_gemma.training.distributed import free_port_pair
 
-        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring", "-p",
-               str(free_port_pair()), "--env", f"OPENBLAS_NUM_THREADS={threads}", "--", *cmd]
-    t0 = time.perf_counter()
+    cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring", "-p",
+           str(free_port_pair()), "--env", f"OPENBLAS_NUM_THREADS={threads}", "--", *cmd]
+    loads.append(os.getloadavg()[0])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    results = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    loads.append(os.getloadavg()[0])
+    results = [json.loads(ln[len(harness.RESULT):]) for ln in proc.stdout.splitlines()
+               if ln.startswith(harness.RESULT)]
     if proc.returncode != 0 or len(results) != ranks:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "stderr": proc.stderr[-3000:]}
     res = next(r for r in results if r.get("rank", 0) == 0)
     res["peak_gb"] = max(r["peak_gb"] for r in results)  # per rank: the largest
     res["rss_gb"] = max(r["rss_gb"] for r in results)
-    res["wall"] = time.perf_counter() - t0
     return res
+
+
+def print_table(args, names: list, results: dict, info: dict, loads: list) -> None:
+    timed_tokens = sum(info["tokens"][args.warmup:])
+    print(f"\nLoRA training, Gemma 3 270M, fp32 CPU, r={RANK} alpha={ALPHA:g} q/k/v/o, batch {args.batch}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up ({timed_tokens} real tokens, row lengths "
+          f"{sorted({s[1] for s in info['shapes']})}), {args.rounds} rounds")
+    print(f"# {harness.machine_header(loads)}\n")
+    print("| trainer | tokens/s min / median / max | s / step (median) | peak MLX arrays GB min / median / max "
+          "| peak RSS GB (max) | last loss | failed rounds |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for name in names:
+        ok = [r for r in results[name] if "error" not in r]
+        failed = len(results[name]) - len(ok)
+        if not ok:
+            print(f"| {name} | failed: {results[name][0]['error']} | | | | | {failed} |")
+            continue
+        for r in ok:
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        step_s = statistics.median(r["seconds"] / args.steps for r in ok)
+        print(f"| {name} | {harness.spread([r['tokens_per_s'] for r in ok], 0)} | {step_s:.2f} | "
+              f"{harness.spread([r['peak_gb'] for r in ok], 2)} | {max(r['rss_gb'] for r in ok):.2f} | "
+              f"{ok[-1]['loss']:.3f} | {failed} |")
+    print()
+    ours = _median(results.get("mlx-gemma", []), "tokens_per_s")
+    for other in ("mlx-lm", "torch"):
+        theirs = _median(results.get(other, []), "tokens_per_s")
+        if ours and theirs:
+            line = f"mlx-gemma / {other}: {ours / theirs:.2f}x tokens/s (medians)"
+            if other == "mlx-lm":
+                line += (f", {_median(results['mlx-gemma'], 'peak_gb') / _median(results['mlx-lm'], 'peak_gb'):.2f}x"
+                         " peak MLX memory")
+            print(line)
+
+
+def _median(runs: list, key: str):
+    values = [r[key] for r in runs if key in r and r[key] is not None]
+    return statistics.median(values) if values else None
 
 
 def main():
@@ -230,6 +222,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the trainers' order alternates between rounds")
     ap.add_argument("--only", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS)
                     + " (add 'parallel' for the 1 rank x 2 threads vs 2 ranks x 1 thread rows)")
     ap.add_argument("--json", help="also write the results here")
@@ -240,52 +233,28 @@ def main():
     if args.worker:
         batches, tokens, pad = load_batches(args.batches)
         res = WORKERS[args.worker](args, batches, tokens, pad)
-        print("RESULT " + json.dumps(res))
+        print(harness.RESULT + json.dumps(res))
         return
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if "parallel" in names:
         names = [n for n in names if n != "parallel"] + list(PARALLEL)
+    results, loads = {name: [] for name in names}, []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batches.npz"
         info = make_batches(path, args.warmup + args.steps, args.batch, args.max_seq_len)
-        timed_tokens = sum(info["tokens"][args.warmup:])
-        results = {}
-        for name in names:
-            print(f"running {name}...", file=sys.stderr, flush=True)
-            results[name] = run_worker(name, args, str(path))
-    load = os.getloadavg()
-    print(f"\nLoRA training, Gemma 3 270M, fp32 CPU, r={RANK} alpha={ALPHA:g} q/k/v/o, batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up ({timed_tokens} real tokens, row lengths "
-          f"{sorted({s[1] for s in info['shapes']})}), {date.today()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {load[0]:.1f}")
-    print()
-    print("| trainer | tokens/s | s / step | peak memory (MLX arrays, GB) | peak RSS (GB) | last loss |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in names:
-        r = results[name]
-        if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | | |")
-            continue
-        r["tokens_per_s"] = timed_tokens / r["seconds"]
-        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['seconds'] / args.steps:.2f} | {peak} | "
-              f"{r['rss_gb']:.2f} | {r['loss']:.3f} |")
-    ours = results.get("mlx-gemma", {})
-    print()
-    for other in ("mlx-lm", "torch"):
-        r = results.get(other, {})
-        if "tokens_per_s" in ours and "tokens_per_s" in r:
-            line = f"mlx-gemma / {other}: {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s"
-            if other == "mlx-lm":
-                line += f", {ours['peak_gb'] / r['peak_gb']:.2f}x peak MLX memory"
-            print(line)
-    for name, r in results.items():
-        if "stderr" in r:
-            print(f"\n{name} stderr:\n{r['stderr']}", file=sys.stderr)
+        for r in range(args.rounds):
+            for name in harness.round_order(names, r):
+                print(f"round {r + 1}/{args.rounds}: {name}...", file=sys.stderr, flush=True)
+                results[name].append(run_worker(name, args, str(path), loads))
+    print_table(args, names, results, info, loads)
+    for name, runs in results.items():
+        for r in runs:
+            if "stderr" in r:
+                print(f"\n{name} stderr:\n{r['stderr']}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens": timed_tokens, "results": results},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens": sum(info["tokens"][args.warmup:]),
+                                               "results": results, "loads": loads}, indent=2))
 
 
 if __name__ == "__main__":
