@@ -4,7 +4,8 @@ Tiny random checkpoints saved by transformers (tests/gemma4_tiny.py) go through 
 llama-cpp-python (whose llama.cpp has the gemma4 and gemma3n architectures) loads the file and must
 give our token ids, our logits within its own numerics and our greedy tokens; our GGUF import must
 give back our logits. The shapes are the E2B-like one (per-layer embeddings, KV sharing, double-wide
-MLP), the MoE one (k == v, experts beside the MLP) and Gemma 3n (AltUp, LAuReL, sparsity, KV sharing),
+MLP), the MoE one (k == v, experts beside the MLP), the multimodal Gemma 4 checkpoint (text only) and
+Gemma 3n (AltUp, LAuReL, sparsity, KV sharing),
 each adjusted where llama.cpp hard-codes a hyper-parameter (see `VARIANTS`).
 """
 
@@ -32,6 +33,8 @@ VARIANTS = {
     # sliding layer to the second-to-last unshared layer and a shared full one to the last.
     "gemma4_e2b": dict(vocab_size_per_layer_input=VOCAB, layer_types=[S, S, F, S, F, S, S, F]),
     "gemma4_moe": {},
+    # Gemma4ForConditionalGeneration (text weights under model.language_model), exported text only
+    "gemma4_multimodal": dict(vocab_size_per_layer_input=VOCAB, layer_types=[S, S, S, F, S, F]),
     # llama.cpp fixes laurel_rank 64, per-layer input 256, sparsity 0.95 on the first 10 layers and
     # 20 KV layers. Its Gaussian top-k divides the variance by n - 1 where transformers divides by n:
     # the cut-off moves by sqrt(n / (n - 1)), 0.5% for a 96-wide MLP (max |Δlogit| 1.5 on these
@@ -44,10 +47,10 @@ VARIANTS = {
 }
 # llama.cpp's numerics on the same f32 weights (f32 KV cache): its GELU reads a float16 table, its
 # attention and norms accumulate in other orders. Measured max |Δlogit| over 24 random ids (logits
-# up to ~3.4): e2b 0.012, moe 0.016, gemma3n 0.094 (its top-k variance, above). The bounds leave
+# up to ~3.4): e2b 0.012, moe 0.016, multimodal 0.009, gemma3n 0.094 (its top-k variance, above). The bounds leave
 # headroom and stay far below what a wrong convention gives (a dropped rope_freqs, norms stored as
 # 1 + w, the n - 1 variance at width 96: 0.3 to several units).
-LOGIT_BOUND = {"gemma4_e2b": 0.05, "gemma4_moe": 0.05, "gemma3n": 0.25}
+LOGIT_BOUND = {"gemma4_e2b": 0.05, "gemma4_moe": 0.05, "gemma4_multimodal": 0.05, "gemma3n": 0.25}
 F32_KV = dict(type_k=0, type_v=0)  # GGML_TYPE_F32: llama.cpp's default f16 KV cache rounds keys/values
 
 
@@ -191,7 +194,7 @@ def test_f16_file_read_alike_by_llamacpp_and_us(case):
     back, _ = load(str(path), dtype="float32")
     theirs = llama_logits(llama(path, logits_all=True, **F32_KV), IDS)
     # llama.cpp also rounds the activations to f16 before each f16 matmul (measured: e2b 0.024,
-    # moe 0.015, gemma3n 0.22).
+    # moe 0.015, multimodal 0.017, gemma3n 0.22).
     assert np.abs(theirs - ours_logits(back, IDS)).max() < 2 * LOGIT_BOUND[kind]
     # our reading of the stored weights is gguf-py's reading of them
     stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
