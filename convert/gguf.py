@@ -458,6 +458,16 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             pass  # an exception's traceback still holds a view of it; GC closes the map
 
 
+def _vocab_size(by_name: dict[str, _TensorInfo], tokenizer: dict[str, Any], path: str) -> int:
+    """Rows of token_embd, which must be one per vocabulary piece."""
+    if "token_embd.weight" not in by_name:
+        raise UserError(f"{path}: missing tensor token_embd.weight; the file is incomplete")
+    vocab_size = by_name["token_embd.weight"].shape[0]
+    if len(tokenizer["tokens"]) != vocab_size:
+        raise UserError(f"{path}: tokenizer has {len(tokenizer['tokens'])} tokens but token_embd.weight has {vocab_size} rows; the file is inconsistent")
+    return vocab_size
+
+
 def _read(buf, path: str) -> GGUFCheckpoint:
     kv, infos = _parse(buf, path)
     arch = kv.get("general.architecture")
@@ -468,11 +478,7 @@ def _read(buf, path: str) -> GGUFCheckpoint:
                         "gemma3n and gemma4 GGUF files)")
     tokenizer = _tokenizer_from_metadata(kv, path)
     by_name = {info.name: info for info in infos}
-    if "token_embd.weight" not in by_name:
-        raise UserError(f"{path}: missing tensor token_embd.weight; the file is incomplete")
-    vocab_size = by_name["token_embd.weight"].shape[0]
-    if len(tokenizer["tokens"]) != vocab_size:
-        raise UserError(f"{path}: tokenizer has {len(tokenizer['tokens'])} tokens but token_embd.weight has {vocab_size} rows; the file is inconsistent")
+    vocab_size = _vocab_size(by_name, tokenizer, path)
     config = config_from_metadata(kv, vocab_size, tied="output.weight" not in by_name, path=path)
 
     table = name_table(arch, config["num_hidden_layers"], config["tie_word_embeddings"])
@@ -513,11 +519,7 @@ def _read_gemma4(buf, kv: dict[str, Any], infos: list[_TensorInfo], path: str) -
     Shapes are checked when the model is built from them (loading.build_model, strict)."""
     tokenizer = _tokenizer_from_metadata(kv, path)
     by_name = {info.name: info for info in infos}
-    if "token_embd.weight" not in by_name:
-        raise UserError(f"{path}: missing tensor token_embd.weight; the file is incomplete")
-    vocab_size = by_name["token_embd.weight"].shape[0]
-    if len(tokenizer["tokens"]) != vocab_size:
-        raise UserError(f"{path}: tokenizer has {len(tokenizer['tokens'])} tokens but token_embd.weight has {vocab_size} rows; the file is inconsistent")
+    vocab_size = _vocab_size(by_name, tokenizer, path)
     shapes = {name: info.shape for name, info in by_name.items()}
     freqs = _tensor(buf, by_name["rope_freqs.weight"], path) if "rope_freqs.weight" in by_name else None
     config = gguf_gemma4.config_from_metadata(kv, shapes, freqs, vocab_size, path)

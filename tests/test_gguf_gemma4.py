@@ -21,6 +21,7 @@ from mlx_gemma.errors import UserError
 from mlx_gemma.tokenizer import GemmaTokenizer
 
 import gemma4_tiny as g4
+from llamacpp_refs import assert_same_q8_0_files, assert_tokenizes_like_us, llamacpp_q8_0
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp "
                                                     "from source; install a prebuilt wheel to run these tests)")
@@ -47,9 +48,9 @@ VARIANTS = {
 }
 # llama.cpp's numerics on the same f32 weights (f32 KV cache): its GELU reads a float16 table, its
 # attention and norms accumulate in other orders. Measured max |Δlogit| over 24 random ids (logits
-# up to ~3.4): e2b 0.012, moe 0.016, multimodal 0.009, gemma3n 0.094 (its top-k variance, above). The bounds leave
-# headroom and stay far below what a wrong convention gives (a dropped rope_freqs, norms stored as
-# 1 + w, the n - 1 variance at width 96: 0.3 to several units).
+# up to ~3.4): e2b 0.012, moe 0.016, multimodal 0.009, gemma3n 0.094 (its top-k variance, above).
+# The bounds leave headroom and stay far below what one wrong convention gives (the n - 1 variance
+# alone, at width 96: 1.5).
 LOGIT_BOUND = {"gemma4_e2b": 0.05, "gemma4_moe": 0.05, "gemma4_multimodal": 0.05, "gemma3n": 0.25}
 F32_KV = dict(type_k=0, type_v=0)  # GGML_TYPE_F32: llama.cpp's default f16 KV cache rounds keys/values
 
@@ -128,20 +129,18 @@ def test_file_uses_gguf_py_names_and_llamacpp_loads_it(case):
     assert llm.n_vocab() == VOCAB
 
 
+# A Gemma 4 conversation: native system turn, Chinese with characters outside the vocabulary (bytes),
+# whitespace runs, an emoji.
+CHAT = [dict(role="system", content="用中文回答。"), dict(role="user", content="你好 there, cat?"),
+        dict(role="assistant", content="天气  then\n\nthe end"), dict(role="user", content="再说一遍 🙂")]
+
+
 def test_tokenizer_ids_equal_ours_on_chinese_and_chat_markers(case):
     _, _, _, tok, path = case
-    llm = llama(path, vocab_only=True)
-    chat = tok.apply_chat_template([{"role": "system", "content": "用中文回答。"},
-                                    {"role": "user", "content": "你好 there, cat?"},
-                                    {"role": "assistant", "content": "天气  then\n\nthe end"},
-                                    {"role": "user", "content": "再说一遍 🙂"}], add_generation_prompt=True)
+    chat = tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert chat.startswith("<bos><|turn>system\n")
-    for text in ["the cat sat on the mat", "你好，世界！今天天气怎么样？ then\n\n  there   ", chat[len("<bos>"):]]:
-        theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        assert theirs == tok.encode(text), text
-        assert llm.detokenize(theirs[1:], special=True).decode("utf-8") == text
-    for marker in ("<|turn>", "<turn|>", "<eos>", "<bos>"):
-        assert llm.tokenize(marker.encode(), add_bos=False, special=True) == [tok.piece_to_id(marker)]
+    texts = ["the cat sat on the mat", "你好，世界！今天天气怎么样？ then\n\n  there   ", chat[len("<bos>"):]]
+    assert_tokenizes_like_us(llama(path, vocab_only=True), tok, texts, ("<|turn>", "<turn|>", "<eos>", "<bos>"))
 
 
 def test_f32_logits_within_llamacpp_numerics(case):
@@ -208,7 +207,7 @@ def test_f16_file_read_alike_by_llamacpp_and_us(case):
 def test_our_q8_0_file_equals_llamacpp_own_quantization(case):
     """Our q8_0 file vs llama.cpp quantizing our f32 file itself: the same tensors, types and blocks.
     (Logits are not compared: llama.cpp also rounds activations to 8 bits in q8_0 matmuls, which moves
-    these random networks' logits by 0.5 to 2, measured.)"""
+    these random networks' logits by 0.5 to 2.2, measured.)"""
     import gguf
 
     from mlx_gemma.export import convert_to_gguf
@@ -217,26 +216,10 @@ def test_our_q8_0_file_equals_llamacpp_own_quantization(case):
     kind, src, _, _, f32_path = case
     ours_path = convert_to_gguf(src, src.parent / f"{kind}-q8_0.gguf", out_type="q8_0")
     theirs_path = src.parent / f"{kind}-llamacpp-q8_0.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs_path).encode(), params) == 0
-    a = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        x, y = np.asarray(a[name].data), np.asarray(b[name].data)
-        if a[name].tensor_type != gguf.GGMLQuantizationType.Q8_0:
-            assert np.array_equal(x, y), name
-            continue
-        # Q8_0 block: a float16 scale then 32 int8 codes; a code may differ by one on a rounding tie
-        xb, yb = x.reshape(-1, 34), y.reshape(-1, 34)
-        assert np.array_equal(xb[:, :2], yb[:, :2]), name
-        codes = np.abs(xb[:, 2:].view(np.int8).astype(np.int16) - yb[:, 2:].view(np.int8).astype(np.int16))
-        assert codes.max() <= 1, name
+    llamacpp_q8_0(llama_cpp, f32_path, theirs_path)
+    assert_same_q8_0_files(ours_path, theirs_path)
     back, _ = load(str(ours_path), dtype="float32")
-    t = a["token_embd.weight"]
+    t = next(t for t in gguf.GGUFReader(ours_path).tensors if t.name == "token_embd.weight")
     np.testing.assert_array_equal(np.array(back.model.embed_tokens.weight),
                                   gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1))
     assert llama(ours_path).n_vocab() == VOCAB
@@ -275,3 +258,17 @@ def test_gemma3n_hyperparameters_llamacpp_hard_codes_are_refused(overrides, word
         base.update(layer_types=base["layer_types"][:n], intermediate_size=[96] * n,
                     activation_sparsity_pattern=[0.95] * 10 + [0.0] * (n - 10))
     assert word in _refused("gemma3n", **{**base, **overrides})
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_gemma.cli import main
+
+    src = tmp_path / "hf"
+    g4.save(g4.make_hf_model("gemma4_e2b", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB), src)
+    GemmaTokenizer.from_bytes(gemma4_tokenizer_bytes()).save(src)
+    r = CliRunner().invoke(main, ["convert-to-gguf", str(src), str(tmp_path / "out.gguf"), "--type", "f32"])
+    assert r.exit_code == 1, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "sliding then full" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary file
