@@ -388,8 +388,10 @@ def _tokenizer_from_metadata(kv: dict[str, Any], path: str) -> dict[str, Any]:
         raise UserError(f"{path}: tokenizer.ggml.model is {model!r}; Gemma GGUFs use the SentencePiece ('llama') "
                         "or Gemma 4 ('gemma4') tokenizer")
     tokens, scores, types = (kv[k] for k in _TOKENIZER_ARRAYS)
-    if model == "gemma4" and "tokenizer.ggml.merges" in kv:
-        scores = _scores_from_merges(tokens, scores, types, kv["tokenizer.ggml.merges"])
+    if model == "gemma4":
+        types = gguf_gemma4.visible_types(tokens, types, gguf_gemma4.CONTROL, gguf_gemma4.USER_DEFINED)
+        if "tokenizer.ggml.merges" in kv:
+            scores = _scores_from_merges(tokens, scores, types, kv["tokenizer.ggml.merges"])
     if not (len(tokens) == len(scores) == len(types)):
         raise UserError(f"{path}: tokenizer arrays disagree ({len(tokens)} tokens, {len(scores)} scores, {len(types)} types); the file is corrupt")
 
@@ -689,6 +691,7 @@ def write_gguf(
     tokenizer_model: bytes,
     path: str | os.PathLike,
     out_type: str = "f16",
+    chat_template: str | None = None,
 ) -> None:
     """Write a Gemma 1/2/3-text, Gemma 4 or Gemma 3n text model as a GGUF file llama.cpp can run.
 
@@ -696,6 +699,7 @@ def write_gguf(
     config: HF config.json dict (model_type gemma / gemma2 / gemma3_text / gemma4_text / gemma3n_text).
     tokenizer_model: bytes of the SentencePiece tokenizer.model.
     out_type: 'f32' | 'f16' | 'bf16' | 'q8_0' for 2-D and 3-D tensors; 1-D tensors stay F32.
+    chat_template: Jinja text stored as tokenizer.chat_template (None: none).
     The file is written to a temporary name in the same folder, then renamed over `path`.
     """
     import gguf  # gguf-py's writer; imported here so reading never needs it
@@ -731,7 +735,7 @@ def write_gguf(
             gguf_gemma4.add_metadata(w, c)
         else:
             _add_metadata(w, config, arch)
-        _add_tokenizer(w, vocab, tokenizer_model if arch == "gemma4" else None)
+        _add_tokenizer(w, vocab, tokenizer_model if arch == "gemma4" else None, chat_template)
         for name, t in gguf_tensors.items():
             raw, qtype = _encode_tensor(name, t, out_type)
             w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
@@ -806,9 +810,10 @@ def _add_metadata(w, config: dict[str, Any], arch: str) -> None:
             raise UserError(f"config local rope base {rope_local}: llama.cpp fixes it at 10000 for gemma3; export to an HF directory instead")
 
 
-def _add_tokenizer(w, vocab: dict[str, Any], bpe_model: bytes | None) -> None:
+def _add_tokenizer(w, vocab: dict[str, Any], bpe_model: bytes | None, chat_template: str | None) -> None:
     """The vocabulary: SentencePiece ("llama") for Gemma 1-3 / 3n; for Gemma 4, the BPE form
-    llama.cpp's `gemma4` tokenizer reads, with merges ranked as SentencePiece ranks its pieces."""
+    llama.cpp's `gemma4` tokenizer reads, with merges ranked as SentencePiece ranks its pieces.
+    The chat template (Jinja) lets llama.cpp's chat endpoints format turns as we do."""
     if bpe_model is None:
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
@@ -817,9 +822,13 @@ def _add_tokenizer(w, vocab: dict[str, Any], bpe_model: bytes | None) -> None:
 
         w.add_tokenizer_model("gemma4")
         w.add_token_merges([f"{a} {b}" for a, b in tokenizer_json_from_model(bpe_model)["model"]["merges"]])
+        vocab = {**vocab, "types": gguf_gemma4.visible_types(vocab["tokens"], vocab["types"], gguf_gemma4.USER_DEFINED,
+                                                             gguf_gemma4.CONTROL)}
     w.add_token_list(vocab["tokens"])
     w.add_token_scores(vocab["scores"].tolist())
     w.add_token_types(vocab["types"].tolist())
+    if chat_template:
+        w.add_chat_template(chat_template)
     for setter, key in ((w.add_bos_token_id, "bos"), (w.add_eos_token_id, "eos"), (w.add_unk_token_id, "unk"), (w.add_pad_token_id, "pad")):
         if vocab[key] >= 0:  # SentencePiece uses -1 for "none"
             setter(int(vocab[key]))

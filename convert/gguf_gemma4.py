@@ -42,6 +42,12 @@ GEMMA3N_FIXED = {"altup_num_inputs": 4, "altup_active_idx": 0, "laurel_rank": 64
 GEMMA3N_KV_LAYERS = 20  # llama.cpp: n_layer_kv_from_start = 20
 GEMMA3N_SPARSE_LAYERS, GEMMA3N_SPARSITY = 10, 0.95  # the first 10 layers, Gaussian top-k at 0.95
 UNROTATED = 1e30  # rope_freqs divisor of the pairs proportional RoPE leaves unrotated
+# Gemma 4 markers llama.cpp must print, not hide, so its chat parser (common/parsers/gemma4.cpp) sees
+# the thinking channel and tool calls: its converter stores them as user-defined (type 4) pieces;
+# SentencePiece and transformers treat them as control (type 3) pieces, as the import restores.
+GEMMA4_VISIBLE = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+                  '<|"|>')
+CONTROL, USER_DEFINED = 3, 4
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -96,6 +102,15 @@ _STACKED = {"model.altup_projections": "altup_proj.weight", "model.altup_unembed
 _STACKED_BACK = {v: k for k, v in _STACKED.items()}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BLK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def visible_types(tokens: list, types: np.ndarray, visible: int, hidden: int) -> np.ndarray:
+    """Token types with Gemma 4's visible markers (GEMMA4_VISIBLE) switched from `hidden` to `visible`."""
+    types = np.array(types, dtype=np.int32)
+    for i, piece in enumerate(tokens):
+        if types[i] == hidden and piece in GEMMA4_VISIBLE:
+            types[i] = visible
+    return types
 
 
 def gguf_tensor_names() -> set[str]:

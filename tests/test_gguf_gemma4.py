@@ -139,8 +139,24 @@ def test_tokenizer_ids_equal_ours_on_chinese_and_chat_markers(case):
     _, _, _, tok, path = case
     chat = tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert chat.startswith("<bos><|turn>system\n")
-    texts = ["the cat sat on the mat", "你好，世界！今天天气怎么样？ then\n\n  there   ", chat[len("<bos>"):]]
-    assert_tokenizes_like_us(llama(path, vocab_only=True), tok, texts, ("<|turn>", "<turn|>", "<eos>", "<bos>"))
+    texts = ["the cat sat on the mat", "你好，世界！今天天气怎么样？ then\n\n  there   ", chat[len("<bos>"):],
+             "<|tool_response>天气<tool_response|>"]
+    llm = llama(path, vocab_only=True)
+    assert_tokenizes_like_us(llm, tok, texts, ("<|turn>", "<turn|>", "<eos>", "<bos>", "<|tool_response>"))
+    assert llm.metadata["tokenizer.chat_template"] == (tok.chat_template or tok.chat_markers.template)
+
+
+def test_gemma4_tool_markers_visible_to_llamacpp_and_special_again_on_import(case):
+    """llama.cpp's converter stores Gemma 4's tool / channel markers as user-defined pieces so that
+    its chat parser sees them in the output; ours does too, and our import makes them control again."""
+    from mlx_gemma.loading import load
+
+    kind, _, _, tok, path = case
+    marker = tok.piece_to_id("<tool_response|>")  # (llama.cpp makes <|tool_response>, an end of generation, control)
+    shown = llama(path, vocab_only=True).detokenize([marker], special=False)
+    assert shown == (b"" if kind == "gemma3n" else b"<tool_response|>")  # gemma3n: SentencePiece, as Gemma 3
+    back_tok = load(str(path), dtype="float32")[1]
+    assert back_tok.is_special(marker) and tok.is_special(marker)
 
 
 def test_f32_logits_within_llamacpp_numerics(case):
