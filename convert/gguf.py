@@ -318,32 +318,40 @@ def config_from_metadata(kv: dict[str, Any], vocab_size: int, tied: bool, path: 
         big = layers == _QUERY_SCALE_FROM_HIDDEN_LAYERS[arch]
         config["query_pre_attn_scalar"] = hidden // heads if big else head_dim
     if arch == "gemma2":
-        attn_cap, final_cap = GEMMA2_DEFAULT_SOFTCAPS
-        config["attn_logit_softcapping"] = float(get("attn_logit_softcapping", attn_cap))
-        config["final_logit_softcapping"] = float(get("final_logit_softcapping", final_cap))
-        config["sliding_window"] = int(get("attention.sliding_window", GEMMA2_DEFAULT_SLIDING_WINDOW))
-        # Even layers are local (llama.cpp set_swa_pattern(2); HF Gemma2Config).
-        config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        _gemma2_fields(config, get, layers)
     if arch == "gemma3":
-        config["sliding_window"] = int(get("attention.sliding_window", required=True))
-        config["rope_local_base_freq"] = float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
-        pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
-        if isinstance(pattern, list):  # per-layer booleans, True = sliding
-            if len(pattern) != layers:
-                raise UserError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
-            config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-        else:
-            pattern = int(pattern)
-            config["sliding_window_pattern"] = pattern
-            config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
-        scaling = get("rope.scaling.type")
-        if scaling not in (None, "none"):
-            config["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
-        else:
-            config["rope_scaling"] = None
-        config["attn_logit_softcapping"] = get("attn_logit_softcapping")
-        config["final_logit_softcapping"] = get("final_logit_softcapping")
+        _gemma3_fields(config, get, layers, path)
     return config
+
+
+def _gemma2_fields(config: dict[str, Any], get, layers: int) -> None:
+    attn_cap, final_cap = GEMMA2_DEFAULT_SOFTCAPS
+    config["attn_logit_softcapping"] = float(get("attn_logit_softcapping", attn_cap))
+    config["final_logit_softcapping"] = float(get("final_logit_softcapping", final_cap))
+    config["sliding_window"] = int(get("attention.sliding_window", GEMMA2_DEFAULT_SLIDING_WINDOW))
+    # Even layers are local (llama.cpp set_swa_pattern(2); HF Gemma2Config).
+    config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+def _gemma3_fields(config: dict[str, Any], get, layers: int, path: str) -> None:
+    config["sliding_window"] = int(get("attention.sliding_window", required=True))
+    config["rope_local_base_freq"] = float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
+    pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):  # per-layer booleans, True = sliding
+        if len(pattern) != layers:
+            raise UserError(f"{path}: gemma3.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
+        config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        pattern = int(pattern)
+        config["sliding_window_pattern"] = pattern
+        config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
+    else:
+        config["rope_scaling"] = None
+    config["attn_logit_softcapping"] = get("attn_logit_softcapping")
+    config["final_logit_softcapping"] = get("final_logit_softcapping")
 
 
 def _expected_shape(key: str, c: dict[str, Any]) -> tuple[int, ...]:
@@ -685,6 +693,25 @@ def gguf_tensors_from_hf(tensors: dict[str, np.ndarray], config: dict[str, Any])
     return out
 
 
+def _gguf_layout(tensors: dict[str, np.ndarray], config: dict[str, Any]):
+    """(GGUF architecture, GemmaConfig for gemma4 / gemma3n else None, GGUF-named tensors), after
+    refusing configs llama.cpp would run differently."""
+    model_type = config.get("model_type")
+    if model_type in gguf_gemma4.GGUF_ARCHS:
+        from mlx_gemma.config import GemmaConfig
+
+        c = GemmaConfig.from_dict(config)
+        gguf_gemma4.check_exportable(c)
+        return gguf_gemma4.GGUF_ARCHS[model_type], c, gguf_gemma4.gguf_tensors(tensors, c)
+    if model_type in GGUF_ARCHS:
+        arch = GGUF_ARCHS[model_type]
+        out = gguf_tensors_from_hf(tensors, config)
+        _check_exportable(config, arch)
+        return arch, None, out
+    raise UserError(f"config model_type {model_type!r} cannot be exported to GGUF "
+                    "(gemma, gemma2, gemma3_text, gemma4_text, gemma3n_text)")
+
+
 def write_gguf(
     tensors: dict[str, np.ndarray],
     config: dict[str, Any],
@@ -706,20 +733,7 @@ def write_gguf(
 
     if out_type not in OUT_TYPES:
         raise UserError(f"unknown GGUF out_type {out_type!r}; use one of {', '.join(OUT_TYPES)}")
-    model_type = config.get("model_type")
-    if model_type in gguf_gemma4.GGUF_ARCHS:
-        from mlx_gemma.config import GemmaConfig
-
-        arch, c = gguf_gemma4.GGUF_ARCHS[model_type], GemmaConfig.from_dict(config)
-        gguf_gemma4.check_exportable(c)
-        gguf_tensors = gguf_gemma4.gguf_tensors(tensors, c)
-    elif model_type in GGUF_ARCHS:
-        arch = GGUF_ARCHS[model_type]
-        gguf_tensors = gguf_tensors_from_hf(tensors, config)
-        _check_exportable(config, arch)
-    else:
-        raise UserError(f"config model_type {model_type!r} cannot be exported to GGUF "
-                        "(gemma, gemma2, gemma3_text, gemma4_text, gemma3n_text)")
+    arch, c, gguf_tensors = _gguf_layout(tensors, config)
     vocab = _spm_vocab(tokenizer_model)
     if len(vocab["tokens"]) != gguf_tensors["token_embd.weight"].shape[0]:
         raise UserError(f"tokenizer model has {len(vocab['tokens'])} pieces but model.embed_tokens.weight has {gguf_tensors['token_embd.weight'].shape[0]} rows; pass the model's own tokenizer.model")
@@ -731,7 +745,7 @@ def write_gguf(
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         _add_general(w, config, arch, out_type)
-        if arch in gguf_gemma4.MODEL_TYPES:
+        if c is not None:
             gguf_gemma4.add_metadata(w, c)
         else:
             _add_metadata(w, config, arch)
