@@ -113,13 +113,6 @@ def visible_types(tokens: list, types: np.ndarray, visible: int, hidden: int) ->
     return types
 
 
-def gguf_tensor_names() -> set[str]:
-    """Every GGUF base name this module can write (blk.{bid}. form), for checks against gguf-py."""
-    names = {n.rsplit(".", 1)[0] for n in _GLOBAL.values()} | {n.rsplit(".", 1)[0] for n in _STACKED.values()}
-    names |= {"blk.{bid}." + n.rsplit(".", 1)[0] for n in _LAYER.values()}
-    return names | {"rope_freqs"}
-
-
 # --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
@@ -320,7 +313,9 @@ def config_from_metadata(kv: dict[str, Any], shapes: dict[str, tuple], freqs, vo
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": int(get("context_length")), "sliding_window": int(get("attention.sliding_window")),
         "num_kv_shared_layers": shared, "tie_word_embeddings": "output.weight" not in shapes,
-        "final_logit_softcapping": get("final_logit_softcapping", 0.0) or None,
+        # gemma3n: llama.cpp applies 30 whatever the file says (GEMMA3N_FIXED)
+        "final_logit_softcapping": get("final_logit_softcapping", GEMMA3N_FIXED["final_logit_softcapping"]
+                                       if arch == "gemma3n" else 0.0) or None,
         "hidden_activation": "gelu_pytorch_tanh",
     }
     sliding = [i for i in range(n) if types[i] == SLIDING] or [0]

@@ -288,3 +288,17 @@ def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path):
     assert r.exit_code == 1, r.output
     assert len(r.output.strip().splitlines()) == 1 and "sliding then full" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary file
+
+
+def test_import_of_a_file_missing_a_tensor_is_one_line_naming_it(case, tmp_path):
+    from mlx_gemma.export import dense_weights
+    from mlx_gemma.loading import load
+
+    _, src, _, tok, _ = case
+    model, _ = load(str(src), dtype="float32")
+    tensors = {k: np.array(v) for k, v in dense_weights(model).items() if k != "model.layers.1.self_attn.q_proj.weight"}
+    path = tmp_path / "incomplete.gguf"
+    write_gguf(tensors, model.config.to_dict(), tok.model_bytes, path, "f32")
+    with pytest.raises(UserError) as e:
+        load(str(path))
+    assert "layers.1.self_attn.q_proj" in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
