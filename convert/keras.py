@@ -2,31 +2,47 @@
 
 Two forms are read, with h5py only (neither Keras nor a backend is needed):
 - a preset dir, as `save_to_preset` writes it and Kaggle ships it: config.json (the backbone's
-  Keras config: class_name GemmaBackbone or Gemma3Backbone), model.weights.h5 (or a sharded
-  model.weights.json + model_NNNNN.weights.h5), assets/tokenizer/vocabulary.spm (the
-  SentencePiece model; the preset's tokenizer.json is Keras' layer config, not HF's);
+  Keras config: class_name GemmaBackbone, Gemma3Backbone, Gemma3nBackbone or Gemma4Backbone),
+  model.weights.h5 (or a sharded model.weights.json + model_NNNNN.weights.h5),
+  assets/tokenizer/vocabulary.spm (the SentencePiece model; the preset's tokenizer.json is Keras'
+  layer config, not HF's);
 - a `.weights.h5` file as `model.save_weights` writes it (a backbone or a CausalLM task, LoRA
   already merged by Keras on save), with the vocabulary and the architecture given separately:
   a size from `SIZES` or a preset's config.json.
 
 What the layout table below encodes (read from keras_hub 0.32's Gemma layers):
 - h5 paths follow the Python objects, not the Keras layer names: decoder blocks are
-  `gemma_decoder_block`, `gemma_decoder_block_1`, ... (`gemma3_decoder_block...` for Gemma 3) in
-  layer order, the embedding `reversible_embedding`, the final norm `rms_normalization`; each
-  variable is `<object path>/vars/<index>`.
+  `gemma_decoder_block`, `gemma_decoder_block_1`, ... (`gemma3_decoder_block...` for Gemma 3,
+  `gemma4_text_decoder_block...` for Gemma 4) in layer order, the embedding
+  `reversible_embedding`, the final norm the last `rms_normalization[_N]`; each variable is
+  `<object path>/vars/<index>`.
 - attention kernels are einsum kernels per head: query (heads, hidden, head_dim), key / value
   (kv_heads, hidden, head_dim), output (heads, head_dim, hidden). HF's q_proj is
   (heads * head_dim, hidden), head-major, so q = kernel.transpose(0, 2, 1).reshape(-1, hidden).
 - Gemma 1/2 rotate q and k with the half-split RoPE HF uses, then interleave the two halves; the
   same permutation on q and k leaves every score unchanged, so no weight permutation is needed.
 - MLP kernels are (in, out); HF stores (out, in). Gemma 1/2's `intermediate_dim` counts gate and
-  up together (twice HF's intermediate_size); Gemma 3's does not.
-- norm scales are zero-centred, applied as x * (1 + scale), exactly as HF stores them: copied as is.
+  up together (twice HF's intermediate_size); Gemma 3's and 4's do not.
+- norm scales are stored as HF stores them and copied as is: zero-centred, applied as
+  x * (1 + scale), in Gemma 1-3; applied as x * scale (starting at 1) in Gemma 4.
 - the embedding is tied (ReversibleEmbedding, tie_weights=True); its soft cap is the final
   logit soft cap.
 - `query_head_dim_normalize=False` (Gemma 2 27B, Gemma 3 27B) means scores scaled by
   (hidden / heads) ** -0.5, as keras_hub's own HF exporter writes it (query_pre_attn_scalar);
-  keras_hub 0.32's decoder blocks ignore the flag and always use head_dim.
+  keras_hub 0.32's decoder blocks ignore the flag and always use head_dim. Gemma 4 scales by 1.
+- Gemma 4 adds: a `layer_scalar` per block (a 0-d variable, HF (1,)); global layers with their own
+  head size (`global_head_dim`) and, when `num_global_key_value_heads` is set, their own KV heads
+  with k == v (no value kernel: keras_hub ties the two options together); KV-shared blocks (the
+  last `num_kv_shared_layers`) without key / value / key-norm variables and, with
+  `use_double_wide_mlp`, a 2x wide MLP; per-layer embeddings (`embedding`, `dense` and the first
+  `rms_normalization` at the top, three variables per block); the MoE block, whose experts keep
+  gate and up apart as (experts, hidden, inner) where HF stacks them as `gate_up_proj`
+  (experts, 2 * inner, hidden).
+- Gemma 3n (Gemma3nBackbone): keras_hub names the text model's variables after HF's, under
+  `gemma3n_multimodal_embedding_processor/language_model/`, with Dense kernels (in, out); its
+  config uses HF's field names but for `text_vocab_size` / `text_hidden_size`, a float
+  `rope_scaling` and `final_logit_soft_cap`. KV-shared blocks keep unused k / v variables, which
+  are dropped on load as for HF checkpoints.
 
 `hf_config` and `hf_weights` are pure functions over dicts; `read_checkpoint` does the I/O.
 """
@@ -41,6 +57,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..config import FULL, SLIDING, GemmaConfig
 from ..errors import UserError
 
 # Kaggle's / KerasHub's Gemma text architectures, as Keras backbone configs, for a bare
@@ -81,8 +98,11 @@ SIZE_ALIASES = {"2b": "gemma_2b", "7b": "gemma_7b"}
 
 _REQUIRED = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
              "intermediate_dim", "head_dim")
-# The Keras backbones of text Gemmas our model runs -> the h5 name of their decoder blocks.
-_BACKBONES = {"GemmaBackbone": "gemma_decoder_block", "Gemma3Backbone": "gemma3_decoder_block"}
+# The Keras backbones of text Gemmas our model runs.
+_BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma3nBackbone", "Gemma4Backbone")
+# HF model_type -> the h5 name of its Keras decoder blocks.
+_BLOCKS = {"gemma": "gemma_decoder_block", "gemma2": "gemma_decoder_block", "gemma3_text": "gemma3_decoder_block",
+           "gemma4_text": "gemma4_text_decoder_block"}
 
 # One decoder block: Keras object path + variable index -> (HF name under model.layers.{i}., layout).
 _LAYER_TABLE = {
@@ -99,15 +119,54 @@ _LAYER_TABLE = {
     "gating_ffw/0": ("mlp.gate_proj.weight", "transpose"),
     "gating_ffw_2/0": ("mlp.up_proj.weight", "transpose"),
     "ffw_linear/0": ("mlp.down_proj.weight", "transpose"),
+    # Gemma 4
+    "0": ("layer_scalar", "scalar"),  # the block's own variable
+    "per_layer_input_gate/0": ("per_layer_input_gate.weight", "transpose"),
+    "per_layer_up_proj/0": ("per_layer_projection.weight", "transpose"),
+    "post_per_layer_input_norm/0": ("post_per_layer_input_norm.weight", "copy"),
+    "pre_ffw_norm_moe/0": ("pre_feedforward_layernorm_2.weight", "copy"),
+    "post_ffw_norm_dense/0": ("post_feedforward_layernorm_1.weight", "copy"),
+    "post_ffw_norm_moe_path/0": ("post_feedforward_layernorm_2.weight", "copy"),
+    "moe_router/0": ("router.scale", "copy"),
+    "moe_router/proj/0": ("router.proj.weight", "transpose"),
+    # gate and up are stacked into HF's experts.gate_up_proj once all are read (_stack_experts)
+    "moe_expert_bank/0": ("experts.gate_proj", "experts"),
+    "moe_expert_bank/1": ("experts.up_proj", "experts"),
+    "moe_expert_bank/2": ("experts.down_proj", "experts"),
+    "moe_expert_bank/3": ("router.per_expert_scale", "copy"),
 }
-# Multimodal Gemma 3 presets carry an image encoder beside the text backbone; it is not read.
-_VISION_PREFIX = "gemma3_vision_encoder/"
+# Multimodal presets carry image / audio encoders beside the text backbone; they are not read.
+_TOWER_PREFIXES = ("gemma3_vision_encoder/", "gemma4_vision_encoder/", "gemma4_audio_encoder/")
+# Gemma 3n: keras_hub names its text model's variables after HF's (Dense kernels (in, out)), under
+# one root; decoder blocks are transformer_layers/gemma3n_text_decoder_block[_i], AltUp's projection
+# lists altup[_unembed]_projections/dense[_j]. Keras suffix -> HF name (2-D kernels are transposed).
+_GEMMA3N_ROOT = "gemma3n_multimodal_embedding_processor/language_model/"
+_GEMMA3N_TOP = {
+    "embed_tokens/embedding/0": "model.embed_tokens.weight",
+    "embed_tokens_per_layer/embedding/0": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_projection/0": "model.per_layer_model_projection.weight",
+    "per_layer_projection_norm/0": "model.per_layer_projection_norm.weight",
+    "final_normalization/0": "model.norm.weight",
+}
+_GEMMA3N_LAYER = {f"attention/{n}/0": f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "q_norm", "k_norm")}
+_GEMMA3N_LAYER.update({f"{n}/0": f"{n}.weight" for n in (
+    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj", "input_layernorm", "post_attention_layernorm",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm", "altup/correction_coefs", "altup/prediction_coefs",
+    "altup/modality_router", "altup/router_norm", "laurel/linear_left", "laurel/linear_right",
+    "laurel/post_laurel_norm", "per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")})
+_GEMMA3N_LAYER = {k: v.replace("/", ".") for k, v in _GEMMA3N_LAYER.items()}
+_GEMMA3N_LAYER["altup/0"] = "altup.correct_output_scale"
+_GEMMA3N_PATHS = re.compile(r"^(?:transformer_layers/gemma3n_text_decoder_block(?:_(\d+))?/(.+)"
+                            r"|altup(_unembed)?_projections/dense(?:_(\d+))?/0)$")
+# Gemma3nBackbone config fields that are transformers' Gemma3nTextConfig fields under the same name.
+_GEMMA3N_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                   "layer_types", "sliding_window", "rope_theta", "rope_local_base_freq", "max_position_embeddings",
+                   "vocab_size_per_layer_input", "hidden_size_per_layer_input", "altup_num_inputs", "laurel_rank",
+                   "altup_coef_clip", "altup_active_idx", "altup_correct_scale", "num_kv_shared_layers",
+                   "pad_token_id", "rms_norm_eps")
 # Gemma 1 has one norm before the MLP, which HF calls post_attention_layernorm.
 _GEMMA1_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
-_TOP_TABLE = {
-    "reversible_embedding/0": ("model.embed_tokens.weight", "copy"),
-    "rms_normalization/0": ("model.norm.weight", "copy"),
-}
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -120,8 +179,10 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
     """
     if class_name not in _BACKBONES:
         raise UserError(f"{source}: Keras backbone {class_name!r} is not supported; mlx-gemma reads "
-                        f"{' and '.join(_BACKBONES)} (Gemma 1, 2 and 3 text)")
+                        f"{', '.join(_BACKBONES)} (Gemma 1, 2, 3 and 4 text)")
     k = dict(keras)
+    if class_name == "Gemma3nBackbone":
+        return _gemma3n_config(k, source)
     missing = [f for f in _REQUIRED if k.get(f) is None]
     if missing:
         raise UserError(f"{source}: the Keras backbone config has no {', '.join(missing)}; give the config.json "
@@ -138,6 +199,9 @@ def hf_config(class_name: str, keras: dict, source: str = "config.json") -> dict
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, torch_dtype=_dtype_name(k.get("dtype")),
     )
     sliding = bool(k.get("use_sliding_window_attention"))
+    if class_name == "Gemma4Backbone":
+        _gemma4_fields(k, out, source)
+        return {key: v for key, v in out.items() if v is not None}
     if class_name == "Gemma3Backbone":
         _gemma3_fields(k, out, source)
         # keras_hub: five local layers, then one global (i % 6 < 5), bases 10k local / 1M global.
@@ -171,6 +235,15 @@ def _gemma3_fields(k: dict, out: dict, source: str) -> None:
         if not k.get(flag, flag == "use_query_key_norm"):
             raise UserError(f"{source}: {flag} is false; mlx-gemma's Gemma 3 always has it (every released "
                             "Gemma 3 does)")
+    _refuse_non_causal(k, source)
+    factor = float(k.get("global_rope_scaling_factor", 1.0))
+    out.update(model_type="gemma3_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
+               rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+               rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1.0 else None)
+
+
+def _refuse_non_causal(k: dict, source: str) -> None:
+    """Gemma 3 / 4 options outside a causal text model with global-only RoPE scaling."""
     for flag, what in (("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma)"),
                        ("is_embedding_model", "an embedding model (EmbeddingGemma)")):
         if k.get(flag):
@@ -179,10 +252,70 @@ def _gemma3_fields(k: dict, out: dict, source: str) -> None:
     if float(k.get("local_rope_scaling_factor", 1.0)) != 1.0:
         raise UserError(f"{source}: local_rope_scaling_factor {k['local_rope_scaling_factor']} is not "
                         "supported; mlx-gemma scales RoPE on global layers only")
+
+
+def _gemma4_fields(k: dict, out: dict, source: str) -> None:
+    """Gemma4Backbone's options as transformers' Gemma4TextConfig fields."""
+    _refuse_non_causal(k, source)
+    if k.get("attention_logit_soft_cap") is not None:
+        raise UserError(f"{source}: attention_logit_soft_cap is {k['attention_logit_soft_cap']}; Gemma 4 "
+                        "(transformers, mlx-gemma, every released preset) has no attention soft cap: set it to null")
+    if not k.get("use_sliding_window_attention", True):
+        raise UserError(f"{source}: use_sliding_window_attention is false; mlx-gemma's Gemma 4 limits its "
+                        "sliding_attention layers to sliding_window_size, as every released Gemma 4 does")
+    n, pattern = k["num_layers"], int(k.get("sliding_window_pattern") or 6)
+    # keras_hub: the given layer_types, else every `pattern`-th layer global (not forcing the last).
+    kinds = list(k.get("layer_types") or [FULL if i % pattern == pattern - 1 else SLIDING for i in range(n)])
+    if len(kinds) != n or kinds[-1] != FULL:
+        raise UserError(f"{source}: layer_types makes the last layer {kinds[-1]!r}; Gemma 4 (transformers, "
+                        f"mlx-gemma) always makes it {FULL!r}: give layer_types ending in it")
+    rotary = float(k.get("global_rope_partial_rotary_factor") or 1.0)
     factor = float(k.get("global_rope_scaling_factor", 1.0))
-    out.update(model_type="gemma3_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
-               rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
-               rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1.0 else None)
+    if rotary != 1.0:  # keras_hub's partial RoPE keeps exponents over the full head: HF's proportional
+        rope = {"rope_type": "proportional", "partial_rotary_factor": rotary, "factor": factor}
+    else:
+        rope = {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+    kv_global = k.get("num_global_key_value_heads")  # keras_hub: set means k == v on global layers
+    per_layer = k.get("hidden_size_per_layer_input") or 0
+    out.update(
+        model_type="gemma4_text", intermediate_size=k["intermediate_dim"], max_position_embeddings=131072,
+        layer_types=kinds, sliding_window=k.get("sliding_window_size", 512),
+        rope_theta=float(k.get("global_rope_wavelength") or 1_000_000.0),
+        rope_local_base_freq=float(k.get("local_rope_wavelength") or 10_000.0), rope_scaling=rope,
+        global_head_dim=k.get("global_head_dim") or k["head_dim"], attention_k_eq_v=kv_global is not None,
+        num_global_key_value_heads=kv_global, num_kv_shared_layers=k.get("num_kv_shared_layers") or 0,
+        hidden_size_per_layer_input=per_layer,
+        vocab_size_per_layer_input=(k.get("vocab_size_per_layer_input") or k["vocabulary_size"]) if per_layer else None,
+        use_double_wide_mlp=bool(k.get("use_double_wide_mlp")), enable_moe_block=bool(k.get("enable_moe_block")))
+    if out["enable_moe_block"]:
+        out.update(num_experts=k.get("num_experts"), top_k_experts=k.get("num_experts_per_token"),
+                   moe_intermediate_size=k.get("expert_intermediate_dim"))
+
+
+def _gemma3n_config(k: dict, source: str) -> dict:
+    """Gemma3nBackbone's config (HF's Gemma3nTextConfig names, mostly) as a gemma3n_text config dict."""
+    scaling = k.get("rope_scaling")  # keras_hub's is one number (a factor), not HF's dict
+    for flag, bad, fix in (("attention_bias", bool(k.get("attention_bias")), "false"),
+                           ("rope_scaling", scaling is not None and scaling != 1.0, "null (no RoPE scaling)")):
+        if bad:
+            raise UserError(f"{source}: {flag} is {k[flag]!r}; mlx-gemma's Gemma 3n supports {fix}, as every "
+                            "released Gemma 3n has")
+    if k.get("hidden_activation", "gelu_approximate") not in ("gelu_approximate", "gelu_pytorch_tanh"):
+        raise UserError(f"{source}: hidden_activation {k['hidden_activation']!r} is not supported; Gemma 3n "
+                        "uses the tanh GELU (gelu_approximate)")
+    if k.get("final_logit_soft_cap") is None:  # transformers' Gemma 3n fills a missing cap with 30
+        raise UserError(f"{source}: final_logit_soft_cap is null; mlx-gemma's Gemma 3n (as transformers') always "
+                        "soft-caps its logits: give the cap (30.0 in every released Gemma 3n)")
+    out = {name: k.get(name) for name in _GEMMA3N_FIELDS}
+    missing = [n for n in ("text_vocab_size", "text_hidden_size", *_GEMMA3N_FIELDS[:9]) if k.get(n) is None]
+    if missing:
+        raise UserError(f"{source}: the Keras backbone config has no {', '.join(missing)}; give the config.json "
+                        "of the preset the weights belong to")
+    out.update(model_type="gemma3n_text", vocab_size=k["text_vocab_size"], hidden_size=k["text_hidden_size"],
+               final_logit_softcapping=k["final_logit_soft_cap"], hidden_activation="gelu_pytorch_tanh",
+               tie_word_embeddings=True, torch_dtype=_dtype_name(k.get("dtype")),
+               activation_sparsity_pattern=k.get("activation_sparsity_pattern") or [0.0] * k["num_hidden_layers"])
+    return {key: v for key, v in out.items() if v is not None}
 
 
 def _dtype_name(policy) -> str | None:
@@ -204,6 +337,8 @@ def hf_weights(variables: dict, config: dict, source: str = "weights") -> dict:
     implies, and every table entry the model needs must be present; the first offending
     variable is named in a UserError.
     """
+    if config["model_type"] == "gemma3n_text":
+        return _gemma3n_weights(variables, source)
     expected = _expected(config)
     unknown = sorted(set(variables) - set(expected))
     if unknown:
@@ -219,40 +354,93 @@ def hf_weights(variables: dict, config: dict, source: str = "weights") -> dict:
     if missing:
         raise UserError(f"{source}: Keras variable {missing[0]} is missing; the checkpoint does not match "
                         "its config (or the size given)")
-    return {name: _LAYOUTS[layout](variables[key]) for key, (name, layout, _) in expected.items()}
+    return _stack_experts({name: _LAYOUTS[layout](variables[key]) for key, (name, layout, _) in expected.items()})
 
 
 def _expected(config: dict) -> dict:
     """{keras key: (HF name, layout, Keras shape)} for every variable of the backbone `config` describes."""
-    d, hd = config["hidden_size"], config["head_dim"]
-    heads, kv, ff = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    c = GemmaConfig.from_dict(config)
+    block = _BLOCKS[c.model_type]
+    out = {}
+    for i in range(c.num_hidden_layers):
+        prefix = block if i == 0 else f"{block}_{i}"
+        shapes = _layer_shapes(c, i)
+        for suffix, (name, layout) in _LAYER_TABLE.items():
+            if name in shapes:
+                hf = _GEMMA1_NAMES.get(name, name) if c.model_type == "gemma" else name
+                out[f"{prefix}/{suffix}"] = (f"model.layers.{i}.{hf}", layout, shapes[name])
+    d, p = c.hidden_size, c.per_layer_input_size
+    out["reversible_embedding/0"] = ("model.embed_tokens.weight", "copy", (c.vocab_size, d))
+    norms = ["model.norm.weight"]
+    if p:  # Gemma 4's per-layer embeddings, created before the final norm: it becomes rms_normalization_1
+        n = c.num_hidden_layers
+        out["embedding/0"] = ("model.embed_tokens_per_layer.weight", "copy", (c.vocab_size_per_layer_input, n * p))
+        out["dense/0"] = ("model.per_layer_model_projection.weight", "transpose", (d, n * p))
+        norms.insert(0, "model.per_layer_projection_norm.weight")
+    for j, name in enumerate(norms):
+        out["rms_normalization" + (f"_{j}" if j else "") + "/0"] = (name, "copy", (p if j < len(norms) - 1 else d,))
+    return out
+
+
+def _layer_shapes(c: GemmaConfig, i: int) -> dict:
+    """{HF name under model.layers.{i}.: Keras shape} of the variables decoder block i holds."""
+    d, heads, ff = c.hidden_size, c.num_attention_heads, c.mlp_width(i)
+    hd, kv = c.layer_head_dim(i), c.layer_kv_heads(i)
     shapes = {
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-        "pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (heads, d, hd), "self_attn.k_proj.weight": (kv, d, hd),
-        "self_attn.v_proj.weight": (kv, d, hd), "self_attn.o_proj.weight": (heads, hd, d),
-        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "input_layernorm.weight": (d,), "pre_feedforward_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (heads, d, hd), "self_attn.o_proj.weight": (heads, hd, d),
         "mlp.gate_proj.weight": (d, ff), "mlp.up_proj.weight": (d, ff), "mlp.down_proj.weight": (ff, d),
     }
-    kind = config["model_type"]
-    skip = set()
-    if kind == "gemma":
-        skip = {"post_attention_layernorm.weight", "post_feedforward_layernorm.weight"}
-    if kind != "gemma3_text":
-        skip |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
-    block = _BACKBONES["Gemma3Backbone" if kind == "gemma3_text" else "GemmaBackbone"]
+    own_kv = c.kv_source(i) == i  # KV-shared blocks hold no key / value variables
+    if own_kv:
+        shapes["self_attn.k_proj.weight"] = (kv, d, hd)
+        if not c.k_eq_v(i):
+            shapes["self_attn.v_proj.weight"] = (kv, d, hd)
+    if c.has_ffw_norms:
+        shapes.update({"post_attention_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)})
+    if c.has_qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (hd,), **({"self_attn.k_norm.weight": (hd,)} if own_kv else {})})
+    if c.has_layer_scalar:
+        shapes["layer_scalar"] = ()
+    if c.per_layer_input_size:
+        p = c.per_layer_input_size
+        shapes.update({"per_layer_input_gate.weight": (d, p), "per_layer_projection.weight": (p, d),
+                       "post_per_layer_input_norm.weight": (d,)})
+    if c.enable_moe_block:
+        e, m = c.num_experts, c.moe_intermediate_size
+        shapes.update({"router.scale": (d,), "router.proj.weight": (d, e), "router.per_expert_scale": (e,),
+                       "experts.gate_proj": (e, d, m), "experts.up_proj": (e, d, m), "experts.down_proj": (e, m, d),
+                       "pre_feedforward_layernorm_2.weight": (d,), "post_feedforward_layernorm_1.weight": (d,),
+                       "post_feedforward_layernorm_2.weight": (d,)})
+    return shapes
+
+
+def _gemma3n_weights(variables: dict, source: str) -> dict:
+    """Gemma 3n's Keras variables -> HF weights by _GEMMA3N_TOP / _GEMMA3N_LAYER; shapes are checked
+    against the model when it is built (every tensor named)."""
     out = {}
-    for i in range(config["num_hidden_layers"]):
-        prefix = block if i == 0 else f"{block}_{i}"
-        for suffix, (name, layout) in _LAYER_TABLE.items():
-            if name in skip:
-                continue
-            hf = _GEMMA1_NAMES.get(name, name) if kind == "gemma" else name
-            out[f"{prefix}/{suffix}"] = (f"model.layers.{i}.{hf}", layout, shapes[name])
-    top_shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
-    for key, (name, layout) in _TOP_TABLE.items():
-        out[key] = (name, layout, top_shapes[name])
+    for key, value in variables.items():
+        rest = key[len(_GEMMA3N_ROOT):] if key.startswith(_GEMMA3N_ROOT) else None
+        match = _GEMMA3N_PATHS.match(rest or "")
+        if rest in _GEMMA3N_TOP:
+            name = _GEMMA3N_TOP[rest]
+        elif match and match.group(2) in _GEMMA3N_LAYER:
+            name = f"model.layers.{match.group(1) or 0}.{_GEMMA3N_LAYER[match.group(2)]}"
+        elif match and match.group(2) is None:
+            name = f"model.altup{match.group(3) or ''}_projections.{match.group(4) or 0}.weight"
+        else:
+            raise UserError(f"{source}: unknown Keras variable {key}; it is not part of a gemma3n_text backbone "
+                            "mlx-gemma can map")
+        out[name] = value if value.ndim != 2 or "embed_tokens" in name else value.T
     return out
+
+
+def _stack_experts(weights: dict) -> dict:
+    """Keras' separate expert gate / up kernels -> HF's experts.gate_up_proj (experts, 2 * inner, hidden)."""
+    for name in [n for n in weights if n.endswith(".experts.gate_proj")]:
+        stem = name[: -len("gate_proj")]
+        weights[stem + "gate_up_proj"] = mx.concatenate([weights.pop(name), weights.pop(stem + "up_proj")], axis=1)
+    return weights
 
 
 def _heads_in(w):
@@ -267,7 +455,9 @@ def _heads_out(w):
     return w.reshape(n * h, d).T
 
 
-_LAYOUTS = {"copy": lambda w: w, "transpose": lambda w: w.T, "heads_in": _heads_in, "heads_out": _heads_out}
+_LAYOUTS = {"copy": lambda w: w, "transpose": lambda w: w.T, "heads_in": _heads_in, "heads_out": _heads_out,
+            "scalar": lambda w: w.reshape(1),  # Gemma 4's layer_scalar: 0-d in Keras, (1,) in HF
+            "experts": lambda w: mx.transpose(w, (0, 2, 1))}  # (experts, in, out) -> HF (experts, out, in)
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -318,8 +508,10 @@ def read_checkpoint(path, vocab=None, size: str | None = None, config=None) -> K
                             "or as the preset's config.json (--config), one of them")
         class_name, keras = _size_config(size) if size is not None else _backbone_config(config)
     variables = read_variables(weights_file)
-    if keras.get("vision_encoder"):  # a multimodal Gemma 3: we run its language model only
-        variables = {k: v for k, v in variables.items() if not k.startswith(_VISION_PREFIX)}
+    if keras.get("vision_encoder") or keras.get("audio_encoder"):  # multimodal: we run its language model only
+        variables = {k: v for k, v in variables.items() if not k.startswith(_TOWER_PREFIXES)}
+    if class_name == "Gemma3nBackbone" and (keras.get("vision_encoder_config") or keras.get("audio_encoder_config")):
+        variables = {k: v for k, v in variables.items() if k.startswith(_GEMMA3N_ROOT)}
     if "vocabulary_size" not in keras:  # a size: the file's embedding says
         keras["vocabulary_size"] = int(variables.get("reversible_embedding/0", np.zeros((0,))).shape[0])
     source = str(config or (path / "config.json" if path.is_dir() else size))
@@ -412,7 +604,7 @@ def _to_mx(dataset, name: str, shard: Path) -> mx.array:
 
 def _strip_task_level(found: dict, file: Path) -> dict:
     """A CausalLM's weights nest the backbone one level down ("gemma_backbone/..."); the inputs have no weights."""
-    backbone = re.compile(r"^(gemma3?_backbone)/")
+    backbone = re.compile(r"^(gemma(?:3n|3|4)?_backbone)/")
     nested = {k for k in found if backbone.match(k)}
     if not nested:
         return found

@@ -14,8 +14,9 @@ session fails if it changed.
 Two guards keep the suite honest:
 - With CI=true, a test that skips for a reason not in tests/ci_allowed_skips.yaml fails the run,
   named with its reason (a skip there usually hides a broken install).
-- A test not marked `slow` that builds a 270M-size model, reads a GGUF of more than 50 MB or
-  starts `mlx-gemma serve` fails, so `pytest -m "not slow"` stays the quick loop.
+- A test not marked `slow` that builds a 270M-size model, reads a GGUF of more than 50 MB,
+  runs a training run (`train()`, `mlx-gemma train` or `mlx.launch` in a subprocess) or starts
+  `mlx-gemma serve` fails, so `pytest -m "not slow"` stays the quick loop.
 """
 
 import os
@@ -168,9 +169,19 @@ def _tokenizer_or_cache_fill() -> bool:
 
 
 def _install_heavy_probes() -> None:
-    """Record, for the running test, every 270M-size model built, big GGUF read or server started."""
+    """Record, for the running test, every 270M-size model built, big GGUF read, training run or
+    server started."""
     import gguf
     from mlx_gemma import model as model_lib
+    from mlx_gemma.training import loop
+
+    run_begin = loop._Run.begin  # every training run (train(), the CLI in-process) passes here
+
+    def begin(self, *args, **kwargs):
+        _HEAVY.append("runs a training run")
+        return run_begin(self, *args, **kwargs)
+
+    loop._Run.begin = begin
 
     gemma_init = model_lib.Gemma.__init__
 
@@ -192,8 +203,11 @@ def _install_heavy_probes() -> None:
 
     def popen(self, args, *rest, **kwargs):
         argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
-        if "serve" in argv and any("mlx_gemma" in a or "mlx-gemma" in a for a in argv):
+        ours = any("mlx_gemma" in a or "mlx-gemma" in a for a in argv)
+        if "serve" in argv and ours:
             _HEAVY.append("starts `mlx-gemma serve`")
+        if ("train" in argv and ours) or any(a.endswith("mlx.launch") or a == "mlx.launch" for a in argv):
+            _HEAVY.append("starts a training run in a subprocess")
         popen_init(self, args, *rest, **kwargs)
 
     subprocess.Popen.__init__ = popen

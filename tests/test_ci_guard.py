@@ -1,7 +1,7 @@
 """The suite's own guards (tests/conftest.py), checked by running pytest in a subprocess:
 with CI=true a required package that does not import fails the run and is named, and so does a
-skip whose reason is not in tests/ci_allowed_skips.yaml; a test that loads the 270M without the
-`slow` marker fails."""
+skip whose reason is not in tests/ci_allowed_skips.yaml; a test that loads the 270M or runs training
+without the `slow` marker fails."""
 
 import os
 import subprocess
@@ -93,3 +93,27 @@ def test_a_test_that_builds_a_270m_size_model_must_be_marked_slow(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "1 failed, 1 passed" in out, out
     assert "test_unmarked is not marked slow but builds a 640-wide, 262144-word model" in out
+
+
+def test_a_test_that_runs_training_must_be_marked_slow(tmp_path):
+    """The training probe: `mlx-gemma train` in a subprocess (here only its --help, which is enough
+    to be seen) in a test without the marker fails the test; with the marker it passes."""
+    probe = """
+        import subprocess
+        import sys
+
+        import pytest
+
+        ARGV = [sys.executable, "-m", "mlx_gemma.cli", "train", "--help"]
+
+        def test_unmarked():
+            subprocess.run(ARGV, check=True, capture_output=True)
+
+        @pytest.mark.slow
+        def test_marked():
+            subprocess.run(ARGV, check=True, capture_output=True)
+    """
+    proc = run_pytest([], tmp_path, ci=False, extra_test=probe)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 failed, 1 passed" in out, out
+    assert "test_unmarked is not marked slow but starts a training run in a subprocess" in out

@@ -204,6 +204,7 @@ def our_run(kind, dirs, tmp_path, loss_types, steps, start):
     return result, after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,loss_types,start", [CASES[0], CASES[1], CASES[4]], ids=[IDS[0], IDS[1], IDS[4]])
 def test_three_optimizer_steps_follow_trl(kind, loss_types, start, setup_dirs, tmp_path):
     """Three AdamW steps on TRL's loss (its compute_loss, torch.optim.AdamW with the same settings)

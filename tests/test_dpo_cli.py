@@ -97,6 +97,7 @@ def model_dir(tmp_path_factory, tok):
 
 @pytest.mark.parametrize("method,extra", [("dpo", ["--beta", "0.2", "--dpo-loss", "sigmoid,hinge"]),
                                           ("orpo", ["--orpo-alpha", "0.3"])])
+@pytest.mark.slow
 def test_cli_preference_run_writes_trl_metrics_resumes_and_plots(model_dir, pair_dir, tmp_path, method, extra):
     out = tmp_path / "run"
     common = ["train", "--model", model_dir, "--data", pair_dir, "--method", method, *extra, "--out", out,
@@ -128,6 +129,7 @@ def test_cli_preference_run_writes_trl_metrics_resumes_and_plots(model_dir, pair
     assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_dpo_from_an_sft_adapter_caches_its_reference(model_dir, pair_dir, tmp_path):
     """--adapter-init: the run starts from the SFT adapter (policy == reference, so the first
     rewards are exactly 0) and trains it further."""
@@ -223,6 +225,7 @@ def test_loop_and_stop_rules():
     assert failure({"tokens": loop, "stop_token": 106}, T, 0.7) is None
 
 
+@pytest.mark.slow
 def test_dpo_on_two_ranks_equals_one_process(model_dir, pair_dir, tmp_path):
     """--ranks 2: each rank holds half the pairs of a batch (different lengths); the pair losses
     are summed over the ranks and divided by the global pair count, so the step is one process's."""

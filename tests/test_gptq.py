@@ -225,6 +225,7 @@ def test_cli_calibration_errors_one_line_exit_1_nothing_written(tiny_model_dir, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_calibrated_mixed_quantize_end_to_end(tiny_model_dir, tmp_path):  # noqa: F811
     """`quantize --recipe mixed --calibration FILE` on a tiny model whose tokenizer fits its
     vocabulary: the report names the method, the dir reloads with the per-layer bits, and its

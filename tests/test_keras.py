@@ -50,6 +50,10 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def vocab_spm():
+    return train_vocab()
+
+
+def train_vocab(control_symbols=("<start_of_turn>", "<end_of_turn>"), user_defined_symbols=("\n", "\t")) -> bytes:
     """A small Gemma-shaped SentencePiece BPE vocabulary trained on our Chinese + English text."""
     import sentencepiece as spm
 
@@ -58,7 +62,7 @@ def vocab_spm():
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=VOCAB, model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>"], user_defined_symbols=["\n", "\t"],
+        unk_piece="<unk>", control_symbols=list(control_symbols), user_defined_symbols=list(user_defined_symbols),
         byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=0.98, normalization_rule_name="identity",
         minloglevel=2)
@@ -78,44 +82,57 @@ def make_backbone(model_type, vocab_size, seed=0):
 
 
 def keras_logits(backbone, ids):
-    causal_lm_cls = {"GemmaBackbone": keras_hub.models.GemmaCausalLM,
-                     "Gemma3Backbone": keras_hub.models.Gemma3CausalLM}[type(backbone).__name__]
+    """Keras' fp32 logits (the CausalLM task around `backbone`; Gemma 4's soft cap is the backbone's)."""
+    causal_lm_cls = {"GemmaBackbone": keras_hub.models.GemmaCausalLM, "Gemma3Backbone": keras_hub.models.Gemma3CausalLM,
+                     "Gemma4Backbone": keras_hub.models.Gemma4CausalLM}[type(backbone).__name__]
     lm = causal_lm_cls(backbone=backbone, preprocessor=None)
-    out = lm({"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32")})
-    return keras.ops.convert_to_numpy(out), lm
+    inputs = {"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32")}
+    if "position_ids" in backbone.input:  # Gemma 4 takes them as an input
+        inputs["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
+    return keras.ops.convert_to_numpy(lm(inputs)), lm
 
 
 def save_preset(backbone, vocab_spm, path):
     """What save_to_preset writes for a CausalLM as Kaggle ships it: backbone + tokenizer assets."""
-    tokenizer_cls = {"GemmaBackbone": keras_hub.models.GemmaTokenizer,
-                     "Gemma3Backbone": keras_hub.models.Gemma3Tokenizer}[type(backbone).__name__]
-    kwargs = {"has_vision_tokens": False} if tokenizer_cls is keras_hub.models.Gemma3Tokenizer else {}
+    tokenizer_cls, kwargs = {
+        "GemmaBackbone": (keras_hub.models.GemmaTokenizer, {}),
+        "Gemma3Backbone": (keras_hub.models.Gemma3Tokenizer, {"has_vision_tokens": False}),
+        "Gemma4Backbone": (keras_hub.models.Gemma4Tokenizer, {"has_vision_tokens": False, "has_video_tokens": False}),
+    }[type(backbone).__name__]
     backbone.save_to_preset(str(path))
     tokenizer_cls(proto=vocab_spm, **kwargs).save_to_preset(str(path))
     return path
 
 
-@pytest.mark.parametrize("model_type", list(BACKBONES))
-def test_preset_and_weights_file_match_keras_logits(model_type, vocab_spm, tmp_path):
+def keras_case(make, key, vocab_spm, tmp_path):
+    """A random backbone `make(key, vocabulary size)` saved as a preset, its CausalLM, 2 x SEQ random
+    ids and Keras' logits on them."""
     vocab_size = GemmaTokenizer.from_bytes(vocab_spm).vocab_size
-    backbone = make_backbone(model_type, vocab_size)
+    backbone = make(key, vocab_size)
     ids = np.random.default_rng(1).integers(3, vocab_size, size=(2, SEQ))
     ref, lm = keras_logits(backbone, ids)
+    return save_preset(backbone, vocab_spm, tmp_path / "preset"), lm, ids, ref
 
-    preset = save_preset(backbone, vocab_spm, tmp_path / "preset")
+
+@pytest.mark.parametrize("model_type", list(BACKBONES))
+def test_preset_and_weights_file_match_keras_logits(model_type, vocab_spm, tmp_path):
+    preset, lm, ids, ref = keras_case(make_backbone, model_type, vocab_spm, tmp_path)
     assert {"config.json", "model.weights.h5", "tokenizer.json"} <= set(os.listdir(preset))
     assert (preset / "assets" / "tokenizer" / "vocabulary.spm").exists()
-    model, tok = load(str(preset), dtype="float32")
-    assert model.config.model_type == model_type
-    ours = np.array(model(mx.array(ids)))
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert assert_loads_like_keras(preset, lm, ids, ref, tmp_path).config.model_type == model_type
 
-    # The guide's form: the task's weights (save_weights) + the vocabulary + the architecture.
+
+def assert_loads_like_keras(preset, lm, ids, ref, tmp_path):
+    """The preset dir, and the guide's form (the task's save_weights + the vocabulary + the
+    preset's config.json), loaded by us: fp32 logits within 1e-4 of Keras' `ref`. Returns the model."""
+    model, _ = load(str(preset), dtype="float32")
+    assert np.abs(np.array(model(mx.array(ids))) - ref).max() <= 1e-4
     lm.save_weights(str(tmp_path / "tuned.weights.h5"))
     shutil.copy(preset / "assets" / "tokenizer" / "vocabulary.spm", tmp_path / "vocabulary.spm")
     model2, _ = load(str(tmp_path / "tuned.weights.h5"), dtype="float32", vocab=str(tmp_path / "vocabulary.spm"),
                      keras_config=str(preset / "config.json"))
     assert np.abs(np.array(model2(mx.array(ids))) - ref).max() <= 1e-4
+    return model
 
 
 def test_sliding_window_is_shorter_than_the_sequence():
@@ -187,8 +204,8 @@ def test_unknown_variable_is_one_clear_error(vocab_spm, tmp_path):
 
 def test_unsupported_backbone_options_are_named(tmp_path):
     base = dict(vocabulary_size=10, num_layers=1, intermediate_dim=8, **COMMON)
-    with pytest.raises(UserError, match="Gemma4Backbone"):
-        keras_convert.hf_config("Gemma4Backbone", base)
+    with pytest.raises(UserError, match="PaliGemmaBackbone"):
+        keras_convert.hf_config("PaliGemmaBackbone", base)
     g3 = dict(base, use_post_ffw_norm=True, use_post_attention_norm=True)
     with pytest.raises(UserError, match="use_post_ffw_norm is false"):
         keras_convert.hf_config("Gemma3Backbone", dict(g3, use_post_ffw_norm=False))

@@ -91,6 +91,7 @@ def _load(path):
     return load(str(path), dtype="float32")[0]
 
 
+@pytest.mark.slow
 def test_quantize_keep_embedding_keeps_the_float_embedding(tiny_dir, tmp_path):
     import mlx.core as mx
     import mlx.nn as nn
@@ -110,6 +111,7 @@ def test_quantize_keep_embedding_keeps_the_float_embedding(tiny_dir, tmp_path):
     assert mx.all(mx.isfinite(quantized(mx.array([[2, 300, 301]])))).item()
 
 
+@pytest.mark.slow
 def test_convert_q_mixed_recipe_puts_the_chosen_layers_at_8_bits(tiny_dir, tmp_path):
     from mlx_gemma.quant import mixed_recipe_upgrades
 

@@ -358,6 +358,7 @@ def tiny_model_dir(tiny_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_quantize_writes_a_loadable_dir(tiny_model_dir, tmp_path):
     from mlx_gemma.loading import load
 
@@ -406,6 +407,7 @@ def test_cli_quantize_and_convert_q_refuse_alike_before_loading(tmp_path, comman
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_cli_quantize_refuses_existing_output_and_quantized_input(tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     out.mkdir()

@@ -194,6 +194,7 @@ def test_output_under_a_file(name, model_dir, adapter_dir, data_dir, tmp_path):
     assert everything(tmp_path) == ["file"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COMMANDS)
 def test_full_disk(name, model_dir, adapter_dir, data_dir, small_disk):
     with open(small_disk / "filler", "wb") as f:  # fill the disk up
@@ -615,6 +616,7 @@ RESUME_CHANGES = [("--rank", "4"), ("--alpha", "8"), ("--dropout", "0.2"), ("--t
                   ("--weight-decay", "0.1"), ("--max-grad-norm", "0.5")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", RESUME_CHANGES, ids=[f for f, _ in RESUME_CHANGES])
 def test_resume_refuses_options_that_shaped_the_adapter(trained_run, flag, value):
     before = snapshot(trained_run)
@@ -625,6 +627,7 @@ def test_resume_refuses_options_that_shaped_the_adapter(trained_run, flag, value
     assert snapshot(trained_run) == before
 
 
+@pytest.mark.slow
 def test_resume_rank_through_the_real_cli(trained_run):
     """The issue's case: a rank-2 run resumed with --rank 8 (it exited 0 and wrote r=8 over rank-2 weights)."""
     before = snapshot(trained_run)
@@ -635,6 +638,7 @@ def test_resume_rank_through_the_real_cli(trained_run):
     assert snapshot(trained_run) == before
 
 
+@pytest.mark.slow
 def test_resume_with_the_same_options_and_more_steps_runs(trained_run, tmp_path):
     import shutil
 
@@ -647,6 +651,7 @@ def test_resume_with_the_same_options_and_more_steps_runs(trained_run, tmp_path)
                "--prompt", "hi", "--max-tokens", "2").exit_code == 0
 
 
+@pytest.mark.slow
 def test_rank_above_the_layer_sizes_is_refused_before_the_load(model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
     line = one_line(*cli(*train_args(model_dir, data_dir, out, "--rank", "100000")))
@@ -669,6 +674,7 @@ def test_rank_memory_estimate_on_the_270m():
     check_rank(args, config, memory_bytes=params * 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1000"])
 def test_ranks_is_bounded_with_one_error_line(value, model_dir, data_dir, tmp_path):
     line = one_line(*cli(*train_args(model_dir, data_dir, tmp_path / "out", "--ranks", value)))
@@ -694,6 +700,7 @@ def test_unwritable_out_is_refused_before_the_model_loads(data_dir, tmp_path, mo
     assert everything(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_read_only_out_through_the_real_cli(data_dir, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     out = small_disk / "run"

@@ -99,6 +99,7 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_hea
         assert mx.abs(g_ref[k] - g_ours[k]).max().item() <= 1e-5 + 1e-4 * mx.abs(g_ref[k]).max().item(), k
 
 
+@pytest.mark.slow
 def test_compiled_step_and_numpy_head_step_train_alike(tok, data_dir, tmp_path, monkeypatch):
     """The CPU trainer (numpy head, uncompiled forward) and the compiled whole step a GPU runs
     follow the same loss curve from the same seed."""
@@ -132,6 +133,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tok, data_dir):
     assert abs(p_loss.item() / p_n.item() - u_loss.item() / u_n.item()) < 1e-5
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_the_adapter_dir(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()
@@ -157,6 +159,7 @@ def test_training_lowers_the_loss_and_writes_the_adapter_dir(tok, data_dir, tmp_
     assert abs(a["loss"] - b["loss"]) < 1e-5 and a["loss"] == pytest.approx(vals[-1], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_a_bigger_batch(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     runs = []
@@ -177,6 +180,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tok, data_dir, tmp_path):
         assert mx.allclose(runs[0][1][key], runs[1][1][key], atol=1e-4).item(), key
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
 
@@ -205,6 +209,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tok, data_dir, tm
     assert resumed.steps == 8
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_a_4bit_base(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()
@@ -215,6 +220,7 @@ def test_qlora_trains_on_a_4bit_base(tok, data_dir, tmp_path):
     assert np.mean(losses[-2:]) < losses[0] - 0.3
 
 
+@pytest.mark.slow
 def test_lora_trains_on_a_calibrated_mixed_precision_base(tok, data_dir, tmp_path):
     """A base quantized beforehand (as `mlx-gemma quantize` writes it: calibrated, mixed 4/8 bits)
     trains like a QLoRA base; the 8-bit layers keep their own bits under the LoRA wrapper."""
@@ -232,6 +238,7 @@ def test_lora_trains_on_a_calibrated_mixed_precision_base(tok, data_dir, tmp_pat
     assert np.mean(losses[-2:]) < losses[0] - 0.3
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, data_dir, tmp_path):
     splits = D.load_splits(data_dir, tok, max_seq_len=64)
     model = tiny_model()
@@ -251,6 +258,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, data_dir, tmp_pa
     assert all(mx.array_equal(saved[k], ckpt[k]).item() for k in saved)
 
 
+@pytest.mark.slow
 def test_config_file_with_cli_override_and_unknown_key(tok, data_dir, tmp_path):
     from mlx_gemma.cli import main
     from mlx_gemma.loading import save_model

@@ -91,6 +91,7 @@ def test_the_ranks_hold_very_different_token_counts(root):
 
 @pytest.mark.parametrize("extra", [[], ["--quantize-bits", "4", "--quantize-group-size", "32", "--pack"]],
                          ids=["lora", "qlora-pack"])
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_the_same_effective_batch(root, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     cli(options(root, one, "--iters", "3", *extra))
@@ -112,6 +113,7 @@ def test_two_ranks_equal_one_process_with_the_same_effective_batch(root, tmp_pat
     assert json.loads((two / "train_config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(root, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cli(options(root, straight, "--iters", "6", "--ranks", "2"))
@@ -159,6 +161,7 @@ def _last_step(out):
         return -1
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_ends_every_rank_with_one_message(root, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": \n')
@@ -171,6 +174,7 @@ def test_a_rank_that_fails_ends_every_rank_with_one_message(root, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_stops_every_rank_and_keeps_a_resumable_checkpoint(root, tmp_path):
     out = tmp_path / "lost"
     p = cli(options(root, out, "--iters", "500", "--ranks", "2", "--save-every", "1000"), wait=False)
@@ -225,6 +229,7 @@ def report_data(root):
     return data
 
 
+@pytest.mark.slow
 def test_the_report_on_two_ranks_has_the_numbers_of_one_process(root, report_data, tmp_path):
     """`train --ranks 2` with its report: the ranks share the test loss batches and the questions;
     rank 0's report.json holds what one process computes on the same base model and adapter."""

@@ -62,6 +62,7 @@ def test_config_values_are_type_checked(tmp_path, line, needles):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_natural_yaml_values_are_accepted(tmp_path):
     """A YAML list of targets, `1e-4` (a string to YAML 1.1) as lr, and integral floats as ints."""
     from mlx_gemma.loading import save_model

@@ -116,6 +116,7 @@ def reference(root, extra):
 VARIANTS = {"plain": [], "grad-accum-2": ["--grad-accum", "2", "--batch-size", "2"], "pack": ["--pack"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sigint_during_the_step_eval_resumes_bit_identical(fixture_dirs, tmp_path, variant):
     extra = VARIANTS[variant]
@@ -132,6 +133,7 @@ def test_sigint_during_the_step_eval_resumes_bit_identical(fixture_dirs, tmp_pat
     assert_same_run(reference(fixture_dirs, extra), out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_from_outside_and_kill_after_a_periodic_checkpoint(fixture_dirs, tmp_path):
     ref = reference(fixture_dirs, [])
     # a Ctrl-C at whatever point of the loop it lands
@@ -171,6 +173,7 @@ def _wait_for(cond, p, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_step_claims_no_checkpoint(fixture_dirs, tmp_path):
     out = tmp_path / "early"
     rc, stdout, err = child(options(fixture_dirs, out), DRIVER, {"STOP_AT_STEP": "1"})
@@ -204,6 +207,7 @@ def finished_run(fixture_dirs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_other_data_is_refused(fixture_dirs, finished_run):
     before = adapter(finished_run)
     res = _run_cli(["train", "--out", str(finished_run), "--resume", "--data", str(fixture_dirs / "other")])
@@ -214,6 +218,7 @@ def test_resume_with_other_data_is_refused(fixture_dirs, finished_run):
 
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json", "train_config.json",
                                   "metrics.jsonl"])
+@pytest.mark.slow
 def test_damaged_run_files_give_one_error_line(finished_run, tmp_path, name):
     import shutil
 
