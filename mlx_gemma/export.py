@@ -131,8 +131,8 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
 
     Output: model.safetensors (or model-0000N-of-0000M.safetensors shards + model.safetensors.index.json
     when larger than `max_shard_size`) with official Gemma tensor names, shapes and one dtype;
-    config.json (architectures, model_type, torch_dtype); generation_config.json (eos ids
-    include <end_of_turn>); tokenizer.model, tokenizer.json, tokenizer_config.json (chat template),
+    config.json (architectures, model_type, torch_dtype); generation_config.json (eos ids:
+    the format's end-of-generation pieces); tokenizer.model, tokenizer.json, tokenizer_config.json (chat template),
     special_tokens_map.json.
 
     dtype: "bfloat16" (default, as Google's checkpoints), "float16" or "float32". float16 is
