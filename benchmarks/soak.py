@@ -6,7 +6,8 @@ some of them dropping their connection, against one server on loopback (issue #3
 
 What it reports: every request by kind and HTTP status; anything unexpected (a 5xx, a refused
 connection, a status the kind should not get); whether the server process lived; its RSS sampled
-every 10 s (flat after warm-up means no leak); and /health's running/waiting rows at the end
+every 10 s beside the prompt-prefix cache's size from /metrics (that cache may grow up to
+--prompt-cache-mb, 512 by default; RSS less the cache flat after warm-up means no leak); and /health's running/waiting rows at the end
 (must come back to 0). The server is stopped with SIGTERM at the end; its exit status is reported.
 
 Bounded: traffic goes to 127.0.0.1 only, each client stops at the deadline, every request has a
@@ -147,6 +148,21 @@ def health(port) -> dict:
     return body
 
 
+def prompt_cache_mib(port) -> float:
+    """The server's prompt-prefix cache size from /metrics (parsed by prometheus_client): the part
+    of the RSS that is meant to grow, up to --prompt-cache-mb."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    for family in text_string_to_metric_families(text):
+        if family.name == "mlx_gemma_prompt_cache_bytes":
+            return family.samples[0].value / (1 << 20)
+    return float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="how long the clients send requests")
@@ -189,9 +205,9 @@ def soak(args, port, server, log) -> int:
                for i in range(args.clients)]
     for t in threads:
         t.start()
-    rss = []  # (seconds since start, MiB)
+    rss = []  # (seconds since start, RSS MiB, prompt-cache MiB)
     while any(t.is_alive() for t in threads) and server.poll() is None:
-        rss.append((time.time() - t0, rss_mib(server.pid)))
+        rss.append((time.time() - t0, rss_mib(server.pid), prompt_cache_mib(port)))
         time.sleep(10)
     for t in threads:
         t.join(timeout=REQUEST_TIMEOUT_S)
@@ -230,11 +246,14 @@ def report(args, counts, unexpected, rss, lived, final, waited, code, log, elaps
           + (f" {Counter(unexpected).most_common(5)}" if unexpected else "")
           + f"; client timeouts (no answer within {REQUEST_TIMEOUT_S} s): {timeouts}")
     print(f"server alive at the end: {lived}; exit status after SIGTERM: {code}")
-    warm = [m for t, m in rss if t >= 60] or [m for _, m in rss]
     if rss:
-        print(f"RSS MiB: first sample {rss[0][1]:.0f}, after warm-up (>= 60 s) min {min(warm):.0f} / max {max(warm):.0f}"
-              f" / last {rss[-1][1]:.0f} ({len(rss)} samples)")
-        print("RSS over time (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in rss[::max(1, len(rss) // 12)]))
+        for label, values in (("RSS", [(t, m) for t, m, _ in rss]),
+                              ("RSS less the prompt cache", [(t, m - c) for t, m, c in rss])):
+            warm = [m for t, m in values if t >= 60] or [m for _, m in values]
+            print(f"{label}, MiB: first sample {values[0][1]:.0f}, after warm-up (>= 60 s) min {min(warm):.0f} / "
+                  f"max {max(warm):.0f} / last {values[-1][1]:.0f} ({len(values)} samples)")
+        print("over time (s: RSS / prompt cache MiB): "
+              + ", ".join(f"{t:.0f}: {m:.0f} / {c:.0f}" for t, m, c in rss[::max(1, len(rss) // 12)]))
     print(f"/health at the end: running {final.get('running')}, waiting {final.get('waiting')} "
           f"(after {waited:.0f} s of waiting for rows to leave)")
     text = log.read_text(errors="replace")

@@ -1,4 +1,4 @@
-"""GGUF import and export for Gemma 1 / 2 / 3-text.
+"""GGUF import and export for Gemma 1 / 2 / 3-text, Gemma 4 and Gemma 3n text.
 
 Import: `read_gguf(path)` parses the file (our own parser: gguf-py's GGUFReader spends ~25 s
 building Python objects for a 262K-token vocabulary), dequantises every tensor to float32 with
@@ -7,7 +7,9 @@ checks every shape against the config it derives from the metadata, and undoes l
 norm convention.
 
 Export: `write_gguf(tensors, config, tokenizer_model, path, out_type)` is the inverse, writing
-the metadata llama.cpp reads for `gemma` / `gemma2` / `gemma3`.
+the metadata llama.cpp reads for `gemma` / `gemma2` / `gemma3`. Gemma 4 (`gemma4`) and Gemma 3n
+(`gemma3n`) files go through the same parser and writer; their names, keys and conventions live
+in `gguf_gemma4` (they keep norm weights as they are: those families scale by w, not 1 + w).
 
 The norm rule: Gemma's RMSNorm multiplies by (1 + w) and HF checkpoints store w; llama.cpp's
 converter stores (1 + w) so its generic RMSNorm can multiply by the stored tensor. Every
@@ -35,6 +37,7 @@ from mlx_gemma.config import ARCHITECTURES
 from mlx_gemma.errors import UserError
 from mlx_gemma.files import write_atomic
 
+from . import gguf_gemma4
 from .gguf_quants import BLOCK_LAYOUT, GGMLType, dequantize, nbytes_for, quantize_q8_0
 
 GGUF_MAGIC = b"GGUF"
@@ -315,32 +318,40 @@ def config_from_metadata(kv: dict[str, Any], vocab_size: int, tied: bool, path: 
         big = layers == _QUERY_SCALE_FROM_HIDDEN_LAYERS[arch]
         config["query_pre_attn_scalar"] = hidden // heads if big else head_dim
     if arch == "gemma2":
-        attn_cap, final_cap = GEMMA2_DEFAULT_SOFTCAPS
-        config["attn_logit_softcapping"] = float(get("attn_logit_softcapping", attn_cap))
-        config["final_logit_softcapping"] = float(get("final_logit_softcapping", final_cap))
-        config["sliding_window"] = int(get("attention.sliding_window", GEMMA2_DEFAULT_SLIDING_WINDOW))
-        # Even layers are local (llama.cpp set_swa_pattern(2); HF Gemma2Config).
-        config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        _gemma2_fields(config, get, layers)
     if arch == "gemma3":
-        config["sliding_window"] = int(get("attention.sliding_window", required=True))
-        config["rope_local_base_freq"] = float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
-        pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
-        if isinstance(pattern, list):  # per-layer booleans, True = sliding
-            if len(pattern) != layers:
-                raise UserError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
-            config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-        else:
-            pattern = int(pattern)
-            config["sliding_window_pattern"] = pattern
-            config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
-        scaling = get("rope.scaling.type")
-        if scaling not in (None, "none"):
-            config["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
-        else:
-            config["rope_scaling"] = None
-        config["attn_logit_softcapping"] = get("attn_logit_softcapping")
-        config["final_logit_softcapping"] = get("final_logit_softcapping")
+        _gemma3_fields(config, get, layers, path)
     return config
+
+
+def _gemma2_fields(config: dict[str, Any], get, layers: int) -> None:
+    attn_cap, final_cap = GEMMA2_DEFAULT_SOFTCAPS
+    config["attn_logit_softcapping"] = float(get("attn_logit_softcapping", attn_cap))
+    config["final_logit_softcapping"] = float(get("final_logit_softcapping", final_cap))
+    config["sliding_window"] = int(get("attention.sliding_window", GEMMA2_DEFAULT_SLIDING_WINDOW))
+    # Even layers are local (llama.cpp set_swa_pattern(2); HF Gemma2Config).
+    config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+def _gemma3_fields(config: dict[str, Any], get, layers: int, path: str) -> None:
+    config["sliding_window"] = int(get("attention.sliding_window", required=True))
+    config["rope_local_base_freq"] = float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
+    pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):  # per-layer booleans, True = sliding
+        if len(pattern) != layers:
+            raise UserError(f"{path}: gemma3.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
+        config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        pattern = int(pattern)
+        config["sliding_window_pattern"] = pattern
+        config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
+    else:
+        config["rope_scaling"] = None
+    config["attn_logit_softcapping"] = get("attn_logit_softcapping")
+    config["final_logit_softcapping"] = get("final_logit_softcapping")
 
 
 def _expected_shape(key: str, c: dict[str, Any]) -> tuple[int, ...]:
@@ -381,9 +392,14 @@ def _tokenizer_from_metadata(kv: dict[str, Any], path: str) -> dict[str, Any]:
     if model is None or any(k not in kv for k in _TOKENIZER_ARRAYS):
         missing = [k for k in ("tokenizer.ggml.model", *_TOKENIZER_ARRAYS) if k not in kv]
         raise UserError(f"{path}: GGUF file lacks tokenizer metadata ({', '.join(missing)}); use a GGUF converted with its tokenizer")
-    if model != "llama":
-        raise UserError(f"{path}: tokenizer.ggml.model is {model!r}; Gemma GGUFs use the SentencePiece ('llama') tokenizer")
+    if model not in ("llama", "gemma4"):
+        raise UserError(f"{path}: tokenizer.ggml.model is {model!r}; Gemma GGUFs use the SentencePiece ('llama') "
+                        "or Gemma 4 ('gemma4') tokenizer")
     tokens, scores, types = (kv[k] for k in _TOKENIZER_ARRAYS)
+    if model == "gemma4":
+        types = gguf_gemma4.visible_types(tokens, types, gguf_gemma4.CONTROL, gguf_gemma4.USER_DEFINED)
+        if "tokenizer.ggml.merges" in kv:
+            scores = _scores_from_merges(tokens, scores, types, kv["tokenizer.ggml.merges"])
     if not (len(tokens) == len(scores) == len(types)):
         raise UserError(f"{path}: tokenizer arrays disagree ({len(tokens)} tokens, {len(scores)} scores, {len(types)} types); the file is corrupt")
 
@@ -402,6 +418,27 @@ def _tokenizer_from_metadata(kv: dict[str, Any], path: str) -> dict[str, Any]:
         "add_eos_token": opt("tokenizer.ggml.add_eos_token"),
         "add_space_prefix": opt("tokenizer.ggml.add_space_prefix"),
     }
+
+
+def _scores_from_merges(tokens: list, scores, types, merges: list) -> np.ndarray:
+    """SentencePiece BPE scores for a `gemma4` vocabulary whose scores are placeholders.
+
+    llama.cpp's converter writes one score for every piece and ranks merges by their order;
+    SentencePiece ranks by piece score. A merged piece's score is minus its merge's rank (the
+    first merge wins); when the file's own scores already differ (ours keep them), they stay.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    normal = np.asarray(types) == 1
+    if not normal.any() or len(np.unique(scores[normal])) > 1:
+        return scores
+    index = {t: i for i, t in enumerate(tokens)}
+    out = np.full(len(tokens), -1e9, dtype=np.float32)
+    out[~normal] = 0.0
+    for rank, merge in enumerate(merges):
+        i = index.get(merge.replace(" ", "", 1))
+        if i is not None and out[i] == -1e9:
+            out[i] = -float(rank)
+    return out
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
@@ -431,18 +468,27 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             pass  # an exception's traceback still holds a view of it; GC closes the map
 
 
-def _read(buf, path: str) -> GGUFCheckpoint:
-    kv, infos = _parse(buf, path)
-    arch = kv.get("general.architecture")
-    if arch not in LAYER_TENSORS:
-        raise UserError(f"{path}: architecture {arch!r} is not supported (mlx-gemma reads gemma, gemma2 and gemma3 GGUF files)")
-    tokenizer = _tokenizer_from_metadata(kv, path)
-    by_name = {info.name: info for info in infos}
+def _vocab_size(by_name: dict[str, _TensorInfo], tokenizer: dict[str, Any], path: str) -> int:
+    """Rows of token_embd, which must be one per vocabulary piece."""
     if "token_embd.weight" not in by_name:
         raise UserError(f"{path}: missing tensor token_embd.weight; the file is incomplete")
     vocab_size = by_name["token_embd.weight"].shape[0]
     if len(tokenizer["tokens"]) != vocab_size:
         raise UserError(f"{path}: tokenizer has {len(tokenizer['tokens'])} tokens but token_embd.weight has {vocab_size} rows; the file is inconsistent")
+    return vocab_size
+
+
+def _read(buf, path: str) -> GGUFCheckpoint:
+    kv, infos = _parse(buf, path)
+    arch = kv.get("general.architecture")
+    if arch in gguf_gemma4.MODEL_TYPES:
+        return _read_gemma4(buf, kv, infos, path)
+    if arch not in LAYER_TENSORS:
+        raise UserError(f"{path}: architecture {arch!r} is not supported (mlx-gemma reads gemma, gemma2, gemma3, "
+                        "gemma3n and gemma4 GGUF files)")
+    tokenizer = _tokenizer_from_metadata(kv, path)
+    by_name = {info.name: info for info in infos}
+    vocab_size = _vocab_size(by_name, tokenizer, path)
     config = config_from_metadata(kv, vocab_size, tied="output.weight" not in by_name, path=path)
 
     table = name_table(arch, config["num_hidden_layers"], config["tie_word_embeddings"])
@@ -459,18 +505,44 @@ def _read(buf, path: str) -> GGUFCheckpoint:
         expected = _expected_shape(shape_key, config)
         if info.shape != expected:
             raise UserError(f"{path}: tensor {gguf_name} has shape {info.shape}, expected {expected} from the metadata; the file is inconsistent")
-        if info.qtype not in BLOCK_LAYOUT:
-            name = _ggml_type_name(info.qtype)
-            supported = ", ".join(t.name for t in BLOCK_LAYOUT)
-            raise UserError(f"{path}: tensor {gguf_name} has type {name}, which mlx-gemma cannot dequantize (supported: {supported}); re-quantize the model to one of those")
-        raw = np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        w = dequantize(raw, info.qtype, math.prod(expected)).reshape(expected)
+        w = _tensor(buf, info, path)
         if is_norm:
             w -= 1.0  # llama.cpp stores Gemma norm weights as (1 + w)
         tensors[hf_name] = w
         types[hf_name] = GGMLType(info.qtype).name
     metadata = {k: _plain(v) for k, v in kv.items() if k not in _TOKENIZER_ARRAYS}
     return GGUFCheckpoint(tensors=tensors, config=config, tokenizer=tokenizer, metadata=metadata, tensor_types=types)
+
+
+def _tensor(buf, info: _TensorInfo, path: str) -> np.ndarray:
+    """One tensor of the file, dequantised to float32 in its numpy shape."""
+    if info.qtype not in BLOCK_LAYOUT:
+        name = _ggml_type_name(info.qtype)
+        supported = ", ".join(t.name for t in BLOCK_LAYOUT)
+        raise UserError(f"{path}: tensor {info.name} has type {name}, which mlx-gemma cannot dequantize (supported: {supported}); re-quantize the model to one of those")
+    raw = np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    return dequantize(raw, info.qtype, math.prod(info.shape)).reshape(info.shape)
+
+
+def _read_gemma4(buf, kv: dict[str, Any], infos: list[_TensorInfo], path: str) -> GGUFCheckpoint:
+    """A gemma4 / gemma3n file: the config from its keys and tensor shapes, tensors renamed to HF.
+    Shapes are checked when the model is built from them (loading.build_model, strict)."""
+    tokenizer = _tokenizer_from_metadata(kv, path)
+    by_name = {info.name: info for info in infos}
+    vocab_size = _vocab_size(by_name, tokenizer, path)
+    shapes = {name: info.shape for name, info in by_name.items()}
+    freqs = _tensor(buf, by_name["rope_freqs.weight"], path) if "rope_freqs.weight" in by_name else None
+    config = gguf_gemma4.config_from_metadata(kv, shapes, freqs, vocab_size, path)
+    raw = {name: _tensor(buf, info, path) for name, info in by_name.items()}
+    parts = config.get("altup_num_inputs", 1) - 1
+    try:
+        tensors = gguf_gemma4.hf_tensors(raw)
+        types = gguf_gemma4.hf_types({n: GGMLType(i.qtype).name for n, i in by_name.items()}, parts)
+    except UserError as e:
+        raise UserError(f"{path}: {e}; the file is not a plain Gemma text model") from None
+    metadata = {k: _plain(v) for k, v in kv.items() if k not in _TOKENIZER_ARRAYS}
+    return GGUFCheckpoint(tensors=tensors, config=config, tokenizer=tokenizer, metadata=metadata,
+                         tensor_types=types)
 
 
 def _ggml_type_name(qtype: int) -> str:
@@ -506,12 +578,17 @@ _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 _USER_DEFINED = 4
 
 
-def _encode_tensor(w: np.ndarray, out_type: str) -> tuple[np.ndarray, GGMLType]:
+# Small matrices llama.cpp's quantizer never rounds (llama-quant.cpp, tensor_allows_quantization):
+# the MoE router, Gemma 3n's AltUp and LAuReL matrices, the per-layer input projection.
+_KEEP_F32 = ("ffn_gate_inp.", "altup", "laurel", "per_layer_model_proj.")
+
+
+def _encode_tensor(name: str, w: np.ndarray, out_type: str) -> tuple[np.ndarray, GGMLType]:
     """Float tensor -> (raw bytes as uint8 array of shape (..., row_bytes), ggml type)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     qtype = OUT_TYPES[out_type]
-    if w.ndim == 1:
-        qtype = GGMLType.F32  # llama.cpp keeps 1-D tensors (norms) in F32
+    if w.ndim == 1 or any(part in name for part in _KEEP_F32):
+        qtype = GGMLType.F32  # llama.cpp keeps 1-D tensors (norms) in F32, and those above
     elif qtype == GGMLType.Q8_0 and w.shape[-1] % 32:
         qtype = GGMLType.F16  # rows that do not fill Q8_0 blocks: llama.cpp falls back too
     if qtype == GGMLType.F32:
@@ -616,32 +693,47 @@ def gguf_tensors_from_hf(tensors: dict[str, np.ndarray], config: dict[str, Any])
     return out
 
 
+def _gguf_layout(tensors: dict[str, np.ndarray], config: dict[str, Any]):
+    """(GGUF architecture, GemmaConfig for gemma4 / gemma3n else None, GGUF-named tensors), after
+    refusing configs llama.cpp would run differently."""
+    model_type = config.get("model_type")
+    if model_type in gguf_gemma4.GGUF_ARCHS:
+        from mlx_gemma.config import GemmaConfig
+
+        c = GemmaConfig.from_dict(config)
+        gguf_gemma4.check_exportable(c)
+        return gguf_gemma4.GGUF_ARCHS[model_type], c, gguf_gemma4.gguf_tensors(tensors, c)
+    if model_type in GGUF_ARCHS:
+        arch = GGUF_ARCHS[model_type]
+        out = gguf_tensors_from_hf(tensors, config)
+        _check_exportable(config, arch)
+        return arch, None, out
+    raise UserError(f"config model_type {model_type!r} cannot be exported to GGUF "
+                    "(gemma, gemma2, gemma3_text, gemma4_text, gemma3n_text)")
+
+
 def write_gguf(
     tensors: dict[str, np.ndarray],
     config: dict[str, Any],
     tokenizer_model: bytes,
     path: str | os.PathLike,
     out_type: str = "f16",
+    chat_template: str | None = None,
 ) -> None:
-    """Write a Gemma 1/2/3-text model as a GGUF file llama.cpp can run.
+    """Write a Gemma 1/2/3-text, Gemma 4 or Gemma 3n text model as a GGUF file llama.cpp can run.
 
     tensors: HF-named arrays (any float dtype numpy can cast to float32), HF shapes.
-    config: HF config.json dict (model_type gemma / gemma2 / gemma3_text).
+    config: HF config.json dict (model_type gemma / gemma2 / gemma3_text / gemma4_text / gemma3n_text).
     tokenizer_model: bytes of the SentencePiece tokenizer.model.
-    out_type: 'f32' | 'f16' | 'bf16' | 'q8_0' for 2-D tensors; 1-D tensors stay F32.
+    out_type: 'f32' | 'f16' | 'bf16' | 'q8_0' for 2-D and 3-D tensors; 1-D tensors stay F32.
+    chat_template: Jinja text stored as tokenizer.chat_template (None: none).
     The file is written to a temporary name in the same folder, then renamed over `path`.
     """
     import gguf  # gguf-py's writer; imported here so reading never needs it
 
     if out_type not in OUT_TYPES:
         raise UserError(f"unknown GGUF out_type {out_type!r}; use one of {', '.join(OUT_TYPES)}")
-    if config.get("model_type") not in GGUF_ARCHS:
-        raise UserError(f"convert-to-gguf writes Gemma 1, 2 and 3 text models; {config.get('model_type')!r} "
-                        "(Gemma 4 / 3n) is not supported yet: export it with convert-to-hf and use llama.cpp's "
-                        "convert_hf_to_gguf.py")
-    gguf_tensors = gguf_tensors_from_hf(tensors, config)
-    arch = GGUF_ARCHS[config["model_type"]]
-    _check_exportable(config, arch)
+    arch, c, gguf_tensors = _gguf_layout(tensors, config)
     vocab = _spm_vocab(tokenizer_model)
     if len(vocab["tokens"]) != gguf_tensors["token_embd.weight"].shape[0]:
         raise UserError(f"tokenizer model has {len(vocab['tokens'])} pieces but model.embed_tokens.weight has {gguf_tensors['token_embd.weight'].shape[0]} rows; pass the model's own tokenizer.model")
@@ -652,9 +744,14 @@ def write_gguf(
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
-        _add_metadata(w, config, arch, out_type, vocab)
+        _add_general(w, config, arch, out_type)
+        if c is not None:
+            gguf_gemma4.add_metadata(w, c)
+        else:
+            _add_metadata(w, config, arch)
+        _add_tokenizer(w, vocab, tokenizer_model if arch == "gemma4" else None, chat_template)
         for name, t in gguf_tensors.items():
-            raw, qtype = _encode_tensor(t, out_type)
+            raw, qtype = _encode_tensor(name, t, out_type)
             w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -683,17 +780,22 @@ def _rope(config: dict[str, Any]) -> tuple[float, float, dict | None]:
     )
 
 
-def _add_metadata(w, config: dict[str, Any], arch: str, out_type: str, vocab: dict[str, Any]) -> None:
-    """Architecture and tokenizer keys as llama.cpp's convert_hf_to_gguf.py writes them."""
+def _add_general(w, config: dict[str, Any], arch: str, out_type: str) -> None:
+    import gguf
+
+    w.add_name(config.get("_name_or_path") or f"{arch}")
+    w.add_file_type(_FILE_TYPES[out_type])
+    if out_type == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_metadata(w, config: dict[str, Any], arch: str) -> None:
+    """Architecture keys of gemma / gemma2 / gemma3 as llama.cpp's convert_hf_to_gguf.py writes them."""
     import gguf
 
     c = config
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    w.add_name(c.get("_name_or_path") or f"{arch}")
-    w.add_file_type(_FILE_TYPES[out_type])
-    if out_type == "q8_0":
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(int(c.get("max_position_embeddings", 8192)))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(int(c["num_hidden_layers"]))
@@ -721,11 +823,26 @@ def _add_metadata(w, config: dict[str, Any], arch: str, out_type: str, vocab: di
         if rope_local != GEMMA3_LOCAL_ROPE_BASE:
             raise UserError(f"config local rope base {rope_local}: llama.cpp fixes it at 10000 for gemma3; export to an HF directory instead")
 
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
+
+def _add_tokenizer(w, vocab: dict[str, Any], bpe_model: bytes | None, chat_template: str | None) -> None:
+    """The vocabulary: SentencePiece ("llama") for Gemma 1-3 / 3n; for Gemma 4, the BPE form
+    llama.cpp's `gemma4` tokenizer reads, with merges ranked as SentencePiece ranks its pieces.
+    The chat template (Jinja) lets llama.cpp's chat endpoints format turns as we do."""
+    if bpe_model is None:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+    else:
+        from .tokenizer_json import tokenizer_json_from_model
+
+        w.add_tokenizer_model("gemma4")
+        w.add_token_merges([f"{a} {b}" for a, b in tokenizer_json_from_model(bpe_model)["model"]["merges"]])
+        vocab = {**vocab, "types": gguf_gemma4.visible_types(vocab["tokens"], vocab["types"], gguf_gemma4.USER_DEFINED,
+                                                             gguf_gemma4.CONTROL)}
     w.add_token_list(vocab["tokens"])
     w.add_token_scores(vocab["scores"].tolist())
     w.add_token_types(vocab["types"].tolist())
+    if chat_template:
+        w.add_chat_template(chat_template)
     for setter, key in ((w.add_bos_token_id, "bos"), (w.add_eos_token_id, "eos"), (w.add_unk_token_id, "unk"), (w.add_pad_token_id, "pad")):
         if vocab[key] >= 0:  # SentencePiece uses -1 for "none"
             setter(int(vocab[key]))

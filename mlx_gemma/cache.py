@@ -35,14 +35,19 @@ reads or writes a cache's arrays lives in this module; callers use the ModelCach
   row holds no position that displaced one of them, i.e. while `held` (the positions the row
   holds) <= max(n, window). A prefix longer than the window is therefore copied out exactly
   when the row holds n positions (right after its prefill), never later; `prefix_fits` says so.
+- `host_buffers()` (of a layer's cache): writable numpy views for the CPU host decoder, which
+  writes each new key in place; they view private copies made here, and made again whenever
+  anything else may hold the arrays, so no array a caller kept ever changes under it.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .config import LayerCacheSpec
 from .masks import EMPTY, as_positions, causal_mask
@@ -60,6 +65,8 @@ class KVCache:
         self.values: Optional[mx.array] = None
         self.shared = False  # another layer reads this cache: keep what update returned
         self.latest = None  # (keys, values) the last update returned, when shared
+        self._host = None  # (keys, values, their writable numpy views): see host_buffers
+        self._host_refs = (0, 0)  # Python references to those keys, values when they were made
 
     # ---- storage ------------------------------------------------------------------------------
 
@@ -91,6 +98,37 @@ class KVCache:
             self.values = mx.zeros((batch, kv_heads, want, head_dim), dtype)
         elif want > self.capacity:
             self.keys, self.values = (_pad_slots(a, want) for a in (self.keys, self.values))
+
+    # ---- in-place writes on the host ------------------------------------------------------------
+
+    def host_buffers(self) -> tuple:
+        """Writable numpy views (B, K, S, D) of the keys and values, for a decoder that writes new
+        keys in place on the host (cpu/hostdecode.py) instead of making new arrays.
+
+        They view private copies this cache makes of its buffers, made again whenever another
+        holder may exist: the arrays changed since the last call (an MLX op, a reserve that grew
+        them, a restore), Python code other than this cache took a reference to them (a caller
+        that kept a cache's arrays must never see them change), or `ModelCache.row` handed out
+        slices of them. One copy per layer after each such event, none per step otherwise."""
+        host = self._host
+        if host is None or host[0] is not self.keys or host[1] is not self.values or any(
+                now > then for now, then in zip(self._host_ref_counts(), self._host_refs)):
+            self._host = self._private_copy()
+            self._host_refs = self._host_ref_counts()
+        return self._host[2], self._host[3]
+
+    def _private_copy(self) -> tuple:
+        keys, values = mx.array(np.array(self.keys)), mx.array(np.array(self.values))
+        kv, vv = np.array(keys, copy=False), np.array(values, copy=False)
+        if not all(v.flags.writeable and v.flags.c_contiguous for v in (kv, vv)):
+            raise RuntimeError("MLX did not give a writable contiguous view of a cache buffer")
+        self.keys, self.values = keys, values
+        return keys, values, kv, vv
+
+    def _host_ref_counts(self) -> tuple:
+        """Python references to the private keys and values (this cache's and its views' alone
+        while nobody else holds them); measured the same way each time, so only a change counts."""
+        return sys.getrefcount(self._host[0]), sys.getrefcount(self._host[1])
 
     # ---- attention ----------------------------------------------------------------------------
 
@@ -305,6 +343,7 @@ class ModelCache(list):
         out = self.empty()
         for (_, mine), (_, theirs) in zip(out.owners(), self.owners()):
             mine.state = (theirs.keys[i:i + 1], theirs.values[i:i + 1])
+            theirs._host = None  # the slices share its buffers: no more in-place writes into them
         return out
 
     def _check_layout(self, specs: tuple) -> None:

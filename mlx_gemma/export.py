@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .convert import hf as hf_convert
 from .errors import NAME_ONLY, UserError
 from .files import atomic_output_dir
+from .tokenizer import GEMMA3_MARKERS
 
 HF_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -130,8 +131,8 @@ def convert_to_hf(src, out, adapter=None, dtype: Optional[str] = None, max_shard
 
     Output: model.safetensors (or model-0000N-of-0000M.safetensors shards + model.safetensors.index.json
     when larger than `max_shard_size`) with official Gemma tensor names, shapes and one dtype;
-    config.json (architectures, model_type, torch_dtype); generation_config.json (eos ids
-    include <end_of_turn>); tokenizer.model, tokenizer.json, tokenizer_config.json (chat template),
+    config.json (architectures, model_type, torch_dtype); generation_config.json (eos ids:
+    the format's end-of-generation pieces); tokenizer.model, tokenizer.json, tokenizer_config.json (chat template),
     special_tokens_map.json.
 
     dtype: "bfloat16" (default, as Google's checkpoints), "float16" or "float32". float16 is
@@ -211,7 +212,8 @@ def convert_to_gguf(src, out, adapter=None, out_type: str = "f16", force: bool =
     tensors = {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
     config = model.config.to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(tensors, config, tokenizer.model_bytes, out, out_type=out_type)
+    template = tokenizer.chat_template or (tokenizer.chat_markers or GEMMA3_MARKERS).template
+    write_gguf(tensors, config, tokenizer.model_bytes, out, out_type=out_type, chat_template=template)
     return out
 
 

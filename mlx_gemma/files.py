@@ -271,6 +271,20 @@ def _remove(path: Path) -> None:
             pass
 
 
+@contextmanager
+def _removed_on_failure(path: Path, tmp: Path) -> Iterator[None]:
+    """Around the writes into `tmp` (a file or a folder that becomes `path`): when the block
+    raises, `tmp` is deleted and a refused write is re-raised as the WriteError naming `path`."""
+    try:
+        yield
+    except BaseException as exc:
+        error = write_error(exc, path, tmp)  # before the removal: a partial file shows a full disk
+        _remove(tmp)
+        if error is not None:
+            raise error from exc
+        raise
+
+
 def write_atomic(path: str | os.PathLike, content: Content) -> Path:
     """Write `content` to `path` all at once: readers see the old file or the complete new one.
 
@@ -286,7 +300,7 @@ def write_atomic(path: str | os.PathLike, content: Content) -> Path:
     path = Path(path)
     clean_stale_temps(path.parent)
     tmp = _temp_name(path, "tmp")
-    try:
+    with _removed_on_failure(path, tmp):
         if callable(content):
             content(str(tmp))
         else:
@@ -296,12 +310,6 @@ def write_atomic(path: str | os.PathLike, content: Content) -> Path:
             with open(tmp, "xb") as f:
                 f.write(data)
         os.replace(tmp, path)
-    except BaseException as exc:
-        error = write_error(exc, path, tmp)  # before the removal: a partial file shows a full disk
-        _remove(tmp)
-        if error is not None:
-            raise error from exc
-        raise
     return path
 
 
@@ -361,7 +369,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
         os.mkdir(tmp)
     except OSError as exc:
         raise write_error(exc, path, tmp) from exc
-    try:
+    with _removed_on_failure(path, tmp):
         yield tmp
         check_new_output_dir(path, force)
         if not (path.exists() or path.is_symlink()):
@@ -375,9 +383,3 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             os.replace(old, path)  # put the old directory back rather than leave nothing at path
             raise
         _remove(old)
-    except BaseException as exc:
-        error = write_error(exc, path, tmp)  # before the removal: a partial file shows a full disk
-        _remove(tmp)
-        if error is not None:
-            raise error from exc
-        raise

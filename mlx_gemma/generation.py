@@ -298,8 +298,9 @@ class ChatSession:
 
     Each `send(text)` feeds only the tokens not yet in the cache: the previous answer's
     `<end_of_turn>` (when it was not fed yet), the turn separators and the new user text, all
-    rendered by the tokenizer's chat template. `reset()` starts over. Sampling options given
-    here apply to every turn.
+    rendered as `generate` and the server render a chat: by the model dir's own chat template
+    when it has one (chat_template.py), else by ours. `reset()` starts over. Sampling options
+    given here apply to every turn.
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, params: Optional[SamplingParams] = None,
@@ -318,13 +319,19 @@ class ChatSession:
 
     def _turn_ids(self, text: str) -> list:
         """The conversation's ids with the new user turn and the model header. The tokenizer's
-        chat template renders the turn; the earlier answers keep the ids the model generated
-        (their text re-encoded could tokenize differently from what the cache holds)."""
+        chat template (the dir's own, or ours) renders the turn; the earlier answers keep the ids
+        the model generated (their text re-encoded could tokenize differently from what the cache
+        holds)."""
         tok = self.tokenizer
-        segments = tok.chat_segments(self.messages + [{"role": "user", "content": text}], add_generation_prompt=True)
+        segments = tok.conversation_segments(self.messages + [{"role": "user", "content": text}],
+                                             add_generation_prompt=True)
         if not self.ids:
             return tok.encode("".join(piece for piece, _ in segments), add_bos=False)
-        last_answer = max(i for i, (_, is_answer) in enumerate(segments) if is_answer)
+        answers = [i for i, (_, is_answer) in enumerate(segments) if is_answer]
+        if not answers:
+            raise UserError("the model's chat template renders no assistant turn for the last answer, so the "
+                            "conversation cannot continue on its cache; /reset to start over")
+        last_answer = answers[-1]
         tail = "".join(piece for piece, _ in segments[last_answer + 1:])
         close = [] if self.ids[-1] == tok.end_of_turn_id else [tok.end_of_turn_id]
         return self.ids + close + tok.encode(tail, add_bos=False)

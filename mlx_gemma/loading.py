@@ -340,10 +340,11 @@ def _load_gguf(path: Path, dtype):
 
 
 def generation_config(config: GemmaConfig, tokenizer) -> dict:
-    """generation_config.json: stop on <eos> and <end_of_turn>, as the official Gemma repos do."""
-    eos = [tokenizer.eos_id, tokenizer.end_of_turn_id]
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id,
-            "do_sample": False}
+    """generation_config.json: stop on the tokenizer's end-of-generation ids, as the official repos
+    do: <eos> and <end_of_turn> (Gemma 1-3); <eos>, <turn|> and <|tool_response> (Gemma 4, whose
+    model turn ends with <|tool_response> after a tool call)."""
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
+            "pad_token_id": tokenizer.pad_id, "do_sample": False}
 
 
 def write_model_files(out_dir: Path, weights: dict, config: GemmaConfig, tokenizer, max_shard_size="5GB",

@@ -389,6 +389,22 @@ class GemmaTokenizer:
                 merged.append((text, flag))
         return merged
 
+    def conversation_segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                              tools: Optional[list] = None, tool_format=None) -> list[tuple[str, bool]]:
+        """The chat text of `messages` in (text, is_answer) pieces, rendered as `apply_chat_template`
+        renders it: by the model dir's own template when there is one (its assistant turns, end
+        marker included, found by `chat_template.answer_spans`), else by ours (`chat_segments`)."""
+        if self._chat_template is None:
+            return self.chat_segments(messages, add_generation_prompt, tools, tool_format)
+        text, spans = jinja_template.answer_spans(self._chat_template, messages, self.special_tokens, tools,
+                                                  add_generation_prompt)
+        segments, at = [], 0
+        for start, end in spans:
+            segments += [(text[at:start], False), (text[start:end], True)]
+            at = end
+        segments.append((text[at:], False))
+        return segments
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, tools: Optional[list] = None,
                     tool_format=None) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) for a conversation: loss_mask[i] is 1 where ids[i] belongs to a model
@@ -398,16 +414,7 @@ class GemmaTokenizer:
         special token or after the "\\n" that ends a turn header, and the "\\n" piece never merges
         with a neighbour, so encoding piecewise cannot change the tokens (checked).
         """
-        if self._chat_template is not None:
-            text, spans = jinja_template.answer_spans(self._chat_template, messages, self.special_tokens, tools,
-                                                      add_generation_prompt)
-            segments, at = [], 0
-            for start, end in spans:
-                segments += [(text[at:start], False), (text[start:end], True)]
-                at = end
-            segments.append((text[at:], False))
-        else:
-            segments = self.chat_segments(messages, add_generation_prompt, tools, tool_format)
+        segments = self.conversation_segments(messages, add_generation_prompt, tools, tool_format)
         ids: list[int] = []
         mask: list[int] = []
         for text, is_answer in segments:

@@ -115,6 +115,26 @@ def test_host_decoding_does_not_write_through_arrays_it_was_given(pair):
     assert any(not np.array_equal(np.array(c.keys), k0) for c, (k0, _) in zip(cache, before))
 
 
+def test_host_decoding_does_not_write_into_a_rows_slices(pair):
+    """`ModelCache.row` hands out MLX slices that share the buffers (no Python reference shows
+    it): after one, the next host step writes into a new private copy, so the row a chat session
+    kept holds the keys it had, while the cache goes on with the new token's keys."""
+    _, model = pair
+    with backend.override(host_decode=True, host_gemv=True):
+        step = DecodeStep(model, compile=False)
+    assert step.host_body is not None
+    cache = model.make_cache()
+    for pos, token in enumerate([3, 9, 4]):
+        step.greedy_next(cache, token, pos)
+    kept = cache.row(0)
+    before = [(np.array(c.keys), np.array(c.values)) for c in kept]
+    step.greedy_next(cache, 11, 3)
+    for layer, (c, (k0, v0)) in enumerate(zip(kept, before)):
+        np.testing.assert_array_equal(np.array(c.keys), k0, err_msg=f"keys of layer {layer}")
+        np.testing.assert_array_equal(np.array(c.values), v0, err_msg=f"values of layer {layer}")
+    assert any(not np.array_equal(np.array(c.keys)[:, :, 3], k0[:, :, 3]) for c, (k0, _) in zip(cache, before))
+
+
 def test_models_the_host_path_declines(pair):
     """Quantization the native kernel does not take (6 bits), LoRA in training mode and non-float32
     weights stay on the MLX path."""

@@ -87,6 +87,8 @@ def llama_greedy(llm, ids, n) -> list:
 
 
 def test_tokenizer_gives_our_ids_on_mixed_text_and_chat_markers(ours, f32_gguf):
+    from llamacpp_refs import assert_tokenizes_like_us
+
     _, tok = ours
     llm = llama(f32_gguf, vocab_only=True)
     chat = tok.apply_chat_template([{"role": "system", "content": "用中文回答。"},
@@ -94,12 +96,8 @@ def test_tokenizer_gives_our_ids_on_mixed_text_and_chat_markers(ours, f32_gguf):
                                     {"role": "assistant", "content": "因为瑞利散射。\n\n  Rayleigh."},
                                     {"role": "user", "content": "再说一遍"}], add_generation_prompt=True)
     assert chat.startswith("<bos><start_of_turn>user\n")
-    for text in TEXTS + [chat[len("<bos>"):]]:
-        theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        assert theirs == tok.encode(text), text
-        assert llm.detokenize(theirs[1:], special=True).decode("utf-8") == text
-    for marker in ("<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>"):
-        assert llm.tokenize(marker.encode(), add_bos=False, special=True) == [tok.piece_to_id(marker)]
+    assert_tokenizes_like_us(llm, tok, TEXTS + [chat[len("<bos>"):]],
+                             ("<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>"))
     assert llm.token_eos() in tok.stop_ids
 
 
@@ -138,7 +136,7 @@ def test_greedy_chinese_answer_identical_with_fused_adapter(model_dir, adapter_d
 
 
 def test_our_q8_0_equals_llamacpp_own_quantization(model_dir, f32_gguf, tmp_path):
-    import gguf
+    from llamacpp_refs import assert_same_q8_0_files, llamacpp_q8_0
 
     from mlx_gemma.export import convert_to_gguf
 
@@ -146,28 +144,10 @@ def test_our_q8_0_equals_llamacpp_own_quantization(model_dir, f32_gguf, tmp_path
         pytest.skip("this llama-cpp-python does not expose llama_model_quantize")
     ours_q8 = convert_to_gguf(model_dir, tmp_path / "ours-q8_0.gguf", out_type="q8_0")
     theirs_q8 = tmp_path / "llamacpp-q8_0.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(theirs_q8).encode(), params)
-    assert rc == 0
-    a = {t.name: t for t in gguf.GGUFReader(ours_q8).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(theirs_q8).tensors}
-    assert a.keys() == b.keys()
-    blocks = differing = 0
-    for name in a:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        x, y = np.asarray(a[name].data), np.asarray(b[name].data)
-        if a[name].tensor_type != gguf.GGMLQuantizationType.Q8_0:
-            assert np.array_equal(x, y), name
-            continue
-        # Q8_0 block: a float16 scale then 32 int8 codes (34 bytes). The scales agree exactly; a
-        # code may differ by one where x / scale sits on a rounding tie (measured: 4 of 8.4M blocks).
-        xb, yb = x.reshape(-1, 34), y.reshape(-1, 34)
-        assert np.array_equal(xb[:, :2], yb[:, :2]), name
-        codes = np.abs(xb[:, 2:].view(np.int8).astype(np.int16) - yb[:, 2:].view(np.int8).astype(np.int16))
-        assert codes.max() <= 1, name
-        blocks, differing = blocks + len(xb), differing + int((codes > 0).any(axis=1).sum())
+    llamacpp_q8_0(llama_cpp, f32_gguf, theirs_q8)
+    # The scales agree exactly; a code may differ by one where x / scale sits on a rounding tie
+    # (measured: 4 of 8.4M blocks).
+    blocks, differing = assert_same_q8_0_files(ours_q8, theirs_q8)
     assert differing <= 1e-5 * blocks, (differing, blocks)
     # Not asserted: llama.cpp's logits on the two files. Those few one-code differences move them
     # by up to 0.79 on arbitrary ids 1000..1039 (measured; 2 of 41 argmax flips, at margins < 0.004).

@@ -9,8 +9,9 @@ runs the whole step on the host: every weight product is a `cblas_sgemv` in the 
 itself uses (`runtime.blas_sgemv`; a second BLAS, numpy's, would keep a second pool of
 spinning threads), over zero-copy views of the model's weights, and the norms, RoPE, attention
 and GeGLU are numpy on preallocated vectors. The keys and values are written in place into the
-model's own KV-cache buffers, so the MLX paths (prefill, batched decoding, speculative
-verification) keep working on the same cache before and after.
+model's own KV-cache buffers (`KVCache.host_buffers`: the cache owns when they must be private
+copies), so the MLX paths (prefill, batched decoding, speculative verification) keep working on
+the same cache before and after.
 
 Quantized weights (MLX's affine 4/8-bit format, what `mlx-gemma quantize` writes) go through
 `native.qgemv`, a small C kernel compiled for the machine at first use: it reads the codes once
@@ -244,8 +245,6 @@ class HostDecoder:
         self.layers = [_Layer(layer, cfg, products) for layer, products in zip(model.model.layers, layers)]
         self.final_norm = norm_scale(_view(model.model.norm.weight))
         self._gemv = blas_sgemv()
-        self._owned: dict = {}  # layer -> (keys array, values array, their numpy views)
-        self._refs: dict = {}  # layer -> Python reference counts of those arrays when installed
         self._inv_freq = {}
         E, H, K, D, I = cfg.hidden_size, self.H, self.K, self.D, cfg.intermediate_size
         self.buf = {n: np.empty(size, np.float32) for n, size in (
@@ -299,36 +298,6 @@ class HostDecoder:
         a, b = x[:, :half], x[:, half:]
         return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
-    def _cache_views(self, i: int, c) -> tuple:
-        """Writable views of layer i's cache buffers (1, K, S, D). A buffer is replaced by a
-        private copy the first time it is seen (after a reserve that grew it, or an MLX step that
-        made new arrays) and again whenever Python code other than the cache holds the copy
-        (the decoder outlives a generate call now that the engine is kept per model: a caller
-        that took the arrays between calls must not see them change)."""
-        owned = self._owned.get(i)
-        if owned is None or owned[0] is not c.keys or owned[1] is not c.values or self._held_elsewhere(i):
-            self._owned[i] = self._private_copy(c)
-            self._refs[i] = self._ref_counts(i)
-        owned = self._owned[i]
-        return owned[2], owned[3]
-
-    @staticmethod
-    def _private_copy(c) -> tuple:
-        keys, values = mx.array(np.array(c.keys)), mx.array(np.array(c.values))
-        kv, vv = np.array(keys, copy=False), np.array(values, copy=False)
-        if not (kv.flags.writeable and kv.flags.c_contiguous and vv.flags.writeable and vv.flags.c_contiguous):
-            raise RuntimeError("MLX did not give a writable contiguous view of a cache buffer")
-        c.keys, c.values = keys, values
-        return keys, values, kv, vv
-
-    def _ref_counts(self, i: int) -> tuple:
-        """Python references to layer i's private buffers (the cache's and ours when no one else's)."""
-        owned = self._owned[i]
-        return sys.getrefcount(owned[0]), sys.getrefcount(owned[1])
-
-    def _held_elsewhere(self, i: int) -> bool:
-        return any(now > then for now, then in zip(self._ref_counts(i), self._refs[i]))
-
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, out: np.ndarray) -> None:
         """out (H*D,) = softmax(q k^T * scale [capped]) v over the first n slots of (K, S, D)."""
         H, K, D = self.H, self.K, self.D
@@ -360,7 +329,7 @@ class HostDecoder:
         x = self.embed.row(token) * self.embed_scale
         tables = {}
         for i, (L, c) in enumerate(zip(self.layers, cache)):
-            keys, values = self._cache_views(i, c)
+            keys, values = c.host_buffers()  # writable, private to the cache (see its docstring)
             keys, values = keys[0], values[0]  # (K, S, D)
             n = pos + 1 if L.window is None else min(pos + 1, L.window)
             slot = pos if L.window is None else pos % L.window

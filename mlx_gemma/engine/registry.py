@@ -28,17 +28,15 @@ class ModelEngine:
         self._weights: list = []  # the parameter arrays the steps were built over
 
     def step(self, compile: bool = True) -> DecodeStep:
-        """The model's decode step (built now if the weights or the policy changed since), begun
-        for a new call (`DecodeStep.begin`)."""
+        """The model's decode step (built now if the weights or the policy changed since)."""
         weights = [a for _, a in tree_flatten(self.model.parameters())] + [self.model.training]
         if len(weights) != len(self._weights) or any(a is not b for a, b in zip(weights, self._weights)):
             self._steps.clear()
             self._weights = weights
         key = (compile, policy())
         if key not in self._steps:
-            self._steps[key] = DecodeStep(self.model, compile)  # begun: its host decoder is new
-            return self._steps[key]
-        return self._steps[key].begin()
+            self._steps[key] = DecodeStep(self.model, compile)
+        return self._steps[key]
 
 
 def engine_for(model) -> ModelEngine:

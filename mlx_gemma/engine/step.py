@@ -70,13 +70,6 @@ class DecodeStep:
         hidden = self.model.model(tokens, cache=self.scratch, pos=pos)
         return hidden[:, -1], self.scratch.state
 
-    def begin(self) -> "DecodeStep":
-        """Start a call (a generate, a batch, a server's life): a new host row decoder. It writes
-        keys into buffers it owns in place, and owns only the copies it makes during this call,
-        so arrays a caller kept from an earlier call are never written. Returns the step."""
-        self.host_body, self.host_head = host_paths(self.model)
-        return self
-
     def reserve(self, cache, batch: int, end: int) -> None:
         """Room in `cache` for positions [0, end) of `batch` rows."""
         cache.reserve(batch, activation_dtype(self.model), end)

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+from functools import partial
 from importlib import resources
 from typing import Optional
 
@@ -48,6 +49,7 @@ class ServerState:
         self.created = int(time.time())
         self.jobs: dict = {}  # id(job) -> job: requests in flight, answered with a 503 when the server shuts down
         self.closing = False
+        self.metrics = ServerMetrics(engine)  # GET /metrics, fed by the routes and the status middleware
 
     def shut_down(self) -> None:
         """SIGTERM / Ctrl-C (on the event loop): every request in flight ends now with a 503 (a
@@ -162,6 +164,13 @@ def _authorized(state: ServerState, request: Request) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), state.api_key.encode())
 
 
+def _unauthorized(state: ServerState, request: Request) -> Optional[APIError]:
+    """The 401 of a request without the server's API key, or None."""
+    if _authorized(state, request):
+        return None
+    return APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+
+
 def _grammar(state: ServerState, req: ParsedRequest) -> list:
     """The row's logits processors for req.constraint or its tool calls: a fresh grammar matcher
     (built here, off the engine thread: the first one also builds the vocabulary's grammar tables, seconds)."""
@@ -234,177 +243,200 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, ma
               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
     """The ASGI app over a started Engine."""
     state = ServerState(engine, model_name, api_key, max_body, default_max_tokens)
-    metrics = ServerMetrics(engine)
-
-    async def completions(request: Request, kind: str) -> Response:
-        if not _authorized(state, request):
-            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
-                                   "invalid_api_key"))
-        if state.closing:
-            return _error(_shutting_down())
-        if not engine.alive:
-            return _error(APIError(503, f"the engine stopped: {engine.error}", None, "engine_stopped"))
-        try:
-            body = await _read_json(request, state.max_body)
-            # Off the event loop: a response_format schema is compiled here (up to a second).
-            req = await run_in_threadpool(protocol.parse, kind, body, state.default_max_tokens)
-            adapter = state.adapter_index(req.model)
-            req.model = req.model or state.model_name
-            ids = await run_in_threadpool(_prompt_ids, state, req)
-            processors = await run_in_threadpool(_grammar, state, req)
-        except APIError as exc:
-            return _error(exc)
-        except UserError as exc:
-            code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
-            param = "response_format" if _grammar_refused(exc) else "messages" if kind == "chat" else "prompt"
-            return _error(APIError(400, str(exc), param, code))
-        except Exception as exc:  # a bug: one log line with its traceback, a 500, the server goes on
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return _error(APIError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", None,
-                                   "server_error"))
-        if state.closing:
-            return _error(_shutting_down())
-        job = engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop(), processors=processors)
-        job.request_id = req.id
-        state.jobs[id(job)] = job
-        if req.stream:
-            return StreamingResponse(_stream(req, job, len(ids)), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(req, job, len(ids), request)
-
-    async def _collect(job: Job, answer: _Answer) -> None:
-        async for event in job:
-            answer.add(event)
-            if event.finish_reason:
-                break
-
-    async def _whole(req: ParsedRequest, job: Job, n_prompt: int, request: Request) -> Response:
-        answer = _Answer(engine.tokenizer, req.params.logprobs)
-        try:
-            # A client that closes its connection frees its row at once, as a stream's does
-            # (nothing else would notice before the answer is complete).
-            if await _first_done(_collect(job, answer), _until_disconnect(request)) == 1:
-                return Response(status_code=499)  # nobody reads it
-        except APIError as exc:  # the server is shutting down
-            return _error(exc)
-        except UserError as exc:
-            return _error(APIError(400, str(exc), None, "invalid_value"))
-        except RuntimeError as exc:
-            return _error(APIError(500, str(exc), None, "engine_error"))
-        finally:
-            state.jobs.pop(id(job), None)
-            if job.finished is None:  # the client went away while we waited
-                engine.cancel(job)
-        failed = _grammar_failure(job)
-        if failed is not None:
-            return _error(failed)
-        text = "".join(answer.text)
-        if req.echo and isinstance(req.prompt, str):
-            text = req.prompt + text
-        _log_done(req, job, n_prompt, answer, metrics)
-        if _parses_calls(req):
-            read = tools.parse_answer(engine.tokenizer, req.tool_spec, answer.ids, answer.finish)
-            return JSONResponse(protocol.full_response(req, read.content, read.finish_reason, n_prompt,
-                                                       answer.n_out, answer.logprobs, read.tool_calls,
-                                                       n_cached=job.cached))
-        return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
-                                                   answer.logprobs, n_cached=job.cached))
-
-    async def _stream(req: ParsedRequest, job: Job, n_prompt: int):
-        answer = _Answer(engine.tokenizer, req.params.logprobs)
-        offset = 0
-        # With tools, the parser turns tokens into content and tool_calls deltas.
-        parser = tools.StreamParser(engine.tokenizer, req.tool_spec) if _parses_calls(req) else None
-        try:
-            if req.kind == "chat":
-                yield _sse(protocol.chunk(req, first=True))
-            elif req.echo and isinstance(req.prompt, str):
-                yield _sse(protocol.chunk(req, text=req.prompt))
-                offset = len(req.prompt)
-            pending: list = []  # logprob entries of tokens whose text is still held back
-            async for event in job:
-                pending += answer.add(event)
-                if parser is not None:
-                    for d in parser.feed(event.token) + (parser.finish() if event.finish_reason else []):
-                        yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
-                elif event.text or (pending and event.finish_reason):
-                    yield _sse(protocol.chunk(req, text=event.text, logprobs=pending, text_offset=offset))
-                    offset += len(event.text)
-                    pending = []
-                if event.finish_reason:
-                    failed = _grammar_failure(job)
-                    if failed is not None:  # never a "stop" on a value that does not parse
-                        yield _sse(failed.body())
-                        return
-                    called = parser is not None and parser.calls and event.finish_reason == "stop"
-                    yield _sse(protocol.chunk(req, finish="tool_calls" if called else event.finish_reason))
-                    if req.include_usage:
-                        yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out, n_cached=job.cached))
-                    break
-            yield "data: [DONE]\n\n"
-            _log_done(req, job, n_prompt, answer, metrics)
-        except APIError as exc:  # the server is shutting down
-            yield _sse(exc.body())
-        except (UserError, RuntimeError) as exc:
-            yield _sse(APIError(500, str(exc), None, "engine_error").body())
-        finally:
-            state.jobs.pop(id(job), None)
-            if job.finished is None:  # client disconnected mid-stream: free its row now
-                engine.cancel(job)
-
-    async def chat_route(request: Request) -> Response:
-        return await completions(request, "chat")
-
-    async def completion_route(request: Request) -> Response:
-        return await completions(request, "completion")
-
-    async def models(request: Request) -> Response:
-        if not _authorized(state, request):
-            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
-                                   "invalid_api_key"))
-        data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mlx-gemma"}]
-        data += [{"id": name, "object": "model", "created": state.created, "owned_by": "mlx-gemma",
-                  "parent": state.model_name} for name in engine.adapters]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def health(request: Request) -> Response:
-        gen = engine.generator
-        body = {"status": "ok" if engine.alive else "error", "model": state.model_name,
-                "running": len(gen.active), "waiting": len(gen.waiting)}
-        if not engine.alive:
-            body["error"] = engine.error or "the engine thread is not running"
-        return JSONResponse(body, status_code=200 if engine.alive else 503)
-
-    async def metrics_route(request: Request) -> Response:
-        if not _authorized(state, request):
-            return _error(APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None,
-                                   "invalid_api_key"))
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    async def page(request: Request) -> Response:
-        html = resources.files("mlx_gemma.serve").joinpath("chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(html)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None,
-                               "not_found" if exc.status_code == 404 else "invalid_request"))
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error"))
-
     routes = [
-        Route("/v1/chat/completions", chat_route, methods=["POST"]),
-        Route("/v1/completions", completion_route, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics_route, methods=["GET"]),
-        Route("/", page, methods=["GET"]),
+        Route("/v1/chat/completions", partial(_completions, state, "chat"), methods=["POST"]),
+        Route("/v1/completions", partial(_completions, state, "completion"), methods=["POST"]),
+        Route("/v1/models", partial(_models, state), methods=["GET"]),
+        Route("/health", partial(_health, state), methods=["GET"]),
+        Route("/metrics", partial(_metrics, state), methods=["GET"]),
+        Route("/", _page, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
-                    middleware=[Middleware(StatusMiddleware, metrics=metrics)])
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error},
+                    middleware=[Middleware(StatusMiddleware, metrics=state.metrics)])
     app.state.server = state  # serve() answers in-flight requests through it on SIGTERM
     return app
+
+
+# The completion routes: admit a request, hand it to the engine, answer whole or streamed.
+
+async def _completions(state: ServerState, kind: str, request: Request) -> Response:
+    """POST /v1/chat/completions (kind "chat") and /v1/completions ("completion")."""
+    refused = _unauthorized(state, request)
+    if refused is None and state.closing:
+        refused = _shutting_down()
+    if refused is None and not state.engine.alive:
+        refused = APIError(503, f"the engine stopped: {state.engine.error}", None, "engine_stopped")
+    if refused is not None:
+        return _error(refused)
+    try:
+        req, adapter, ids, processors = await _admit(state, request, kind)
+    except APIError as exc:
+        return _error(exc)
+    if state.closing:
+        return _error(_shutting_down())
+    job = state.engine.submit(ids, req.params, adapter, loop=asyncio.get_running_loop(), processors=processors)
+    job.request_id = req.id
+    state.jobs[id(job)] = job
+    if req.stream:
+        return StreamingResponse(_stream(state, req, job, len(ids)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _whole(state, req, job, len(ids), request)
+
+
+async def _admit(state: ServerState, request: Request, kind: str) -> tuple:
+    """(parsed request, adapter index, prompt ids, logits processors) of a completion request;
+    every failure is an APIError (a user's mistake a 400, a bug a logged 500)."""
+    try:
+        body = await _read_json(request, state.max_body)
+        # Off the event loop: a response_format schema is compiled here (up to a second).
+        req = await run_in_threadpool(protocol.parse, kind, body, state.default_max_tokens)
+        adapter = state.adapter_index(req.model)
+        req.model = req.model or state.model_name
+        ids = await run_in_threadpool(_prompt_ids, state, req)
+        processors = await run_in_threadpool(_grammar, state, req)
+    except APIError:
+        raise
+    except UserError as exc:
+        code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
+        param = "response_format" if _grammar_refused(exc) else "messages" if kind == "chat" else "prompt"
+        raise APIError(400, str(exc), param, code) from None
+    except Exception as exc:  # a bug: one log line with its traceback, a 500, the server goes on
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        raise APIError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", None,
+                       "server_error") from None
+    return req, adapter, ids, processors
+
+
+async def _collect(job: Job, answer: _Answer) -> None:
+    async for event in job:
+        answer.add(event)
+        if event.finish_reason:
+            break
+
+
+async def _whole(state: ServerState, req: ParsedRequest, job: Job, n_prompt: int, request: Request) -> Response:
+    """The answer as one JSON object, once the job has finished."""
+    engine = state.engine
+    answer = _Answer(engine.tokenizer, req.params.logprobs)
+    try:
+        # A client that closes its connection frees its row at once, as a stream's does
+        # (nothing else would notice before the answer is complete).
+        if await _first_done(_collect(job, answer), _until_disconnect(request)) == 1:
+            return Response(status_code=499)  # nobody reads it
+    except APIError as exc:  # the server is shutting down
+        return _error(exc)
+    except UserError as exc:
+        return _error(APIError(400, str(exc), None, "invalid_value"))
+    except RuntimeError as exc:
+        return _error(APIError(500, str(exc), None, "engine_error"))
+    finally:
+        state.jobs.pop(id(job), None)
+        if job.finished is None:  # the client went away while we waited
+            engine.cancel(job)
+    failed = _grammar_failure(job)
+    if failed is not None:
+        return _error(failed)
+    text = "".join(answer.text)
+    if req.echo and isinstance(req.prompt, str):
+        text = req.prompt + text
+    _log_done(req, job, n_prompt, answer, state.metrics)
+    if _parses_calls(req):
+        read = tools.parse_answer(engine.tokenizer, req.tool_spec, answer.ids, answer.finish)
+        return JSONResponse(protocol.full_response(req, read.content, read.finish_reason, n_prompt,
+                                                   answer.n_out, answer.logprobs, read.tool_calls,
+                                                   n_cached=job.cached))
+    return JSONResponse(protocol.full_response(req, text, answer.finish, n_prompt, answer.n_out,
+                                               answer.logprobs, n_cached=job.cached))
+
+
+async def _stream(state: ServerState, req: ParsedRequest, job: Job, n_prompt: int):
+    """The answer as server-sent events, one per decoded piece, ending with `data: [DONE]`."""
+    answer = _Answer(state.engine.tokenizer, req.params.logprobs)
+    offset = 0
+    # With tools, the parser turns tokens into content and tool_calls deltas.
+    parser = tools.StreamParser(state.engine.tokenizer, req.tool_spec) if _parses_calls(req) else None
+    try:
+        if req.kind == "chat":
+            yield _sse(protocol.chunk(req, first=True))
+        elif req.echo and isinstance(req.prompt, str):
+            yield _sse(protocol.chunk(req, text=req.prompt))
+            offset = len(req.prompt)
+        pending: list = []  # logprob entries of tokens whose text is still held back
+        async for event in job:
+            pending += answer.add(event)
+            if parser is not None:
+                for d in parser.feed(event.token) + (parser.finish() if event.finish_reason else []):
+                    yield _sse(protocol.chunk(req, text=d.get("content"), tool_calls=d.get("tool_calls")))
+            elif event.text or (pending and event.finish_reason):
+                yield _sse(protocol.chunk(req, text=event.text, logprobs=pending, text_offset=offset))
+                offset += len(event.text)
+                pending = []
+            if event.finish_reason:
+                failed = _grammar_failure(job)
+                if failed is not None:  # never a "stop" on a value that does not parse
+                    yield _sse(failed.body())
+                    return
+                called = parser is not None and parser.calls and event.finish_reason == "stop"
+                yield _sse(protocol.chunk(req, finish="tool_calls" if called else event.finish_reason))
+                if req.include_usage:
+                    yield _sse(protocol.usage_chunk(req, n_prompt, answer.n_out, n_cached=job.cached))
+                break
+        yield "data: [DONE]\n\n"
+        _log_done(req, job, n_prompt, answer, state.metrics)
+    except APIError as exc:  # the server is shutting down
+        yield _sse(exc.body())
+    except (UserError, RuntimeError) as exc:
+        yield _sse(APIError(500, str(exc), None, "engine_error").body())
+    finally:
+        state.jobs.pop(id(job), None)
+        if job.finished is None:  # client disconnected mid-stream: free its row now
+            state.engine.cancel(job)
+
+
+# The information routes: what the server serves, whether it is alive, its metrics, the chat page.
+
+async def _models(state: ServerState, request: Request) -> Response:
+    refused = _unauthorized(state, request)
+    if refused is not None:
+        return _error(refused)
+    data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mlx-gemma"}]
+    data += [{"id": name, "object": "model", "created": state.created, "owned_by": "mlx-gemma",
+              "parent": state.model_name} for name in state.engine.adapters]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def _health(state: ServerState, request: Request) -> Response:
+    engine = state.engine
+    gen = engine.generator
+    body = {"status": "ok" if engine.alive else "error", "model": state.model_name,
+            "running": len(gen.active), "waiting": len(gen.waiting)}
+    if not engine.alive:
+        body["error"] = engine.error or "the engine thread is not running"
+    return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+
+async def _metrics(state: ServerState, request: Request) -> Response:
+    refused = _unauthorized(state, request)
+    if refused is not None:
+        return _error(refused)
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def _page(request: Request) -> Response:
+    html = resources.files("mlx_gemma.serve").joinpath("chat.html").read_text(encoding="utf-8")
+    return HTMLResponse(html)
+
+
+# The app's exception handlers: every failure outside the routes' own handling is a JSON error.
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None,
+                           "not_found" if exc.status_code == 404 else "invalid_request"))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error"))
 
 
 def _grammar_refused(exc: UserError) -> bool:

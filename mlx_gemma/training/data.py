@@ -160,11 +160,24 @@ def _string(record: dict, key: str, where: str) -> str:
     return value
 
 
+def _bos(tokenizer) -> list:
+    return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+
+
+def _eos(tokenizer) -> list:
+    return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+
+def _completion_ids(tokenizer, prompt: str, answer: str) -> tuple[list, list]:
+    """(ids, loss mask) of `<bos>prompt answer<eos>`: the answer, its eos included, carries the loss."""
+    prompt_ids = _bos(tokenizer) + tokenizer.encode(prompt, add_bos=False)
+    answer_ids = tokenizer.encode(answer, add_bos=False) + _eos(tokenizer)
+    return prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
+
+
 def encode_record(record: dict, tokenizer, where: str, train_on_prompt: bool = False):
     """One record -> (format, ids, loss_mask) as int32 arrays (see the module doc)."""
     fmt = record_format(record, where)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     if fmt == "chat":
         messages = record["messages"]
         if not isinstance(messages, list) or not any(
@@ -175,10 +188,9 @@ def encode_record(record: dict, tokenizer, where: str, train_on_prompt: bool = F
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     elif fmt == "completion":
-        prompt = bos + tokenizer.encode(_string(record, "prompt", where), add_bos=False)
-        answer = tokenizer.encode(_string(record, "completion", where), add_bos=False) + eos
-        ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+        ids, mask = _completion_ids(tokenizer, _string(record, "prompt", where), _string(record, "completion", where))
     else:
+        bos, eos = _bos(tokenizer), _eos(tokenizer)
         ids = bos + tokenizer.encode(_string(record, "text", where), add_bos=False) + eos
         mask = [0] * len(bos) + [1] * (len(ids) - len(bos))
     ids = np.asarray(ids, dtype=np.int32)
@@ -200,28 +212,40 @@ def load_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2048, 
     whose answer starts beyond `max_seq_len` is an error unless `drop_long`, since cutting would
     leave nothing to train on. An empty file is an error.
     """
+
+    def encode(record: dict, where: str):
+        fmt, ids, mask = encode_record(record, tokenizer, where, train_on_prompt)
+        return fmt, [(ids, mask)]
+
+    return _read_dataset(path, Dataset(name=name), encode, max_seq_len, drop_long, "record")
+
+
+def _read_dataset(path, data: Dataset, encode, max_seq_len: int, drop_long: bool, unit: str) -> Dataset:
+    """`data` filled from one data file: `encode(record, where)` gives a record's (format,
+    [(ids, loss_mask), ...]) (one sequence, or a pair's two), and a record longer than
+    `max_seq_len` has every sequence cut to it, or is skipped with `drop_long`; cutting that
+    leaves a sequence nothing to train on is an error. `unit` names a record in messages."""
     path = Path(path)
     records = read_records(path)
     if not records:
-        raise UserError(f"{path}: no records (the {name} split is empty)")
-    data = Dataset(name=name)
+        raise UserError(f"{path}: no records (the {data.name} split is empty)")
     for where, record in records:
-        fmt, ids, mask = encode_record(record, tokenizer, where, train_on_prompt)
-        if len(ids) > max_seq_len:
+        fmt, sequences = encode(record, where)
+        if max(len(ids) for ids, _ in sequences) > max_seq_len:
             if drop_long:
                 data.dropped += 1
                 continue
-            if not mask[:max_seq_len].any():
-                first = int(np.argmax(mask))
+            if not all(mask[:max_seq_len].any() for _, mask in sequences):
+                first = int(np.argmax(sequences[0][1]))
                 raise UserError(f"{where}: the prompt is {first} tokens, so nothing to train on fits in "
                                 "{max_seq_len}; raise it or pass {drop_long}", max_seq_len=max_seq_len,
                                 drop_long=True)
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            sequences = [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in sequences]
             data.truncated += 1
-        data.examples.append((ids, mask))
+        data.examples += sequences
         data.formats[fmt] = data.formats.get(fmt, 0) + 1
     if not data.examples:
-        raise UserError(f"{path}: every record is longer than " "{max_seq_len} and {drop_long} dropped them "
+        raise UserError(f"{path}: every {unit} is longer than " "{max_seq_len} and {drop_long} dropped them "
                         "all; raise it", max_seq_len=max_seq_len, drop_long=True)
     return data
 
@@ -327,11 +351,7 @@ def encode_pair(record: dict, tokenizer, where: str):
                 raise UserError(f"{where}: \"prompt\" must be a non-empty list of messages")
             ids, mask = _chat_pair_side(tokenizer, record["prompt"], record[key], key, where)
         else:
-            bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-            eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-            prompt = bos + tokenizer.encode(record["prompt"], add_bos=False)
-            answer = tokenizer.encode(record[key], add_bos=False) + eos
-            ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+            ids, mask = _completion_ids(tokenizer, record["prompt"], record[key])
         mask = np.asarray(mask, np.int32)
         if len(mask):
             mask[0] = 0
@@ -343,29 +363,12 @@ def load_pair_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2
                       drop_long: bool = False) -> PairDataset:
     """Read and tokenize a preference file; each side is cut to `max_seq_len` tokens as
     `load_dataset` cuts a record (or the pair skipped with `drop_long`)."""
-    path = Path(path)
-    records = read_records(path)
-    if not records:
-        raise UserError(f"{path}: no records (the {name} split is empty)")
-    data = PairDataset(name=name)
-    for where, record in records:
+
+    def encode(record: dict, where: str):
         fmt, chosen, rejected = encode_pair(record, tokenizer, where)
-        if max(len(chosen[0]), len(rejected[0])) > max_seq_len:
-            if drop_long:
-                data.dropped += 1
-                continue
-            if not (chosen[1][:max_seq_len].any() and rejected[1][:max_seq_len].any()):
-                raise UserError(f"{where}: the prompt is {int(np.argmax(chosen[1]))} tokens, so nothing to train on "
-                                "fits in {max_seq_len}; raise it or pass {drop_long}", max_seq_len=max_seq_len,
-                                drop_long=True)
-            chosen, rejected = [(ids[:max_seq_len], m[:max_seq_len]) for ids, m in (chosen, rejected)]
-            data.truncated += 1
-        data.examples += [chosen, rejected]
-        data.formats[fmt] = data.formats.get(fmt, 0) + 1
-    if not data.examples:
-        raise UserError(f"{path}: every pair is longer than " "{max_seq_len} and {drop_long} dropped them all; "
-                        "raise it", max_seq_len=max_seq_len, drop_long=True)
-    return data
+        return fmt, [chosen, rejected]
+
+    return _read_dataset(path, PairDataset(name=name), encode, max_seq_len, drop_long, "pair")
 
 
 def make_pair_batch(dataset: PairDataset, units: list[list[int]], pad_id: int, max_seq_len: int) -> dict:

@@ -161,15 +161,31 @@ def hc3_to_chat(src_path, out_dir, system: str | None = DEFAULT_SYSTEM_PROMPT,
             without ``question`` or with wrongly typed fields, no usable records, sizes out of
             range, or ``out_dir`` existing without ``force``.
     """
-    src, out = Path(src_path), Path(out_dir)
+    src, out, system = Path(src_path), Path(out_dir), system or None
     _check_sizes(test_size, valid_size)
+    _check_out_dir(out, force)
+    records = _read_records(src)
+    examples, skipped_empty, skipped_duplicate = _conversations(src, records, system)
+    splits = _split(examples, test_size, valid_size, seed)
+    _write_splits(out, splits, force)
+    return {"source": str(src), "out_dir": str(out), "records": len(records),
+            **{name: len(splits[name]) for name in SPLITS},
+            "skipped_empty": skipped_empty, "skipped_duplicate": skipped_duplicate,
+            "files": [str(out / f"{name}.jsonl") for name in SPLITS if splits[name]], "system": system}
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    """UserError when ``out`` exists and may not be replaced (before any record is read)."""
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another output directory or pass " "{force}", force=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    system = system or None
 
-    records = _read_records(src)
+
+def _conversations(src: Path, records: list, system: str | None) -> tuple[list, int, int]:
+    """``(examples, skipped_empty, skipped_duplicate)``: one ``{"messages": [...]}`` per record
+    with a non-empty human answer and a question not seen before, in input order; UserError
+    when no record is usable."""
     examples, seen = [], set()
     skipped_empty = skipped_duplicate = 0
     for where, record in records:
@@ -187,28 +203,23 @@ def hc3_to_chat(src_path, out_dir, system: str | None = DEFAULT_SYSTEM_PROMPT,
     if not examples:
         raise UserError(f"{src}: no usable records ({len(records)} read, {skipped_empty} with no "
                         f"non-empty human answer, {skipped_duplicate} duplicates)")
+    return examples, skipped_empty, skipped_duplicate
 
+
+def _split(examples: list, test_size: float, valid_size: float, seed: int) -> dict:
+    """``{split name: examples}``: shuffled with ``random.Random(seed)``, test first, then valid."""
+    examples = list(examples)
     random.Random(seed).shuffle(examples)
     n_train, n_valid, n_test = _split_counts(len(examples), test_size, valid_size)
-    splits = {"test": examples[:n_test],
-              "valid": examples[n_test:n_test + n_valid],
-              "train": examples[n_test + n_valid:]}
+    return {"test": examples[:n_test],
+            "valid": examples[n_test:n_test + n_valid],
+            "train": examples[n_test + n_valid:]}
 
+
+def _write_splits(out: Path, splits: dict, force: bool) -> None:
+    """Write each non-empty split as ``NAME.jsonl`` into ``out``, atomically (all files or none)."""
     with atomic_output_dir(out, force) as tmp:
         for name in SPLITS:
             if splits[name]:
                 lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in splits[name])
                 (tmp / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
-
-    return {
-        "source": str(src),
-        "out_dir": str(out),
-        "records": len(records),
-        "train": n_train,
-        "valid": n_valid,
-        "test": n_test,
-        "skipped_empty": skipped_empty,
-        "skipped_duplicate": skipped_duplicate,
-        "files": [str(out / f"{name}.jsonl") for name in SPLITS if splits[name]],
-        "system": system,
-    }
