@@ -248,13 +248,13 @@ def table_row(shape: str, engine: str, results: dict) -> str:
     gen = results.get("generate")
     if gen is not None:
         ok = [r for r in gen if "error" not in r]
-        cells += [_failed(gen)] * 3 if not ok else [
+        cells += [_failed(gen), "-", "-"] if not ok else [
             harness.spread([r["prefill"] for r in ok]), harness.spread([r["decode"] for r in ok]),
             harness.spread([r["peak_gb"] for r in ok], 2)]
     train = results.get("train")
     if train is not None:
         ok = [r for r in train if "error" not in r]
-        cells += [_failed(train)] * 2 if not ok else [
+        cells += [_failed(train), "-"] if not ok else [
             harness.spread([r["tokens"] / r["seconds"] for r in ok]), harness.spread([r["peak_gb"] for r in ok], 2)]
     failed = sum("error" in r for runs in results.values() for r in runs)
     return f"| {shape} | {engine} | " + " | ".join(cells) + f" | {failed} |"
