@@ -20,7 +20,8 @@ model name, x86-64 level), CPU count, the load averages seen before/after each p
   (constant), the same batches for both: --train-warmup + --train-steps batches of --train-batch
   random-token rows of --train-seq tokens, loss on each row's second half, in the order
   mlx-gemma's trainer plans them. mlx-gemma trains through its real trainer
-  (`mlx_gemma.training.trainer.setup` + `train`: chunked LM-head loss, compiled step); mlx-lm
+  (`mlx_gemma.training.trainer.setup` + `train`: chunked LM-head loss, compiled step, its default
+  gradient clipping at norm 1.0); mlx-lm
   through its own tuner (`linear_to_lora_layers`, `mlx_lm.tuner.trainer.train` with its
   `default_loss`) on its gemma4_text model. The warm-up steps (compilation) are not timed;
   tok/s = real tokens of the timed steps / their time; peak = mx.get_peak_memory() over the run.
