@@ -163,8 +163,12 @@ def run_worker(name: str, args, batches_path: str, loads: list) -> dict:
         return harness.run_child(cmd, loads, env)
     from mlx_gemma.training.distributed import free_port_pair
 
-    cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring", "-p",
-           str(free_port_pair()), "--env", f"OPENBLAS_NUM_THREADS={threads}", "--", *cmd]
+    # a venv made over another (the worktrees') has no mlx.launch script of its own: its module then
+    script = Path(sys.executable).with_name("mlx.launch")
+    launcher = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
+    cmd = [*launcher, "-n", str(ranks), "--backend", "ring", "-p", str(free_port_pair()), "--env",
+           f"OPENBLAS_NUM_THREADS={threads}", "--", *cmd]
     loads.append(os.getloadavg()[0])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     loads.append(os.getloadavg()[0])
