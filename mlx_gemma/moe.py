@@ -8,9 +8,19 @@ Numerics follow transformers' Gemma4TextRouter / Gemma4TextExperts:
 - expert e computes down_e(gelu_tanh(gate_e x) * up_e x), with gate and up stacked in
   `gate_up_proj` (experts, 2 * I, E) and `down_proj` (experts, E, I), HF's layout.
 
-The experts run as two gathered matmuls (`mx.gather_mm`, or `mx.gather_qmm` once quantized by
+The experts run as gathered matmuls (`mx.gather_mm`, or `mx.gather_qmm` once quantized by
 quant.layers): each token multiplies only its k experts' matrices, with no Python loop over
-experts, so the work is k / experts of a dense pass whatever the routing.
+experts, so the work is k / experts of a dense pass whatever the routing. Two choices keep those
+products fast (measured on the 2-core AMD EPYC, 2 MiB L2 per core, bench MoE shape E=1024, I=512,
+16 experts, top-4, 128 tokens: the block's forward 1.6 s -> ~0.1 s, its backward ~12 s -> ~0.3 s):
+- the (token, expert) pairs are sorted by expert once there are SORT_MIN_PAIRS of them. MLX's
+  CPU gather_mm is one matrix-vector product per pair, so consecutive pairs of one expert reuse
+  its matrix from cache instead of re-reading it from memory; GPU kernels group by expert
+  (`sorted_indices`); and the gradient of a sorted, unbroadcast product needs no scatter-add.
+  A decode step's few pairs stay unsorted (sorting would cost more than it saves);
+- gate and up are two products over row views of `gate_up_proj` (no copy), each half the size
+  of the stacked matrix (here 2 MiB instead of 4 MiB, so it stays in L2).
+Every output element is the same dot product either way: sorting changes speed, not numerics.
 
 Shapes: N tokens, E hidden size, X experts, k experts per token, I expert width.
 """
@@ -44,30 +54,50 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[idx], idx
 
 
+# (token, expert) pairs from which the experts' products run sorted by expert: fewer pairs (a
+# decode step's k per row) are cheaper to multiply in routing order than to sort and unsort
+SORT_MIN_PAIRS = 64
+
+
 class Experts(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, width: int):
         super().__init__()
         self.gate_up_proj = mx.zeros((num_experts, 2 * width, hidden_size))
         self.down_proj = mx.zeros((num_experts, hidden_size, width))
 
-    def __call__(self, x: mx.array, weights: mx.array, idx: mx.array) -> mx.array:
-        """x (N, E), weights and idx (N, k) -> sum over the k chosen experts of weight * expert(x), (N, E)."""
-        h = expert_matmul(self, "gate_up_proj", x[:, None, None, :], idx)  # (N, k, 1, 2I)
-        gate, up = mx.split(h, 2, axis=-1)
-        h = expert_matmul(self, "down_proj", fastmath.gelu_tanh(gate) * up, idx)  # (N, k, 1, E)
-        return (h.squeeze(-2) * weights[..., None].astype(h.dtype)).sum(axis=-2)
+    def __call__(self, x: mx.array, weights: mx.array, idx: mx.array, sort: bool | None = None) -> mx.array:
+        """x (N, E), weights and idx (N, k) -> sum over the k chosen experts of weight * expert(x), (N, E).
+        sort: multiply the pairs in expert order (None: when there are SORT_MIN_PAIRS or more)."""
+        n, k = idx.shape
+        if sort is None:
+            sort = idx.size >= SORT_MIN_PAIRS
+        if sort:
+            order = mx.argsort(idx.flatten())
+            rows, idx = x[order // k][:, None, :], idx.flatten()[order]  # (N k, 1, E), (N k,): by expert
+        else:
+            rows = x[:, None, None, :]  # (N, 1, 1, E), broadcast over each token's k experts
+        width = self.gate_up_proj.shape[1] // 2
+        gate = expert_matmul(self, "gate_up_proj", rows, idx, sort, slice(0, width))  # (..., 1, I)
+        up = expert_matmul(self, "gate_up_proj", rows, idx, sort, slice(width, 2 * width))
+        h = expert_matmul(self, "down_proj", fastmath.gelu_tanh(gate) * up, idx, sort).squeeze(-2)
+        if sort:
+            h = h[mx.argsort(order)].reshape(n, k, -1)  # back to (N, k, E), routing order
+        return (h * weights[..., None].astype(h.dtype)).sum(axis=-2)
 
 
-def expert_matmul(experts: nn.Module, name: str, x: mx.array, idx: mx.array) -> mx.array:
-    """x (N, k or 1, 1, in) times the transposed (out, in) matrix `name` of each token's experts
-    idx (N, k) -> (N, k, 1, out). A quantized block (quant.layers) stores name + "_scales" /
-    "_biases" beside the packed weight and multiplies with gather_qmm."""
-    w = experts[name]
+def expert_matmul(experts: nn.Module, name: str, x: mx.array, idx: mx.array, sort: bool = False,
+                  rows: slice = slice(None)) -> mx.array:
+    """x (..., 1, in) times the transposed (out, in) matrix `name` of expert idx[...] (its `rows`
+    of out only) -> (..., 1, out); sort: idx is sorted. A quantized block (quant.layers) stores
+    name + "_scales" / "_biases" beside the packed weight and multiplies with gather_qmm."""
+    w = experts[name][:, rows]
     scales = experts.get(name + "_scales")
     if scales is None:
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
-    return mx.gather_qmm(x, w, scales, experts.get(name + "_biases"), rhs_indices=idx, transpose=True,
-                         group_size=experts.group_size, bits=experts.bits, mode=experts.mode)
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort)
+    biases = experts.get(name + "_biases")
+    return mx.gather_qmm(x, w, scales[:, rows], None if biases is None else biases[:, rows], rhs_indices=idx,
+                         transpose=True, group_size=experts.group_size, bits=experts.bits, mode=experts.mode,
+                         sorted_indices=sort)
 
 
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")
