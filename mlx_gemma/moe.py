@@ -71,11 +71,13 @@ class Experts(nn.Module):
         n, k = idx.shape
         if sort is None:
             sort = idx.size >= SORT_MIN_PAIRS
+        # rows by reshape, not x[:, None]: a None axis gets a stride that MLX's CPU gather_mm reads as a
+        # transposed operand, a BLAS path 2-4x slower here (0.2 vs 0.8 ms for one token)
         if sort:
             order = mx.argsort(idx.flatten())
-            rows, idx = x[order // k][:, None, :], idx.flatten()[order]  # (N k, 1, E), (N k,): by expert
+            rows, idx = x.reshape(n, 1, -1)[order // k], idx.flatten()[order]  # (N k, 1, E), (N k,): by expert
         else:
-            rows = x[:, None, None, :]  # (N, 1, 1, E), broadcast over each token's k experts
+            rows = x.reshape(n, 1, 1, -1)  # (N, 1, 1, E), broadcast over each token's k experts
         width = self.gate_up_proj.shape[1] // 2
         gate = expert_matmul(self, "gate_up_proj", rows, idx, sort, slice(0, width))  # (..., 1, I)
         up = expert_matmul(self, "gate_up_proj", rows, idx, sort, slice(width, 2 * width))
