@@ -26,6 +26,7 @@ class StubTokenizer:
     """Enough of GemmaTokenizer for save_model and perplexity on a tiny vocabulary."""
 
     bos_id, eos_id, pad_id, end_of_turn_id = 2, 1, 0, 106
+    stop_ids = (eos_id, end_of_turn_id)  # what GemmaTokenizer gives a Gemma 1-3 vocabulary
 
     def __init__(self, ids=None):
         self.ids = ids or []
