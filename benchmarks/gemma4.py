@@ -33,8 +33,10 @@ model name, x86-64 level), CPU count, the load averages seen before/after each p
 
 The default run (both shapes, 3 rounds, generation and training: 24 processes) is expected to
 take about 14 minutes on a quiet 2-core machine (a guess from smoke runs under load; the script
-prints its estimate first). mlx-gemma's LoRA step on the MoE shape was ~5x slower than mlx-lm's in
-those smoke runs (1.4 vs 6.7 tok/s, batch 1 x 32, load average 7): most of the training time.
+prints its estimate first). The first smoke runs found mlx-gemma's LoRA step on the MoE shape ~5x
+slower than mlx-lm's (1.4 vs 6.7 tok/s, batch 1 x 32, load average 7); the experts block was then
+fixed (mlx_gemma/moe.py: pairs sorted by expert, gate and up as two products; the block now takes
+mlx-lm's time in an A/B, see its docstring).
 Smoke run (2026-12-07, load average ~7, under nice 19): `--shapes e2b --prompt-tokens 16
 --new-tokens 4 --repeats 1 --train-batch 1 --train-seq 32 --train-steps 1 --train-warmup 1`
 took 1.6 min; the same for `moe` 2.8 min (its checkpoint built on the way).
@@ -219,9 +221,8 @@ def child_options(args) -> list:
             "--train-warmup", str(args.train_warmup)]
 
 
-# LoRA training tok/s guessed for a quiet 2-core machine (smoke runs under load average 7 saw
-# mlx-gemma ~5x slower than mlx-lm on the MoE shape, even rates elsewhere)
-_TRAIN_RATE = {("e2b", "mlx-gemma"): 40, ("e2b", "mlx-lm"): 40, ("moe", "mlx-gemma"): 8, ("moe", "mlx-lm"): 40}
+# LoRA training tok/s guessed for a quiet 2-core machine (only for the printed time estimate)
+_TRAIN_RATE = {("e2b", "mlx-gemma"): 40, ("e2b", "mlx-lm"): 40, ("moe", "mlx-gemma"): 40, ("moe", "mlx-lm"): 40}
 
 
 def expected_minutes(args, parts: list) -> float:
