@@ -362,11 +362,12 @@ def test_gguf_export_reads_back(gguf_src, out_type, tmp_path):
     assert diff <= {"f32": 1e-3, "f16": 1e-2, "bf16": 1e-1, "q8_0": 3e-1}[out_type], diff
 
 
+# transformers' GGUF loader reads gemma2 / gemma3 only; the Gemma 1 export is read back by gguf-py above
+# and by llama.cpp (tests/test_llamacpp.py).
+@pytest.mark.parametrize("gguf_src", ["gemma2", "gemma3_text"], indirect=True)
 def test_gguf_export_loads_in_transformers(gguf_src, tmp_path):
     """transformers' own GGUF loader (gguf-py reader, its name map and tokenizer converter) agrees."""
     model_type, src, adapter = gguf_src
-    if model_type == "gemma":
-        pytest.skip("transformers' GGUF loader has no Gemma 1 support (gemma2 / gemma3 only)")
     path = convert_to_gguf(src, tmp_path / "m.gguf", adapter=adapter, out_type="f32")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
                                                                attn_implementation="eager")
