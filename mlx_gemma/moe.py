@@ -11,9 +11,8 @@ Numerics follow transformers' Gemma4TextRouter / Gemma4TextExperts:
 The experts run as gathered matmuls (`mx.gather_mm`, or `mx.gather_qmm` once quantized by
 quant.layers): each token multiplies only its k experts' matrices, with no Python loop over
 experts, so the work is k / experts of a dense pass whatever the routing. Three choices keep those
-products fast (the bench MoE shape, E=1024, I=512, 16 experts, top-4, 128 tokens, on a 2-core AMD
-EPYC with 2 MiB L2 per core, measured while other work ran: the block's forward went from 0.8-12 s
-to 0.12 s and its forward+backward from 3.7-22 s to 0.25 s, as fast as mlx-lm's SwitchGLU):
+products fast (on the benchmark's MoE shape they brought our block's forward and backward to
+mlx-lm's SwitchGLU speed; README's Gemma 4 section has the measurements):
 - the (token, expert) pairs are sorted by expert once there are SORT_MIN_PAIRS of them. MLX's
   CPU gather_mm is one matrix-vector product per pair, so consecutive pairs of one expert reuse
   its matrix from cache instead of re-reading it from memory; GPU kernels group by expert
@@ -85,8 +84,15 @@ class Experts(nn.Module):
         up = expert_matmul(self, "gate_up_proj", rows, idx, sort, slice(width, 2 * width))
         h = expert_matmul(self, "down_proj", fastmath.gelu_tanh(gate) * up, idx, sort).squeeze(-2)
         if sort:
-            h = h[mx.argsort(order)].reshape(n, k, -1)  # back to (N, k, E), routing order
+            h = h[inverse_permutation(order)].reshape(n, k, -1)  # back to (N, k, E), routing order
         return (h * weights[..., None].astype(h.dtype)).sum(axis=-2)
+
+
+def inverse_permutation(order: mx.array) -> mx.array:
+    """inv with inv[order[i]] = i: one scatter, where a second argsort would sort again."""
+    inv = mx.zeros(order.shape, dtype=order.dtype)
+    inv[order] = mx.arange(order.size, dtype=order.dtype)
+    return inv
 
 
 def expert_matmul(experts: nn.Module, name: str, x: mx.array, idx: mx.array, sort: bool = False,
