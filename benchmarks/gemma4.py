@@ -31,15 +31,9 @@ model name, x86-64 level), CPU count, the load averages seen before/after each p
         [--prompt-tokens 256] [--new-tokens 64] [--train-batch 2] [--train-seq 64]
         [--train-steps 3] [--train-warmup 2]
 
-The default run (both shapes, 3 rounds, generation and training: 24 processes) is expected to
-take about 14 minutes on a quiet 2-core machine (a guess from smoke runs under load; the script
-prints its estimate first). The first smoke runs found mlx-gemma's LoRA step on the MoE shape ~5x
-slower than mlx-lm's (1.4 vs 6.7 tok/s, batch 1 x 32, load average 7); the experts block was then
-fixed (mlx_gemma/moe.py: pairs sorted by expert, gate and up as two products; the block now takes
-mlx-lm's time in an A/B, see its docstring).
-Smoke run (2026-12-07, load average ~7, under nice 19): `--shapes e2b --prompt-tokens 16
---new-tokens 4 --repeats 1 --train-batch 1 --train-seq 32 --train-steps 1 --train-warmup 1`
-took 1.6 min; the same for `moe` 2.8 min (its checkpoint built on the way).
+The default run (both shapes, 3 rounds, generation and training: 24 processes, the checkpoints
+already built) took 11 minutes on a quiet 2-core AMD EPYC (2026-12-07; the script prints its own
+estimate first). README has the table and the MoE experts fix it measured (mlx_gemma/moe.py).
 """
 
 from __future__ import annotations

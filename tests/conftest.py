@@ -27,6 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Under pytest-xdist (the quick loop runs `-n 2`) every worker is a process of its own, one per core:
+# OpenBLAS's default of one thread per core in each of them would spin against the other worker's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import mlx_gemma  # (sets up OpenBLAS before mlx.core is imported anywhere)
 import mlx_gemma.cpu
 import pytest
