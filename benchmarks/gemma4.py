@@ -109,6 +109,7 @@ def load_engine_model(engine: str, path: str):
 
 def run_generate(engine: str, path: str, args) -> dict:
     """In a fresh process: load, then time one greedy generation of `new` tokens."""
+    import mlx_gemma  # noqa: F401 (OpenBLAS before mlx.core: imported after it, MLX keeps its reference BLAS)
     import mlx.core as mx
 
     prompt, new = args.prompt_tokens, args.new_tokens

@@ -68,6 +68,7 @@ def make_pairs(path: Path, n: int) -> None:
 
 
 def worker_mlx_gemma(a) -> dict:
+    import mlx_gemma  # noqa: F401 (OpenBLAS before mlx.core: imported after it, MLX keeps its reference BLAS)
     import mlx.core as mx
 
     from mlx_gemma.loading import load

@@ -1,4 +1,4 @@
-"""mlx-gemma: Gemma 1 / 2 / 3-text on MLX — generation, LoRA/QLoRA training, quantization, conversion.
+"""mlx-gemma: Gemma 1 / 2 / 3 / 3n / 4 (text) on MLX — generation, LoRA/QLoRA training, quantization, conversion.
 
 Public API (imported lazily, so `import mlx_gemma` stays cheap and sets up the BLAS first):
     load, save_model, generate, stream_generate, batch_generate, SamplingParams, ChatSession,

@@ -22,6 +22,35 @@ def test_openblas_is_loaded_on_linux():
     assert BLAS_STATUS["library"] and "openblas" in BLAS_STATUS["library"].lower(), BLAS_STATUS
 
 
+_BLAS_PROBE = """
+import sys, warnings
+warnings.simplefilter("always")
+{first}
+{second}
+maps = open("/proc/self/maps").read()
+print("openblas mapped:", "libopenblas" in maps)
+"""
+
+
+@pytest.mark.parametrize("mlx_first", [False, True])
+def test_mlx_imported_first_keeps_the_reference_blas_and_says_so(mlx_first):
+    """The order decides which BLAS the process maps (read from /proc/self/maps), and the wrong
+    order is one warning that names the fix; the right order warns nothing."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("OpenBLAS preloading is Linux-only")
+    order = ["import mlx.core", "import mlx_gemma"]
+    code = _BLAS_PROBE.format(first=order[not mlx_first], second=order[mlx_first])
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_GEMMA_NO_OPENBLAS", "MLX_GEMMA_OPENBLAS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if mlx_first:
+        assert "openblas mapped: False" in proc.stdout
+        assert "ReferenceBLASWarning" in proc.stderr and "put `import mlx_gemma` before" in proc.stderr, proc.stderr
+    else:
+        assert "openblas mapped: True" in proc.stdout
+        assert "Warning" not in proc.stderr, proc.stderr
+
+
 def _fake_hub_cache(root, repo_id, files_dir):
     """Lay out a snapshot the way huggingface_hub's cache does (models--org--name/snapshots/<rev>)."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

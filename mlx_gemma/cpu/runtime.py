@@ -104,6 +104,7 @@ def setup_blas() -> dict:
     if "mlx.core" in sys.modules:
         BLAS_STATUS.update(note="mlx.core was imported before mlx_gemma; its reference BLAS stays in use "
                                 "(import mlx_gemma first for the fast OpenBLAS path)")
+        _warn_reference_blas(sys.modules["mlx.core"])
         return BLAS_STATUS
     errors = []
     for path in _candidates():
@@ -128,6 +129,22 @@ def setup_blas() -> dict:
     BLAS_STATUS.update(note="no usable OpenBLAS found, matmuls use MLX's slow reference BLAS; " + hint
                        + ("; tried " + "; ".join(errors) if errors else ""))
     return BLAS_STATUS
+
+
+class ReferenceBLASWarning(RuntimeWarning):
+    """MLX's CPU matmuls run on its reference BLAS in this process (mlx.core was imported first)."""
+
+
+def _warn_reference_blas(mx) -> None:
+    """Say so, once, where it costs: a process whose MLX computes on the CPU. The symbols are bound
+    when mlx.core loads, so nothing can swap the BLAS afterwards; the caller has to import us first."""
+    if mx.default_device() != mx.cpu:
+        return
+    import warnings
+
+    warnings.warn("mlx.core was imported before mlx_gemma, so MLX's CPU matmuls stay on its reference BLAS "
+                  "(about 30x slower than OpenBLAS); put `import mlx_gemma` before the first `import mlx` "
+                  "(MLX_GEMMA_NO_OPENBLAS=1 keeps MLX's BLAS and silences this)", ReferenceBLASWarning, stacklevel=4)
 
 
 _SGEMV: list = []  # [the cblas_sgemv of the loaded OpenBLAS, or None], filled on first use
