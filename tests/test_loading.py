@@ -27,7 +27,8 @@ import sys, warnings
 warnings.simplefilter("always")
 {first}
 {second}
-maps = open("/proc/self/maps").read()
+with open("/proc/self/maps") as f:
+    maps = f.read()
 print("openblas mapped:", "libopenblas" in maps)
 """
 

@@ -69,7 +69,8 @@ def _provide_libgfortran() -> bool:
             try:
                 for quadmath in glob.glob(os.path.join(os.path.dirname(src), "libquadmath-*.so*")):
                     ctypes.CDLL(quadmath, mode=os.RTLD_GLOBAL)
-                data = bytearray(open(src, "rb").read())
+                with open(src, "rb") as f:
+                    data = bytearray(f.read())
                 old = os.path.basename(src).encode() + b"\0"
                 at = data.find(old)
                 if at < 0:
