@@ -68,8 +68,10 @@ def make_pairs(path: Path, n: int) -> None:
 
 
 def worker_mlx_gemma(a) -> dict:
-    import mlx_gemma  # noqa: F401 (OpenBLAS before mlx.core: imported after it, MLX keeps its reference BLAS)
+    import mlx_gemma.cpu  # (OpenBLAS before mlx.core: imported after it, MLX keeps its reference BLAS)
     import mlx.core as mx
+
+    mlx_gemma.cpu.enable()  # as `mlx-gemma train --method dpo` runs: the CPU paths calibration keeps
 
     from mlx_gemma.loading import load
     from mlx_gemma.training.trainer import DPO, TrainArgs, setup, train

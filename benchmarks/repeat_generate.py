@@ -1,10 +1,12 @@
 """A short generate repeated on one model: what one engine per model saves between calls.
 
 `generate(model, tok, prompt, max_tokens=4)` on the embedded Gemma 3 270M, the first call and
-then REPEATS more on the same model, each in one process per round; rounds alternate between
-this checkout and another one given with --other (e.g. /work/main, the code before the engine
-was kept per model), each run with that checkout's own `mlx_gemma`. Prints min / median / max of
-the first call and of the repeated calls' medians, and the load average.
+then REPEATS more on the same model, each in one process per round, twice: as a library user
+runs it by default (MLX's own kernels) and as the CLI runs it (`mlx_gemma.cpu.enable()`: the CPU
+paths this machine's calibration keeps). Rounds alternate between this checkout and another one
+given with --other (e.g. the code before the engine was kept per model), each run with that
+checkout's own `mlx_gemma`. Prints min / median / max of the first call and of the repeated
+calls' medians, the CPU and the load average.
 
     python benchmarks/repeat_generate.py [--other /path/to/checkout] [--rounds 3] [--repeats 5]
 """
@@ -21,6 +23,9 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
+import mlx_gemma.cpu
+if sys.argv[2] == "cli":
+    mlx_gemma.cpu.enable()
 from mlx_gemma.loading import load
 from mlx_gemma.generation import generate
 model, tok = load("gemma-3-270m")
@@ -33,9 +38,12 @@ print(json.dumps(times))
 """
 
 
-def run(checkout: Path, repeats: int) -> list:
+MODES = {"library": "library default (MLX kernels)", "cli": "as the CLI runs (cpu.enable())"}
+
+
+def run(checkout: Path, repeats: int, mode: str) -> list:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(repeats)], cwd=checkout, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(repeats), mode], cwd=checkout, env=env, capture_output=True,
                          text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -52,18 +60,22 @@ def main() -> None:
     args = parser.parse_args()
     here = Path(__file__).resolve().parents[1]
     checkouts = {"this checkout": here, **({str(args.other): args.other} if args.other else {})}
-    results = {name: {"first": [], "repeat": []} for name in checkouts}
+    runs = [(name, mode) for name in checkouts for mode in MODES]
+    results = {run_: {"first": [], "repeat": []} for run_ in runs}
     loads = []
-    for _ in range(args.rounds):
-        for name, path in checkouts.items():
-            times = run(path, args.repeats)
-            results[name]["first"].append(times[0])
-            results[name]["repeat"].append(statistics.median(times[1:]))
+    for r in range(args.rounds):
+        for name, mode in runs if r % 2 == 0 else runs[::-1]:
+            times = run(checkouts[name], args.repeats, mode)
+            results[name, mode]["first"].append(times[0])
+            results[name, mode]["repeat"].append(statistics.median(times[1:]))
             loads.append(os.getloadavg()[0])
-    print(f"| code | first call, s (min / median / max) | repeated call, s (min / median / max) |")
-    print("|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {spread(r['first'])} | {spread(r['repeat'])} |")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    print(f"{cpu}, {os.cpu_count()} CPUs, {args.rounds} rounds, {args.repeats} repeated calls per process")
+    print("| code | mode | first call, s (min / median / max) | repeated call, s (min / median / max) |")
+    print("|---|---|---|---|")
+    for (name, mode), r in results.items():
+        print(f"| {name} | {MODES[mode]} | {spread(r['first'])} | {spread(r['repeat'])} |")
     print(f"load average during the rounds: {min(loads):.1f} .. {max(loads):.1f}")
 
 

@@ -10,7 +10,8 @@ Each trainer runs in its own subprocess, so peak memory is its own, --rounds tim
 the trainers' order alternating between rounds; the table gives min / median / max over the
 rounds, and its header the CPU (lscpu model name, x86-64 level), CPU count and the 1-minute load
 averages seen before/after each process:
-- mlx-gemma: `mlx_gemma.training.trainer.train` (the real trainer: chunked LM-head loss, compiled step);
+- mlx-gemma: `mlx_gemma.training.trainer.train` (the real trainer: chunked LM-head loss, compiled step),
+  after `mlx_gemma.cpu.enable()` as the CLI runs it (MLX_GEMMA_CPU_PATHS=all=off: MLX's own kernels);
 - mlx-lm: `mlx_lm.tuner.trainer.train` with its `default_loss` (full logits) and LoRA layers,
   fed our batches; run after `import mlx_gemma`, so both MLX trainers use the same OpenBLAS;
 - transformers + PEFT on torch CPU, fp32, eager attention, the same loss positions.
@@ -94,8 +95,10 @@ def model_dir() -> str:
 
 
 def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
-    import mlx_gemma  # noqa: F401
+    import mlx_gemma.cpu
     import mlx.core as mx
+
+    mlx_gemma.cpu.enable()  # as `mlx-gemma train` runs: the CPU paths this machine's calibration keeps
     from mlx_gemma import load
     from mlx_gemma.training import data as data_lib
     from mlx_gemma.training import distributed
@@ -105,7 +108,9 @@ def worker_mlx_gemma(args, batches, tokens, pad) -> dict:
     train_set = data_lib.load_dataset(default_data_dir() / "train.jsonl", tok, "train", args.max_seq_len)
     res = harness.mlx_gemma_lora(model, tok, train_set, args.steps, args.warmup, args.batch, args.max_seq_len,
                                  tokens=tokens)
-    return dict(res, mlx=mx.__version__, rank=distributed.rank())
+    from mlx_gemma import backend
+
+    return dict(res, mlx=mx.__version__, rank=distributed.rank(), policy=backend.policy().describe())
 
 
 def worker_mlx_lm(args, batches, tokens, pad) -> dict:
@@ -187,7 +192,9 @@ def print_table(args, names: list, results: dict, info: dict, loads: list) -> No
     print(f"\nLoRA training, Gemma 3 270M, fp32 CPU, r={RANK} alpha={ALPHA:g} q/k/v/o, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up ({timed_tokens} real tokens, row lengths "
           f"{sorted({s[1] for s in info['shapes']})}), {args.rounds} rounds")
-    print(f"# {harness.machine_header(loads)}\n")
+    print(f"# {harness.machine_header(loads)}")
+    policies = sorted({r["policy"] for r in results.get("mlx-gemma", []) if "policy" in r})
+    print(f"# mlx-gemma ran as: {'; '.join(policies) or '?'}\n")
     print("| trainer | tokens/s min / median / max | s / step (median) | peak MLX arrays GB min / median / max "
           "| peak RSS GB (max) | last loss | failed rounds |")
     print("|---|---|---:|---|---:|---:|---:|")
