@@ -23,9 +23,8 @@ view; for torch the only one, and it includes loading the model).
     python benchmarks/train.py [--rounds 3] [--steps 8] [--warmup 2] [--batch 4] [--max-seq-len 512]
         [--only mlx-gemma,mlx-lm,torch,parallel] [--json results.json]
 
-Expected time of the default run (3 trainers x 3 rounds): about 15-17 minutes on a quiet 2-core
-machine (per round ~1.2 min mlx-gemma, ~3 min mlx-lm, ~1.3 min torch at README's 81 / 28 / 91
-tok/s, plus loading); `parallel` adds ~1.5 and ~2.5 min per round.
+The default run (3 trainers x 3 rounds) took 11 minutes on a quiet 2-core AMD EPYC (2026-12-07:
+77 / 53 / 97 tok/s); `parallel` adds ~1.5 and ~2.5 min per round.
 
 `parallel` adds two mlx-gemma rows on the same batches: one process with 2 OpenBLAS threads, and
 2 data-parallel ranks (mlx.launch, ring backend on loopback) with 1 thread each; peak memory is
