@@ -17,9 +17,10 @@ Variants, each in its own process:
 
 Each child runs as the CLI does (`mlx_gemma.cpu.enable()`: the CPU paths this machine's
 calibration keeps). Time: on 2026-12-07 (AMD EPYC, 2 cores, before the children called
-`cpu.enable()`, so on MLX's own kernels) the sft+dpo child alone took ~45 min: 400 SFT steps
-22 min at 77 tok/s, 150 pair answers ~9 min, 40 DPO steps ~5 min, 99 judged answers; the sft child
-repeats the 400 steps and adds more, so plan on 1.5 h or more for the whole run on such a machine.
+`cpu.enable()`, so on MLX's own kernels) the sft+dpo child alone took 33 min: 400 SFT steps
+22 min at 77 tok/s, 150 pair answers 4 min, the DPO stage's reference log-probs 1.5 min and its
+40 steps 4.5 min, then 99 judged answers; the sft child repeats the 400 steps and adds ~47 %
+more, so plan on about 1.5 h for the whole run on such a machine.
 """
 
 from __future__ import annotations
