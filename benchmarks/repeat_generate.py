@@ -6,7 +6,7 @@ runs it by default (MLX's own kernels) and as the CLI runs it (`mlx_gemma.cpu.en
 paths this machine's calibration keeps). Rounds alternate between this checkout and another one
 given with --other (e.g. the code before the engine was kept per model), each run with that
 checkout's own `mlx_gemma`. Prints min / median / max of the first call and of the repeated
-calls' medians, the CPU and the load average.
+calls' medians, and harness's machine line (CPU, load, date).
 
     python benchmarks/repeat_generate.py [--other /path/to/checkout] [--rounds 3] [--repeats 5]
 """
@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import harness
 
 CHILD = r"""
 import json, sys, time
@@ -64,19 +66,17 @@ def main() -> None:
     results = {run_: {"first": [], "repeat": []} for run_ in runs}
     loads = []
     for r in range(args.rounds):
-        for name, mode in runs if r % 2 == 0 else runs[::-1]:
+        for name, mode in harness.round_order(runs, r):
+            loads.append(os.getloadavg()[0])
             times = run(checkouts[name], args.repeats, mode)
             results[name, mode]["first"].append(times[0])
             results[name, mode]["repeat"].append(statistics.median(times[1:]))
             loads.append(os.getloadavg()[0])
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    print(f"{cpu}, {os.cpu_count()} CPUs, {args.rounds} rounds, {args.repeats} repeated calls per process")
+    print(f"# {harness.machine_header(loads)}; {args.rounds} rounds, {args.repeats} repeated calls per process")
     print("| code | mode | first call, s (min / median / max) | repeated call, s (min / median / max) |")
     print("|---|---|---|---|")
     for (name, mode), r in results.items():
         print(f"| {name} | {MODES[mode]} | {spread(r['first'])} | {spread(r['repeat'])} |")
-    print(f"load average during the rounds: {min(loads):.1f} .. {max(loads):.1f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ the trainers' order alternating between rounds; the table gives min / median / m
 rounds, and its header the CPU (lscpu model name, x86-64 level), CPU count and the 1-minute load
 averages seen before/after each process:
 - mlx-gemma: `mlx_gemma.training.trainer.train` (the real trainer: chunked LM-head loss, compiled step),
-  after `mlx_gemma.cpu.enable()` as the CLI runs it (MLX_GEMMA_CPU_PATHS=all=off: MLX's own kernels);
+  after `mlx_gemma.cpu.enable()`, as the CLI runs it (run with MLX_GEMMA_CPU_PATHS=all=off for MLX's
+  own kernels); the header names the paths it ran with;
 - mlx-lm: `mlx_lm.tuner.trainer.train` with its `default_loss` (full logits) and LoRA layers,
   fed our batches; run after `import mlx_gemma`, so both MLX trainers use the same OpenBLAS;
 - transformers + PEFT on torch CPU, fp32, eager attention, the same loss positions.
