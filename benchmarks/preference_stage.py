@@ -14,6 +14,8 @@ Variants, each in its own process:
                                           [--pair-questions 150] [--questions N]
 
 --sft-iters / --questions shorten everything (a check that the pipeline runs, not a result).
+--control-only N runs the sft variant alone with N SFT steps in all (N from an earlier run's
+sft+dpo timing: 400 x (1 + pref_seconds / SFT seconds)), when the whole run does not fit.
 
 Each child runs as the CLI does (`mlx_gemma.cpu.enable()`: the CPU paths this machine's
 calibration keeps). Time: on 2026-12-07 (AMD EPYC, 2 cores, before the children called
@@ -67,6 +69,10 @@ def child(spec: dict) -> dict:
 
     sft = dict(iters=spec["sft_iters"], batch_size=2, lr_schedule="wsd")
     t0 = time.perf_counter()
+    if spec.get("control_steps"):  # the control alone, its step count given
+        _train(dict(sft, iters=spec["control_steps"]), spec["data"], spec["out"] + "/final")
+        return dict(steps=f"{spec['control_steps']} SFT", seconds=time.perf_counter() - t0,
+                    **_judge(spec, spec["out"] + "/final"))
     _train(sft, spec["data"], spec["out"] + "/sft")
     t_sft = time.perf_counter() - t0
     if spec["variant"] == "sft":  # the same time again: more SFT steps at the measured rate
@@ -101,6 +107,7 @@ def main():
     ap.add_argument("--pair-questions", type=int, default=150)
     ap.add_argument("--questions", type=int, default=None, help="judge on the first N of each held-out set")
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--control-only", type=int, metavar="N", help="only the sft variant, N SFT steps in all")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -112,15 +119,18 @@ def main():
         base = {"data": str(data_dir(Path(tmp), False, Path(tmp) / "kept.jsonl")), "extra": str(held),
                 "sft_iters": a.sft_iters, "pref_iters": a.pref_iters, "pair_questions": a.pair_questions,
                 "questions": a.questions, "method": a.method, "lr": a.lr}
-        pref = run(dict(base, variant="sft+pref", out=str(Path(tmp) / "pref")))
+        pref = None if a.control_only else run(dict(base, variant="sft+pref", out=str(Path(tmp) / "pref")))
         print(f"  sft+{a.method}: {pref}", file=sys.stderr, flush=True)
-        sft = run(dict(base, variant="sft", out=str(Path(tmp) / "sft"), pref_seconds=pref["pref_seconds"]))
+        sft = run(dict(base, variant="sft", out=str(Path(tmp) / "sft"), control_steps=a.control_only,
+                       pref_seconds=pref and pref["pref_seconds"]))
         print(f"  sft: {sft}", file=sys.stderr, flush=True)
     print(f"\nPreference stage after SFT, Gemma 3 270M, fp32 CPU ({os.cpu_count()} cores), from {started}, "
           f"load {load:.1f}; greedy, <= 128 new tokens\n")
     print("| variant | steps | total s | valid: stop / 4-gram rep / CJK | extra: stop / 4-gram rep / CJK |")
     print("|---|---|---:|---|---|")
     for name, r in ((f"sft+{a.method}", pref), ("sft (same time)", sft)):
+        if r is None:
+            continue
         cells = [f"{100 * r[k]['end_of_turn_share']:.1f}% / {100 * r[k]['repeated_4gram_share']:.1f}% / "
                  f"{100 * r[k]['cjk_share']:.1f}% (n={r[k]['n']})" for k in ("valid", "extra")]
         print(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {cells[0]} | {cells[1]} |")

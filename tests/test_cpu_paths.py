@@ -161,7 +161,7 @@ def test_calibration_is_cached_reused_and_invalidated_by_cpu_features_and_mlx(ma
 
 
 def test_a_choice_measured_under_load_is_reused_until_the_machine_is_quiet(machine, tiny_models):
-    """Measured while the load exceeds the cores: stored marked busy and reused while busy (no
+    """Measured while the load exceeds half the cores: stored marked busy and reused while busy (no
     second costly measurement), measured again by the first quiet process, which replaces it."""
     model = tiny_models["gemma3"]
     machine["quiet"] = False
@@ -174,6 +174,41 @@ def test_a_choice_measured_under_load_is_reused_until_the_machine_is_quiet(machi
     again = calibrate.calibrate(model, measure=quiet)
     assert quiet.calls == 4 and not again["fast_math"].on and again["fast_math"].how == "measured"
     assert calibrate.calibrate(model, measure=quiet)["fast_math"].how == "cached" and quiet.calls == 4
+
+
+def test_time_pair_alternates_at_least_the_minimum_rounds_then_until_its_time_is_spent(monkeypatch):
+    """On a fake clock each call advances: the ratio is MLX's fastest / the path's fastest, the
+    pair runs at least `rounds` alternating rounds, then more until `spend` has gone, never more
+    than `max_rounds`."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def fn(name, cost):
+        def call():
+            calls.append(name)
+            clock["t"] += cost(len(calls))
+        return call
+    ours = fn("ours", lambda n: 1.0 if n > 2 else 50.0)  # a slow first (warm-up) call is not counted
+    theirs = fn("theirs", lambda n: 2.0 + (n % 4))
+    assert calibrate.time_pair(ours, theirs, rounds=5, spend=10.0, max_rounds=40) == 2.0 / 1.0
+    assert calls[:4] == ["ours", "theirs", "ours", "theirs"] and len(calls) == 2 + 2 * 5
+    calls.clear()
+    calibrate.time_pair(ours, theirs, rounds=5, spend=60.0, max_rounds=40)
+    assert len(calls) == 2 + 2 * 16  # rounds cost 1 + 2 and 1 + 4 alternately: 60 s are spent after 16
+    calls.clear()
+    calibrate.time_pair(ours, theirs, rounds=5, spend=1e9, max_rounds=8)
+    assert len(calls) == 2 + 2 * 8
+
+
+def test_the_machine_is_quiet_up_to_half_its_cores(monkeypatch):
+    monkeypatch.setattr(calibrate.os, "cpu_count", lambda: 2)
+    for load, quiet in ((0.4, True), (1.0, True), (1.3, False), (2.0, False)):
+        monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert calibrate.machine_is_quiet() is quiet, load
+    monkeypatch.setattr(calibrate.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+    assert calibrate.machine_is_quiet()
 
 
 def test_a_cache_file_from_another_key_is_not_read(machine, tiny_models):

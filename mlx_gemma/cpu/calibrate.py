@@ -1,14 +1,15 @@
 """Choose the CPU paths by measurement on the machine that runs them, and remember the choice.
 
 Each path in mlx_gemma.cpu.PATHS is timed against what MLX does without it, on the model's own
-shapes, alternating the two for a few rounds and keeping the fastest time of each (other
-processes only ever add time). A path is switched on only where MLX's time divided by the path's
+shapes, alternating the two for at least ROUNDS rounds and until SPEND seconds have gone (more
+rounds for the cheap calls), keeping the fastest time of each (other processes only ever add time). A path is switched on only where MLX's time divided by the path's
 time is at least MARGIN; the decision and that ratio are stored in
 $MLX_GEMMA_HOME/calibration/<key>.json, where the key hashes the CPU's model name and
 instruction-set features, the MLX and numpy versions and a hash of this package's CPU code. A
 cache written under another key is never read: a new CPU, a new MLX or a changed kernel is timed
-again. A measurement taken while the 1-minute load average exceeded the core count is stored
-marked busy: later processes reuse it (measuring again under load would cost as much again), and
+again. A measurement taken while the 1-minute load average exceeded half the core count is stored
+marked busy (one other busy process on a 2-core machine moved the attention ratio anywhere between
+1.0 and 2.5 where a quiet machine measured 1.35-1.53): later processes reuse it (measuring again under load would cost as much again), and
 the first one that finds the machine quiet measures it again and replaces it, since on an
 oversubscribed machine a timing measures the scheduler as much as the kernels.
 
@@ -44,7 +45,8 @@ from .machine import code_version, cpu_name, isa_features, library_versions
 from .native import qgemv
 
 MARGIN = 1.15  # a path must beat MLX by 15 %: a smaller win is within what load moves a timing
-ROUNDS = 3
+ROUNDS = 5  # at least this many alternating rounds per pair ...
+SPEND, MAX_ROUNDS = 0.25, 40  # ... and more, up to MAX_ROUNDS, until the pair has run SPEND seconds
 CHUNK = 256  # prompt tokens per timed attention / GELU call (a prefill chunk's scale)
 LOSS_ROWS, LOSS_VOCAB, LOSS_CHUNK = 32, 16384, 8192  # a slice of the head: the per-element costs, not V's
 
@@ -65,8 +67,10 @@ def machine_key() -> dict:
 
 
 def machine_is_quiet() -> bool:
-    """Whether the 1-minute load average is at most the core count (measurements worth storing)."""
-    return os.getloadavg()[0] <= (os.cpu_count() or 1)
+    """Whether the 1-minute load average is at most half the core count (measurements worth
+    storing: MLX's and OpenBLAS's kernels use every core, so one other busy process already
+    skews which path wins)."""
+    return os.getloadavg()[0] <= max(1, os.cpu_count() or 1) / 2
 
 
 def cache_file(key: dict):
@@ -83,16 +87,19 @@ def shape_signature(model) -> str:
             f"D{c.head_dim}-L{c.num_hidden_layers}-V{c.vocab_size}-{dtype}-{'+'.join(quant) or 'dense'}")
 
 
-def time_pair(ours: Callable, theirs: Callable, rounds: int = ROUNDS) -> float:
-    """MLX's time / the path's time: one warm-up call each, then `rounds` alternating calls,
-    fastest of each."""
+def time_pair(ours: Callable, theirs: Callable, rounds: int = ROUNDS, spend: float = SPEND,
+              max_rounds: int = MAX_ROUNDS) -> float:
+    """MLX's time / the path's time: one warm-up call each, then alternating calls, at least
+    `rounds` of them and more (up to `max_rounds`) until `spend` seconds have gone; fastest of each."""
     ours(), theirs()
     best = [float("inf"), float("inf")]
-    for _ in range(rounds):
+    start_all, done = time.perf_counter(), 0
+    while done < rounds or (done < max_rounds and time.perf_counter() - start_all < spend):
         for i, fn in enumerate((ours, theirs)):
             start = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - start)
+        done += 1
     return best[1] / best[0]
 
 
