@@ -83,20 +83,24 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_hea
             m.lora_B = mx.random.normal(m.lora_B.shape) * 0.1
     ds = D.load_dataset(data_dir / "train.jsonl", tok, max_seq_len=64)
     batch = D.make_batch(ds, [[0], [1], [2], [3]], tok.pad_id, 64)
-    idx, w = loss_positions(batch["weights"])
-    assert len(idx) > batch["weights"].sum()  # bucket padding is exercised
+    n = int(batch["weights"].sum())
+    idx, w = loss_positions(batch["weights"], multiple=64)
+    assert len(idx) > n  # bucket padding is exercised on both paths
+    # the default: padded where the step is compiled, exactly the loss positions on the CPU path
+    assert (len(loss_positions(batch["weights"])[0]) == n) == host_head
     inputs, targets = mx.array(batch["inputs"]), mx.array(batch["targets"])
     ref, g_ref = lora_grads(model, full_batch_loss, inputs, targets, mx.array(batch["weights"]))
-    if host_head:  # the CPU trainer's path: mx.vjp around the numpy head
-        (ours, n), g_ours = loss_lib.loss_and_grad(model, chunk=100)(inputs, targets, mx.array(idx), mx.array(w))
-        ours, g_ours = ours / n, dict(tree_flatten(g_ours))
-    else:
-        ours, g_ours = lora_grads(model, lambda m, *a: batch_loss(m, *a, chunk=100), inputs, targets,
-                                  mx.array(idx), mx.array(w))
-    assert abs(ref.item() - ours.item()) < 1e-5
-    assert g_ref.keys() == g_ours.keys() and len(g_ref) > 0
-    for k in g_ref:
-        assert mx.abs(g_ref[k] - g_ours[k]).max().item() <= 1e-5 + 1e-4 * mx.abs(g_ref[k]).max().item(), k
+    for idx, w in ((idx, w), loss_positions(batch["weights"])):
+        if host_head:  # the CPU trainer's path: mx.vjp around the numpy head
+            (ours, n), g_ours = loss_lib.loss_and_grad(model, chunk=100)(inputs, targets, mx.array(idx), mx.array(w))
+            ours, g_ours = ours / n, dict(tree_flatten(g_ours))
+        else:
+            ours, g_ours = lora_grads(model, lambda m, *a: batch_loss(m, *a, chunk=100), inputs, targets,
+                                      mx.array(idx), mx.array(w))
+        assert abs(ref.item() - ours.item()) < 1e-5
+        assert g_ref.keys() == g_ours.keys() and len(g_ref) > 0
+        for k in g_ref:
+            assert mx.abs(g_ref[k] - g_ours[k]).max().item() <= 1e-5 + 1e-4 * mx.abs(g_ref[k]).max().item(), k
 
 
 @pytest.mark.slow
@@ -131,6 +135,29 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tok, data_dir):
                                   mx.array(single["weights"]))
     assert p_n.item() == u_n.item()
     assert abs(p_loss.item() / p_n.item() - u_loss.item() / u_n.item()) < 1e-5
+
+
+@pytest.mark.parametrize("host_head", [True, False])
+def test_rows_are_padded_less_on_the_cpu_path_and_padding_changes_no_loss(host_head, tok, data_dir, monkeypatch):
+    """SFT batches round rows up to 8 tokens on the CPU path (nothing traced depends on the
+    length), to 32 where the step is compiled; the loss is the same with more padding."""
+    from mlx_gemma.training.objectives import SFT
+
+    monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host_head))
+    model = tiny_model()
+    ds = D.load_dataset(data_dir / "train.jsonl", tok, max_seq_len=64)
+    rows = [[0], [1]]
+    batch = SFT().make_batch(ds, rows, tok.pad_id, 256)
+    longest, multiple = max(len(ds.examples[i][0]) for i in (0, 1)) - 1, 8 if host_head else 32
+    assert batch["inputs"].shape[1] == -(-longest // multiple) * multiple
+    wide = D.make_batch(ds, rows, tok.pad_id, 256, length_multiple=128)
+    assert wide["inputs"].shape[1] > batch["inputs"].shape[1]
+    losses = []
+    for b in (batch, wide):
+        idx, w = loss_positions(b["weights"])
+        loss, n = batch_loss(model, mx.array(b["inputs"]), mx.array(b["targets"]), mx.array(idx), mx.array(w))
+        losses.append(loss.item() / n.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -14,13 +14,14 @@ That is the MLX path, compiled into the training step on a GPU. On the CPU the s
 its gradient run in numpy (see "the CPU path" below and `loss_and_grad`).
 
 The gathered position count N is padded up to a bucket (zero-weight rows), so a compiled step
-sees few distinct shapes.
+sees few distinct shapes; on the CPU path, where nothing traced depends on N, it is not padded.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -195,16 +196,25 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
     return ce(hidden, targets)[0]
 
 
-def loss_positions(weights: np.ndarray, multiple: int = 64):
+def bucketed() -> bool:
+    """Whether training shapes are rounded up to buckets: where the gradient is compiled (a new
+    shape is a new trace). On the CPU path (`policy().host_loss`) the head runs in numpy and
+    nothing traced is shaped by the batch, so rows and loss positions are padded only slightly."""
+    return not policy().host_loss
+
+
+def loss_positions(weights: np.ndarray, multiple: Optional[int] = None):
     """Flat indices of the positions that carry loss, padded to a bucket, and their weights.
 
     weights (B, L) -> (idx (N',) int32, w (N',) float32) with N' >= N rounded up so that the
-    padding wastes at most 1/8 (and N' is a multiple of `multiple`).
+    padding wastes at most 1/8 (and N' is a multiple of `multiple`: default 64 where shapes are
+    `bucketed()`, else 1: no padding).
     """
     flat = weights.reshape(-1)
     idx = np.nonzero(flat)[0].astype(np.int32)
     n = max(len(idx), 1)
-    step = max(multiple, 2 ** max(0, int(math.floor(math.log2(n))) - 3))
+    multiple = multiple or (64 if bucketed() else 1)
+    step = 1 if multiple == 1 else max(multiple, 2 ** max(0, int(math.floor(math.log2(n))) - 3))
     size = int(math.ceil(n / step) * step)
     out_idx = np.zeros(size, np.int32)
     out_w = np.zeros(size, np.float32)
