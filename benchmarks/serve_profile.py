@@ -10,7 +10,9 @@ BatchGenerator (the server's engine), each piece timed alone with its own `mx.ev
 - greedy sampling: argmax over (16, 262144) logits and the ids to Python;
 - the per-row Python work: `_advance` (detokenizer, stop strings, finish checks) for 16 rows.
 
-    python benchmarks/serve_profile.py [--rows 16] [--reps 10]
+As `mlx-gemma serve` runs (`mlx_gemma.cpu.enable()`), or with --library-default on MLX's own kernels.
+
+    python benchmarks/serve_profile.py [--rows 16] [--reps 10] [--library-default]
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--library-default", action="store_true", help="MLX's own kernels (no cpu.enable())")
     args = ap.parse_args()
 
-    import mlx_gemma  # noqa: F401  (OpenBLAS first)
+    import mlx_gemma.cpu  # (OpenBLAS first)
     import mlx.core as mx
+
+    if not args.library_default:
+        mlx_gemma.cpu.enable()  # as `mlx-gemma serve` runs: the CPU paths this machine's calibration keeps
 
     from mlx_gemma.generation import BatchGenerator, Request
     from mlx_gemma.loading import load
@@ -86,7 +92,9 @@ def main() -> None:
     pieces["per-row Python (finisher x rows)"] = median_ms(per_row, args.reps)
     load_after = os.getloadavg()[0]
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    print(f"\n{machine_line(started, load_before, load_after)} · {args.rows} rows · OPENBLAS_NUM_THREADS={threads}\n")
+    mode = "MLX's own kernels" if args.library_default else "as `mlx-gemma serve` runs (cpu.enable())"
+    print(f"\n{machine_line(started, load_before, load_after)} · {args.rows} rows · {mode} · "
+          f"OPENBLAS_NUM_THREADS={threads}\n")
     print("| piece | ms (median) |\n|---|---|")
     for name, ms in pieces.items():
         print(f"| {name} | {ms:.1f} |")
