@@ -14,6 +14,7 @@ Variants, each in its own process:
                                           [--pair-questions 150] [--questions N]
 
 --sft-iters / --questions shorten everything (a check that the pipeline runs, not a result).
+--no-control runs the sft+dpo variant alone (e.g. with fewer --sft-iters, to fit the budget);
 --control-only N runs the sft variant alone with N SFT steps in all (N from an earlier run's
 sft+dpo timing: 400 x (1 + pref_seconds / SFT seconds)), when the whole run does not fit.
 
@@ -108,6 +109,7 @@ def main():
     ap.add_argument("--questions", type=int, default=None, help="judge on the first N of each held-out set")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--control-only", type=int, metavar="N", help="only the sft variant, N SFT steps in all")
+    ap.add_argument("--no-control", action="store_true", help="only the sft+pref variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -121,8 +123,8 @@ def main():
                 "questions": a.questions, "method": a.method, "lr": a.lr}
         pref = None if a.control_only else run(dict(base, variant="sft+pref", out=str(Path(tmp) / "pref")))
         print(f"  sft+{a.method}: {pref}", file=sys.stderr, flush=True)
-        sft = run(dict(base, variant="sft", out=str(Path(tmp) / "sft"), control_steps=a.control_only,
-                       pref_seconds=pref and pref["pref_seconds"]))
+        sft = None if a.no_control else run(dict(base, variant="sft", out=str(Path(tmp) / "sft"),
+                                                  control_steps=a.control_only, pref_seconds=pref and pref["pref_seconds"]))
         print(f"  sft: {sft}", file=sys.stderr, flush=True)
     print(f"\nPreference stage after SFT, Gemma 3 270M, fp32 CPU ({os.cpu_count()} cores), from {started}, "
           f"load {load:.1f}; greedy, <= 128 new tokens\n")

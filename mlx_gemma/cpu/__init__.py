@@ -21,7 +21,7 @@ What happens when:
   and every CPU path below is off: MLX's own kernels run.
 - `enable()` (the CLI calls it; library users call it once): glibc keeps large freed blocks
   (MLX_GEMMA_NO_MALLOPT=1 skips that), and from then on each model `load()` returns is calibrated
-  (`calibrate.prepare`, a few hundred ms the first time per machine and model shape, then read
+  (`calibrate.prepare`, ~3 s for the 270M the first time per machine and model shape, then read
   from $MLX_GEMMA_HOME/calibration/) and the winning paths are switched on in `backend.policy()`.
 - MLX_GEMMA_CPU_PATHS forces choices instead of measuring them (tests, benchmarks): a comma list of
   `path=on|off` for the paths in PATHS, or `all=on|off`, e.g. `all=off,row_decode=on`.
