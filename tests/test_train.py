@@ -137,27 +137,33 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tok, data_dir):
     assert abs(p_loss.item() / p_n.item() - u_loss.item() / u_n.item()) < 1e-5
 
 
-@pytest.mark.parametrize("host_head", [True, False])
-def test_rows_are_padded_less_on_the_cpu_path_and_padding_changes_no_loss(host_head, tok, data_dir, monkeypatch):
-    """SFT batches round rows up to 8 tokens on the CPU path (nothing traced depends on the
-    length), to 32 where the step is compiled; the loss is the same with more padding."""
+def test_the_cpu_path_gathers_unpadded_loss_positions_with_the_same_loss_and_gradients(tok, data_dir, monkeypatch):
+    """On the CPU path (numpy head, nothing compiled) the loss positions are not padded to a
+    bucket; the loss and every LoRA gradient equal those of the padded positions."""
+    from mlx_gemma.lora import apply_lora
+    from mlx_gemma.training import loss as loss_lib
     from mlx_gemma.training.objectives import SFT
 
-    monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=host_head))
+    monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.policy(), host_loss=True))
     model = tiny_model()
+    apply_lora(model, dropout=0.0)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B = mx.random.normal(m.lora_B.shape) * 0.1
     ds = D.load_dataset(data_dir / "train.jsonl", tok, max_seq_len=64)
-    rows = [[0], [1]]
-    batch = SFT().make_batch(ds, rows, tok.pad_id, 256)
-    longest, multiple = max(len(ds.examples[i][0]) for i in (0, 1)) - 1, 8 if host_head else 32
-    assert batch["inputs"].shape[1] == -(-longest // multiple) * multiple
-    wide = D.make_batch(ds, rows, tok.pad_id, 256, length_multiple=128)
-    assert wide["inputs"].shape[1] > batch["inputs"].shape[1]
-    losses = []
-    for b in (batch, wide):
-        idx, w = loss_positions(b["weights"])
-        loss, n = batch_loss(model, mx.array(b["inputs"]), mx.array(b["targets"]), mx.array(idx), mx.array(w))
-        losses.append(loss.item() / n.item())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    batch = SFT().make_batch(ds, [[0], [1]], tok.pad_id, 256)
+    assert batch["inputs"].shape[1] % 32 == 0  # rows keep their padding (dropout masks depend on it)
+    inputs, targets = mx.array(batch["inputs"]), mx.array(batch["targets"])
+    n = int(batch["weights"].sum())
+    results = []
+    for idx, w in (loss_lib.loss_positions(batch["weights"]), loss_lib.loss_positions(batch["weights"], multiple=64)):
+        (loss, count), grads = loss_lib.loss_and_grad(model, chunk=100)(inputs, targets, mx.array(idx), mx.array(w))
+        results.append((len(idx), loss.item(), count.item(), dict(tree_flatten(grads))))
+    (n0, l0, c0, g0), (n1, l1, c1, g1) = results
+    assert n0 == n < n1 and c0 == c1 == n
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    for k in g0:
+        np.testing.assert_allclose(np.array(g0[k]), np.array(g1[k]), rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 @pytest.mark.slow

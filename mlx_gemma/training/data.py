@@ -371,14 +371,12 @@ def load_pair_dataset(path, tokenizer, name: str = "train", max_seq_len: int = 2
     return _read_dataset(path, PairDataset(name=name), encode, max_seq_len, drop_long, "pair")
 
 
-def make_pair_batch(dataset: PairDataset, units: list[list[int]], pad_id: int, max_seq_len: int,
-                    length_multiple: int = 32) -> dict:
+def make_pair_batch(dataset: PairDataset, units: list[list[int]], pad_id: int, max_seq_len: int) -> dict:
     """Pairs (rows of one pair index each, as `plan_batches` gives them) -> one batch whose rows are
     the B chosen answers then the B rejected ones (`make_batch`'s arrays), plus `real` (2B, L): 1
     where the target is a real token, prompt included (ORPO's NLL term)."""
     pairs = [row[0] for row in units]
-    batch = make_batch(dataset, [[2 * p] for p in pairs] + [[2 * p + 1] for p in pairs], pad_id, max_seq_len,
-                       length_multiple)
+    batch = make_batch(dataset, [[2 * p] for p in pairs] + [[2 * p + 1] for p in pairs], pad_id, max_seq_len)
     real = np.zeros_like(batch["weights"])
     for b, i in enumerate([2 * p for p in pairs] + [2 * p + 1 for p in pairs]):
         real[b, :len(dataset.examples[i][0]) - 1] = 1.0

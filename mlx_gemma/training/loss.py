@@ -197,9 +197,11 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, model, chunk: int
 
 
 def bucketed() -> bool:
-    """Whether training shapes are rounded up to buckets: where the gradient is compiled (a new
-    shape is a new trace). On the CPU path (`policy().host_loss`) the head runs in numpy and
-    nothing traced is shaped by the batch, so rows and loss positions are padded only slightly."""
+    """Whether the gathered loss positions are rounded up to buckets: where the gradient is
+    compiled (a new shape is a new trace). On the CPU path (`policy().host_loss`) the head runs in
+    numpy, where padded positions are only wasted rows of its two products. (Rows stay padded to
+    32 tokens on both paths: LoRA dropout draws its masks over the padded shape, so a row length
+    that depended on the path would change the training run, not only its speed.)"""
     return not policy().host_loss
 
 

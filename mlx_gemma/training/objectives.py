@@ -19,14 +19,7 @@ import mlx.nn as nn
 
 from ..backend import policy
 from . import data as data_lib
-from .loss import DEFAULT_CHUNK, batch_loss, bucketed, loss_and_grad, loss_positions
-
-
-def row_multiple() -> int:
-    """Rows are padded to a multiple of this many tokens: 32 where shapes are bucketed (compiled
-    gradient), 8 on the CPU path (there, 32 left 10.7 % of the main job's row tokens as padding; 8
-    leaves 2.9 %, each new length costing one ~10 ms trace of the fast-math kernels)."""
-    return 32 if bucketed() else 8
+from .loss import DEFAULT_CHUNK, batch_loss, loss_and_grad, loss_positions
 
 
 class Objective:
@@ -42,7 +35,7 @@ class Objective:
 
     def make_batch(self, dataset, units: list, pad_id: int, max_seq_len: int) -> dict:
         """numpy arrays for one batch; "tokens" holds its real (unpadded) input tokens."""
-        return data_lib.make_batch(dataset, units, pad_id, max_seq_len, row_multiple())
+        return data_lib.make_batch(dataset, units, pad_id, max_seq_len)
 
     def device_batch(self, model, batch: dict) -> tuple:
         """The arguments of grad_fn / eval_fn for one batch, as device arrays."""

@@ -34,7 +34,7 @@ import numpy as np
 from ..lora import lora_layers
 from . import data as data_lib
 from .loss import DEFAULT_CHUNK, loss_positions, reduced_loss, reduced_loss_and_grad
-from .objectives import Objective, row_multiple
+from .objectives import Objective
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected")
@@ -87,7 +87,7 @@ class _Pairs(Objective):
     whole_chosen = False  # ORPO: also the chosen rows' prompt positions (its NLL term)
 
     def make_batch(self, dataset, units, pad_id, max_seq_len):
-        batch = data_lib.make_pair_batch(dataset, units, pad_id, max_seq_len, row_multiple())
+        batch = data_lib.make_pair_batch(dataset, units, pad_id, max_seq_len)
         if getattr(dataset, "reference", None) is not None:
             pairs = [row[0] for row in units]
             batch["reference"] = np.concatenate([dataset.reference[pairs, 0], dataset.reference[pairs, 1]])
@@ -161,7 +161,7 @@ class DPO(_Pairs):
         ref = np.zeros((len(dataset), 2), np.float32)
         for start in range(0, len(dataset), 8):
             units = [[p] for p in range(start, min(start + 8, len(dataset)))]
-            batch = data_lib.make_pair_batch(dataset, units, pad_id, max_seq_len, row_multiple())
+            batch = data_lib.make_pair_batch(dataset, units, pad_id, max_seq_len)
             logps = sequence_logps(model, self.answer_arrays(batch), self.chunk)
             ref[start:start + len(units)] = np.array(logps).reshape(2, -1).T
         dataset.reference = ref
