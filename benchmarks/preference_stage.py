@@ -123,8 +123,9 @@ def main():
                 "questions": a.questions, "method": a.method, "lr": a.lr}
         pref = None if a.control_only else run(dict(base, variant="sft+pref", out=str(Path(tmp) / "pref")))
         print(f"  sft+{a.method}: {pref}", file=sys.stderr, flush=True)
-        sft = None if a.no_control else run(dict(base, variant="sft", out=str(Path(tmp) / "sft"),
-                                                  control_steps=a.control_only, pref_seconds=pref and pref["pref_seconds"]))
+        control = dict(base, variant="sft", out=str(Path(tmp) / "sft"), control_steps=a.control_only,
+                       pref_seconds=pref and pref["pref_seconds"])
+        sft = None if a.no_control else run(control)
         print(f"  sft: {sft}", file=sys.stderr, flush=True)
     print(f"\nPreference stage after SFT, Gemma 3 270M, fp32 CPU ({os.cpu_count()} cores), from {started}, "
           f"load {load:.1f}; greedy, <= 128 new tokens\n")

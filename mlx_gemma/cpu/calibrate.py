@@ -2,14 +2,15 @@
 
 Each path in mlx_gemma.cpu.PATHS is timed against what MLX does without it, on the model's own
 shapes, alternating the two for at least ROUNDS rounds and until SPEND seconds have gone (more
-rounds for the cheap calls), keeping the fastest time of each (other processes only ever add time). A path is switched on only where MLX's time divided by the path's
-time is at least MARGIN; the decision and that ratio are stored in
-$MLX_GEMMA_HOME/calibration/<key>.json, where the key hashes the CPU's model name and
-instruction-set features, the MLX and numpy versions and a hash of this package's CPU code. A
-cache written under another key is never read: a new CPU, a new MLX or a changed kernel is timed
-again. A measurement taken while the 1-minute load average exceeded half the core count is stored
-marked busy (one other busy process on a 2-core machine moved the attention ratio anywhere between
-1.0 and 2.5 where a quiet machine measured 1.35-1.53): later processes reuse it (measuring again under load would cost as much again), and
+rounds for the cheap calls), keeping the fastest time of each (other processes only ever add
+time). A path is switched on only where MLX's time divided by the path's time is at least
+MARGIN; the decision and that ratio are stored in $MLX_GEMMA_HOME/calibration/<key>.json, where
+the key hashes the CPU's model name and instruction-set features, the MLX and numpy versions and
+a hash of this package's CPU code. A cache written under another key is never read: a new CPU, a
+new MLX or a changed kernel is timed again. A measurement taken while the 1-minute load average
+exceeded half the core count is stored marked busy (one other busy process on a 2-core machine
+moved the attention ratio anywhere between 1.0 and 2.5 where a quiet machine measured
+1.35-1.53): later processes reuse it (measuring again under load would cost as much again), and
 the first one that finds the machine quiet measures it again and replaces it, since on an
 oversubscribed machine a timing measures the scheduler as much as the kernels.
 
