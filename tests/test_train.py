@@ -83,11 +83,11 @@ def test_chunked_loss_and_gradient_equal_full_cross_entropy(model_type, host_hea
             m.lora_B = mx.random.normal(m.lora_B.shape) * 0.1
     ds = D.load_dataset(data_dir / "train.jsonl", tok, max_seq_len=64)
     batch = D.make_batch(ds, [[0], [1], [2], [3]], tok.pad_id, 64)
-    n = int(batch["weights"].sum())
+    n_loss = int(batch["weights"].sum())
     idx, w = loss_positions(batch["weights"], multiple=64)
-    assert len(idx) > n  # bucket padding is exercised on both paths
+    assert len(idx) > n_loss  # bucket padding is exercised on both paths
     # the default: padded where the step is compiled, exactly the loss positions on the CPU path
-    assert (len(loss_positions(batch["weights"])[0]) == n) == host_head
+    assert (len(loss_positions(batch["weights"])[0]) == n_loss) == host_head
     inputs, targets = mx.array(batch["inputs"]), mx.array(batch["targets"])
     ref, g_ref = lora_grads(model, full_batch_loss, inputs, targets, mx.array(batch["weights"]))
     for idx, w in ((idx, w), loss_positions(batch["weights"])):
