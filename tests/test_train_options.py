@@ -83,3 +83,32 @@ def test_natural_yaml_values_are_accepted(tmp_path):
     assert used["targets"] == "q_proj,v_proj" and used["lr"] == 1e-4 and used["iters"] == 2
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--preference-stage", "dpo"], ("--preference-stage dpo", "--no-report")),  # run() passes --no-report
+    (["--method", "dpo", "--data", "x.jsonl", "--preference-stage", "dpo"], ("--method dpo", "--preference-stage")),
+    (["--pair-questions", "0"], ("--pair-questions", "at least 1")),
+    (["--preference-iters", "0"], ("--preference-iters",)),
+    (["--preference-lr", "0"], ("--preference-lr", "above 0")),
+    (["--preference-stage", "orpo"], ("--preference-stage",)),
+])
+def test_preference_stage_options(tmp_path, args, needles):
+    out = tmp_path / "out"
+    res = run(["--model", MISSING_MODEL, "--out", str(out), *args])
+    if "orpo" in args:  # click's own choice check: a usage error, exit 2, before anything runs
+        assert res.exit_code == 2 and "--preference-stage" in res.output
+    else:
+        assert_one_error(res, *needles)
+    assert not out.exists()
+
+
+def test_the_main_job_preset_includes_the_preference_stage():
+    from mlx_gemma.training.args import TrainArgs, resolve_defaults
+
+    assert resolve_defaults(TrainArgs()).preference_stage == "dpo"  # `mlx-gemma train`: the main job
+    assert resolve_defaults(TrainArgs(iters=10)).preference_stage == "none"  # a recipe of one's own: SFT only
+    assert resolve_defaults(TrainArgs(data="d")).preference_stage == "none"
+    assert resolve_defaults(TrainArgs(preference_stage="dpo", data="d")).preference_stage == "dpo"
+    assert resolve_defaults(TrainArgs(method="dpo")).preference_stage == "none"
+    assert resolve_defaults(TrainArgs(preference_stage="none")).iters == 400  # the rest of the preset stays

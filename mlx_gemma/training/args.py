@@ -42,6 +42,13 @@ class TrainArgs:
     orpo_alpha: float = _opt(0.1, "ORPO: weight of the odds-ratio term on the chosen answers' NLL (TRL's beta).")
     adapter_init: Optional[str] = _opt(None, "Start from this adapter dir (e.g. an SFT run's --out); with --method "
                                              "dpo it is also the reference, its log-probs computed once.")
+    preference_stage: Optional[str] = _opt(
+        None, "After SFT with --report: answer --pair-questions training questions with the SFT adapter, turn "
+              "its loops and unfinished answers into preference pairs, and DPO-tune on them (dpo), or not (none). "
+              "Default dpo in the main job, none otherwise.", choices=("dpo", "none"))
+    pair_questions: int = _opt(150, "Preference stage: training questions the SFT adapter answers.")
+    preference_iters: int = _opt(40, "Preference stage: DPO steps (batch --batch-size pairs, --beta, --dpo-loss).")
+    preference_lr: float = _opt(2e-5, "Preference stage: DPO learning rate (constant after the warmup).")
     data: Optional[str] = _opt(None, "JSONL/JSON file, or dir with train/valid/test files "
                                      "(default: the bundled zh_baike chat splits).")
     out: str = _opt(DEFAULT_OUT, "Adapter dir to write (adapter, checkpoints, metrics, loss curve).")
@@ -208,13 +215,13 @@ def load_config_file(path) -> dict:
 # gives twice the optimizer steps of batch 4 for the same tokens; 2.2 epochs of the bundled data
 # teach stopping better than one pass over more data; wsd (the peak rate held for 75% of the
 # steps) better than cosine.
-MAIN_JOB = {"iters": 400, "batch_size": 2, "eval_every": 100, "lr_schedule": "wsd"}
-DEFAULTS = {"batch_size": 4, "eval_every": 50, "lr_schedule": "cosine"}
-PRESET_FIELDS = ("iters", "batch_size", "eval_every", "lr_schedule")
+MAIN_JOB = {"iters": 400, "batch_size": 2, "eval_every": 100, "lr_schedule": "wsd", "preference_stage": "dpo"}
+DEFAULTS = {"batch_size": 4, "eval_every": 50, "lr_schedule": "cosine", "preference_stage": "none"}
+PRESET_FIELDS = ("iters", "batch_size", "eval_every", "lr_schedule", "preference_stage")
 
 
 def is_main_job(args: TrainArgs) -> bool:
-    return args.data is None and args.epochs is None and args.iters is None
+    return args.data is None and args.epochs is None and args.iters is None and args.method == "sft"
 
 
 def resolve_defaults(args: TrainArgs) -> TrainArgs:
@@ -234,6 +241,7 @@ _RANGES = (
     ("seed", 0, True, 2 ** 32 - 1), ("lr", 0.0, False, None), ("min_lr", 0.0, True, None),
     ("alpha", 0.0, False, None), ("dropout", 0.0, True, 0.99), ("weight_decay", 0.0, True, None),
     ("max_grad_norm", 0.0, True, None), ("beta", 0.0, False, None), ("orpo_alpha", 0.0, False, None),
+    ("pair_questions", 1, True, None), ("preference_iters", 1, True, None), ("preference_lr", 0.0, False, None),
 )
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -260,7 +268,7 @@ def check_args(args: TrainArgs) -> None:
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
     _check_method(args)
-    for name in ("dtype", "lr_schedule", "method"):
+    for name in ("dtype", "lr_schedule", "method", "preference_stage"):
         choices = TrainArgs.__dataclass_fields__[name].metadata["choices"]
         if getattr(args, name) is not None and getattr(args, name) not in choices:  # None: the default applies
             raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
@@ -279,6 +287,9 @@ def _check_method(args: TrainArgs) -> None:
     if bad:
         raise UserError(f"--dpo-loss must be one or more of {', '.join(DPO_LOSSES)} (comma-separated, each once), "
                         f"got {args.dpo_loss!r}")
+    if args.method in ("dpo", "orpo") and args.preference_stage == "dpo":
+        raise UserError(f"--preference-stage follows supervised tuning; with --method {args.method} leave it out "
+                        "(or pass --preference-stage none)")
     if args.method in ("dpo", "orpo") and args.pack:
         raise UserError(f"--pack does not apply to --method {args.method} (chosen and rejected rows are batched "
                         "side by side); leave it out")

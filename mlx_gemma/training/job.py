@@ -9,13 +9,17 @@ Above the loop (training/loop.py) and the report (training/report.py); below cli
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import NAME_ONLY, UserError
+from ..files import write_atomic
 from ..loading import load
+from ..lora import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from . import data as data_lib
 from . import distributed as dist
 from .args import DEFAULT_OUT, PREFERENCE_NEEDS_DATA, TrainArgs, check_args, resolve_defaults, train_fields
@@ -141,14 +145,20 @@ def ranks_outcome(ended: dict, out: str, ranks: int) -> tuple[int, Optional[str]
 def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit: Optional[int] = None,
                  progress: bool = True, echo: Callable = print):
     """The whole job behind `mlx-gemma train`: load the model and data, evaluate the base model on
-    the test split, fine-tune (loop.train), evaluate again, write the report next to the adapter
-    and print its summary.
+    the test split, fine-tune (loop.train), evaluate again, and with args.preference_stage "dpo"
+    (the main job's default) build preference pairs from the tuned model's own failures on
+    training questions, DPO-tune on them and evaluate a third time; write the report next to the
+    final adapter and print its summary.
+
+    With the stage, --out holds the final (DPO) adapter, the report and pairs.jsonl; the SFT run
+    (its adapter, metrics and loss curve) is in --out/sft. Without it, --out holds the SFT run.
 
     args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
-    the test loss always covers the whole split. Returns (TrainResult, path of report.md).
+    the test loss always covers the whole split. Returns (TrainResult of the last training, path
+    of report.md).
 
     Under mlx.launch every rank runs this: the ranks share the training steps and the evaluation
-    work (see report.evaluate_model); only rank 0 speaks and writes, the others return (result, None).
+    and pair-answering work; only rank 0 speaks and writes, the others return (result, None).
     """
     t = {"start": time.perf_counter()}
     writer = dist.rank() == 0
@@ -158,18 +168,23 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     if args.method != "sft":
         raise UserError("the report evaluates SFT on chat data; pass {report} with {method}",
                         report=NAME_ONLY, method=args.method)
-    if prepare_out_dir(args) is None and args.force and writer:  # fail before the slow model load
-        for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
-            (Path(args.out).expanduser() / name).unlink(missing_ok=True)
+    staged = args.preference_stage == "dpo"
+    out = Path(args.out).expanduser()
+    sft_args = dataclasses.replace(args, out=str(out / SFT_DIR)) if staged else args
+    for run_args in (args, sft_args) if staged else (args,):  # fail before the slow model load
+        if prepare_out_dir(run_args) is None and run_args.force and writer:
+            for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
+                (Path(run_args.out).expanduser() / name).unlink(missing_ok=True)
     model, tokenizer, splits, extra = _load(args, echo)
     t["loaded"] = time.perf_counter()
     records, subset = _test_records(args, splits, generation_limit)
+    pair_records = _pair_records(args) if staged else None  # checked before the training, not after
     echo(f"evaluating the base model on the test split ({len(records[1])} records; answering {subset})...")
     before = evaluate_model(model, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
                             args.max_seq_len, progress)
     t["before"] = time.perf_counter()
-    result = train(model, tokenizer, args, splits["train"], splits["valid"], None, progress=progress,
-                   adapter_config=setup(model, args), extra_config=extra)
+    result = train(model, tokenizer, sft_args, splits["train"], splits["valid"], None, progress=progress,
+                   adapter_config=setup(model, sft_args), extra_config=extra)
     t["trained"] = time.perf_counter()
     if result.interrupted:
         echo(result.summary())
@@ -179,15 +194,116 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
                            args.max_seq_len, progress)
     result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
     t["after"] = time.perf_counter()
+    sft, stage = None, None
+    if staged:
+        echo(result.summary())
+        sft, sft_result = after, result
+        stage = _preference_stage(args, model, tokenizer, pair_records, max_tokens, progress, echo)
+        del model
+        t["pairs"] = time.perf_counter()
+        result = stage["result"] or sft_result
+        if stage["result"] is not None and stage["result"].interrupted:
+            echo(result.summary())
+            return result, None
+        echo("evaluating the preference-tuned model on the test split...")
+        after = evaluate_model(stage["model"], tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
+                               args.max_seq_len, progress)
+        result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
+        t["final"] = time.perf_counter()
     if not writer:
         return result, None
     samples = [{"question": question(r), "before": b["answer"], "after": a["answer"], "reference": reference_answer(r)}
                for r, b, a in zip(records[0][:SAMPLES], before["answers"], after["answers"])]
-    path = write_report(Path(result.out), before, after, samples,
-                        _run_info(args, result, tokenizer, records[0], subset, t))
+    if sft is not None:
+        for sample, s in zip(samples, sft["answers"]):
+            sample["sft"] = s["answer"]
+    info = _run_info(args, sft_result if staged else result, tokenizer, records[0], subset, t)
+    if staged:
+        info.update(_stage_info(args, out, stage))
+    path = write_report(out, before, after, samples, info, sft=sft)
     echo(result.summary())
-    echo(summary(before, after, path))
+    echo(summary(before, after, path, sft=sft))
     return result, path
+
+
+SFT_DIR = "sft"  # the SFT run inside --out when the preference stage follows it
+PAIRS_FILE = "pairs.jsonl"
+
+
+def _pair_records(args: TrainArgs) -> list:
+    """The first args.pair_questions chat records of the training split (the stage's questions)."""
+    from .report import prompt_messages
+
+    path = data_lib.resolve_split(data_path(args), "train")
+    records = []
+    for where, record in data_lib.read_records(path)[:args.pair_questions]:
+        try:
+            prompt_messages(record)
+        except UserError:
+            raise UserError(f"{where}: the preference stage needs chat records ending in an assistant answer; "
+                            "pass {preference_stage}", preference_stage="none") from None
+        records.append(record)
+    return records
+
+
+def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_tokens: int, progress: bool,
+                      echo: Callable) -> dict:
+    """The SFT model answers `records` greedily; its loops and unfinished answers become pairs
+    (--out/pairs.jsonl), and a fresh copy of the base with the SFT adapter is DPO-tuned on them
+    into --out (reference: the SFT adapter, its log-probs cached). With no failure to learn from,
+    the SFT adapter is copied to --out as the final one.
+
+    Returns {"counts", "pairs", "result" (TrainResult or None), "model" (the final model)}."""
+    import shutil
+
+    from .pairs import DEFAULT_MAX_REPEAT, build_pairs
+
+    out = Path(args.out).expanduser()
+    sft_dir = out / SFT_DIR
+    echo(f"preference stage: answering {len(records)} training questions with the SFT adapter...")
+    pairs, counts = build_pairs(sft_model, tokenizer, records, max_tokens, DEFAULT_MAX_REPEAT, progress=progress)
+    echo(f"{len(pairs)} pairs from its failures ({counts['loops']} loops, {counts['no stop']} unfinished, "
+         f"{counts['blank']} blank skipped, of {counts['answered']})")
+    if dist.rank() == 0:
+        write_atomic(out / PAIRS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    dist.gather_json(None)  # every rank reads the file after rank 0 wrote it
+    if not pairs:
+        echo("no failures to learn from: the SFT adapter is the final one")
+        if dist.rank() == 0:
+            for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+                shutil.copyfile(sft_dir / name, out / name)
+        return {"counts": counts, "pairs": 0, "result": None, "model": sft_model}
+    pref_args = dataclasses.replace(args, method="dpo", data=str(out / PAIRS_FILE), adapter_init=str(sft_dir),
+                                    iters=args.preference_iters, epochs=None, lr=args.preference_lr,
+                                    lr_schedule="constant", warmup=None, min_lr=0.0, eval_every=0, test=False,
+                                    force=True, preference_stage="none", pack=False)
+    model, _ = load(args.model, dtype=args.dtype)
+    pair_splits = data_lib.load_pair_splits(out / PAIRS_FILE, tokenizer, args.max_seq_len, args.drop_long)
+    echo(pair_splits["train"].summary())
+    result = train(model, tokenizer, pref_args, pair_splits["train"], None, None, progress=progress,
+                   adapter_config=setup(model, pref_args), loss=make_objective(pref_args),
+                   extra_config={"data_resolved": str(out / PAIRS_FILE), "pairs": counts})
+    return {"counts": counts, "pairs": len(pairs), "result": result, "model": model}
+
+
+def _stage_info(args: TrainArgs, out: Path, stage: dict) -> dict:
+    """The report's lines on the SFT run and the preference stage."""
+    c = stage["counts"]
+    words = (f"The preference stage: the SFT adapter ({SFT_DIR}/) answered {c['answered']} training questions; "
+             f"{stage['pairs']} failed ({c['loops']} loops, {c['no stop']} without `<end_of_turn>`; {c['blank']} "
+             f"blank ones skipped) and became preference pairs ({PAIRS_FILE}: its answer rejected, the reference "
+             "answer chosen)")
+    r = stage["result"]
+    if r is None:
+        words += "; with none to learn from, the SFT adapter is the final one."
+    else:
+        words += (f"; DPO from the SFT adapter: {r.steps} steps, {r.tokens} tokens in {r.seconds:.1f} s "
+                  f"({r.tokens_per_second:.0f} tok/s).")
+    return {"preference": words, "adapter": str(out),
+            "loss_curve": f"{SFT_DIR}/{LOSS_CURVE}" if (out / SFT_DIR / LOSS_CURVE).exists() else None,
+            "preference_curve": LOSS_CURVE if r is not None and (out / LOSS_CURVE).exists() else None,
+            "preference_settings": {k: getattr(args, k) for k in ("pair_questions", "preference_iters",
+                                                                   "preference_lr", "beta", "dpo_loss")}}
 
 
 def _test_records(args: TrainArgs, splits: dict, generation_limit: Optional[int]) -> tuple:
@@ -218,6 +334,9 @@ def _run_info(args: TrainArgs, result: TrainResult, tokenizer, records: list, su
         "train_loss_last": result.train_loss, "val_loss": result.val_loss,
         "seconds": {"load model (incl. first-time conversion)": t["loaded"] - t["start"],
                     "evaluate before": t["before"] - t["loaded"], "train": t["trained"] - t["before"],
-                    "evaluate after": t["after"] - t["trained"], "total": time.perf_counter() - t["start"]},
+                    "evaluate after": t["after"] - t["trained"],
+                    **({"preference stage (pairs, reference, DPO)": t["pairs"] - t["after"],
+                        "evaluate final": t["final"] - t["pairs"]} if "final" in t else {}),
+                    "total": time.perf_counter() - t["start"]},
         "settings": settings,
     }

@@ -15,6 +15,7 @@ from typing import Optional
 from ..errors import NAME_ONLY, UserError
 from ..files import write_atomic
 from . import data as data_lib
+from . import distributed as dist
 from .report import (DEFAULT_MAX_TOKENS, NGRAM, answer_greedily, finish_reason, prompt_messages,
                      repeated_ngram_share)
 
@@ -32,11 +33,15 @@ def failure(row: dict, tokenizer, max_repeat: float) -> Optional[str]:
 
 
 def build_pairs(model, tokenizer, records: list, max_tokens: int = DEFAULT_MAX_TOKENS,
-                max_repeat: float = DEFAULT_MAX_REPEAT, batch_size: int = 16, progress: bool = False) -> tuple:
+                max_repeat: float = DEFAULT_MAX_REPEAT, batch_size: int = 64, progress: bool = False) -> tuple:
     """(pairs, counts): a preference record per failed answer; counts {"answered", "loops", "no stop",
-    "blank"} (blank: failed answers with no visible text, which no preference record can hold)."""
+    "blank"} (blank: failed answers with no visible text, which no preference record can hold).
+
+    In a data-parallel run each rank answers its share of the records and every rank returns all
+    the pairs (greedy answers do not depend on their batch neighbours)."""
     prompts = [prompt_messages(r) for r in records]
-    rows = answer_greedily(model, tokenizer, prompts, max_tokens, batch_size, progress)
+    mine = answer_greedily(model, tokenizer, dist.share(prompts), max_tokens, batch_size, progress)
+    rows = [row for part in dist.gather_json(mine) for row in part]  # in record order
     pairs, counts = [], {"answered": len(rows), "loops": 0, "no stop": 0, "blank": 0}
     for record, prompt, row in zip(records, prompts, rows):
         why = failure(row, tokenizer, max_repeat)

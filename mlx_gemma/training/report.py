@@ -279,23 +279,34 @@ def checks(before: dict, after: dict, total_seconds: Optional[float] = None) -> 
     return out
 
 
-def _metric_rows(before: dict, after: dict, reference: Optional[dict]) -> list:
+def _metric_rows(columns: list, reference: Optional[dict]) -> list:
+    """The before/after table's rows: metric, one cell per evaluated model in `columns` (the base
+    first, the final model last), the test answers' own value, and the change from first to last."""
     ref = reference or {}
-    n, mt = after.get("n"), after.get("max_tokens")
+    evals = [c for _, c in columns]
+    first, last = evals[0], evals[-1]
+    n, mt = last.get("n"), last.get("max_tokens")
+
+    def row(name, key, shown, ref_cell, change=""):
+        return (name, *[shown(e[key]) for e in evals], ref_cell, change)
+
     return [
-        ("test loss (nats/token)", _num(before["loss"], 4), _num(after["loss"], 4), "",
-         f"{-100 * loss_drop(before, after):+.1f}%"),
-        ("test perplexity", _num(before["perplexity"], 2), _num(after["perplexity"], 2), "",
-         f"{after['perplexity'] / before['perplexity']:.2f}x"),
-        (f"answers ending with `<end_of_turn>` within {mt} tokens (of {n})", _pct(before["end_of_turn_share"]),
-         _pct(after["end_of_turn_share"]), "100.0%", ""),
-        ("CJK share of generated characters", _pct(before["cjk_share"]), _pct(after["cjk_share"]),
-         _pct(ref.get("cjk_share")), ""),
-        ("repeated 4-grams (share of answer token 4-grams)", _pct(before["repeated_4gram_share"]),
-         _pct(after["repeated_4gram_share"]), _pct(ref.get("repeated_4gram_share")), ""),
-        ("mean answer length (tokens)", _num(before["mean_tokens"], 1), _num(after["mean_tokens"], 1),
-         _num(ref.get("mean_tokens"), 1), ""),
+        row("test loss (nats/token)", "loss", lambda x: _num(x, 4), "", f"{-100 * loss_drop(first, last):+.1f}%"),
+        row("test perplexity", "perplexity", lambda x: _num(x, 2), "",
+            f"{last['perplexity'] / first['perplexity']:.2f}x"),
+        row(f"answers ending with `<end_of_turn>` within {mt} tokens (of {n})", "end_of_turn_share", _pct, "100.0%"),
+        row("CJK share of generated characters", "cjk_share", _pct, _pct(ref.get("cjk_share"))),
+        row("repeated 4-grams (share of answer token 4-grams)", "repeated_4gram_share", _pct,
+            _pct(ref.get("repeated_4gram_share"))),
+        row("mean answer length (tokens)", "mean_tokens", lambda x: _num(x, 1), _num(ref.get("mean_tokens"), 1)),
     ]
+
+
+def _columns(before: dict, after: dict, sft: Optional[dict]) -> list:
+    """[(title, evaluation)]: base and tuned, or base, SFT and SFT + the preference stage."""
+    if sft is None:
+        return [("before", before), ("after", after)]
+    return [("base", before), ("SFT", sft), ("SFT + DPO", after)]
 
 
 TARGET_NAMES = {"end_of_turn_share": ("answers that stop with `<end_of_turn>`", _pct),
@@ -308,16 +319,18 @@ def _total_seconds(run_info: dict) -> Optional[float]:
     return (run_info.get("seconds") or {}).get("total")
 
 
-def render_markdown(before: dict, after: dict, samples: list, run_info: dict) -> str:
+def render_markdown(before: dict, after: dict, samples: list, run_info: dict, sft: Optional[dict] = None) -> str:
     """The report as Markdown (see write_report)."""
     ref = run_info.get("reference")
+    columns = _columns(before, after, sft)
+    titles = [t for t, _ in columns]
     lines = [f"# Fine-tuning report: {run_info.get('model', '?')} on {run_info.get('data', '?')}", ""]
     if run_info.get("date"):
         lines += [f"{run_info['date']} on {run_info.get('machine', 'this machine')}.", ""]
     lines += ["## Before / after", "",
-              "| metric | before | after | test answers (reference) | change |",
-              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {' | '.join(row)} |" for row in _metric_rows(before, after, ref)]
+              f"| metric | {' | '.join(titles)} | test answers (reference) | change |",
+              "| --- |" + " ---: |" * (len(titles) + 2)]
+    lines += [f"| {' | '.join(row)} |" for row in _metric_rows(columns, ref)]
     lines += ["", "Targets:", ""]
     for key, (value, bound, met) in checks(before, after, _total_seconds(run_info)).items():
         name, shown = TARGET_NAMES[key]
@@ -327,13 +340,18 @@ def render_markdown(before: dict, after: dict, samples: list, run_info: dict) ->
               "answers and their `<end_of_turn>`). Generation: greedy, the chat template with the system "
               f"prompt, at most {after.get('max_tokens')} new tokens, {after.get('n')} test questions "
               f"({run_info.get('generation_subset', 'all of them')}). The test split is never trained on.", ""]
+    if run_info.get("preference"):
+        lines += [run_info["preference"], ""]
     if run_info.get("loss_curve"):
         lines += ["## Loss curve", "", f"![train and validation loss]({run_info['loss_curve']})", ""]
+    if run_info.get("preference_curve"):
+        lines += [f"The preference stage: ![DPO loss and rewards]({run_info['preference_curve']})", ""]
+    keys = ["before", "sft", "after"] if sft is not None else ["before", "after"]
     lines += [f"## Samples (the first {len(samples)} test questions)", "",
-              "| question | before | after | reference |", "| --- | --- | --- | --- |"]
+              f"| question | {' | '.join(titles)} | reference |", "| --- |" + " --- |" * (len(titles) + 1)]
     for s in samples:
-        lines.append(f"| {_cell(s['question'])} | {_cell(s['before'])} | {_cell(s['after'])} | "
-                     f"{_cell(s.get('reference', ''))} |")
+        cells = " | ".join(_cell(s.get(k, "")) for k in keys)
+        lines.append(f"| {_cell(s['question'])} | {cells} | {_cell(s.get('reference', ''))} |")
     lines += ["", "## Run", ""]
     times = run_info.get("seconds", {})
     if times:
@@ -341,47 +359,57 @@ def render_markdown(before: dict, after: dict, samples: list, run_info: dict) ->
         lines.append("| --- | ---: |")
         lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
         lines.append("")
-    settings = run_info.get("settings", {})
-    if settings:
-        lines.append("Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()))
-        lines.append("")
+    for key, title in (("settings", "Settings"), ("preference_settings", "Preference stage")):
+        if run_info.get(key):
+            lines += [f"{title}: " + ", ".join(f"`{k}={v}`" for k, v in run_info[key].items()), ""]
     for key in ("training", "adapter"):
         if run_info.get(key):
             lines.append(f"{key.capitalize()}: {run_info[key]}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(out_dir, before: dict, after: dict, samples: list, run_info: dict) -> Path:
+def write_report(out_dir, before: dict, after: dict, samples: list, run_info: dict,
+                 sft: Optional[dict] = None) -> Path:
     """Write report.md (before/after table, targets, loss curve, side-by-side samples, run time and
     settings) and report.json (every number, every generated answer) into `out_dir`.
 
-    before / after: evaluate_model results; samples: [{"question", "before", "after", "reference"}];
+    before / after: evaluate_model results of the base and the final model; sft: the SFT model's
+    when a preference stage followed it (a third column; the targets are the final model's);
+    samples: [{"question", "before", "after", "reference"} (+ "sft")];
     run_info: {"model", "data", "date", "machine", "seconds": {step: s}, "settings": {...},
     "loss_curve": file name or None, "reference": reference_metrics(...), ...}.
     Returns the path of report.md.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"before": before, "after": after, "samples": samples, "run": run_info,
+    result = {"before": before, "after": after, **({"sft": sft} if sft is not None else {}),
+              "samples": samples, "run": run_info,
               "loss_drop": loss_drop(before, after),
               "targets": {k: {"value": v, "bound": b, "met": m}
                           for k, (v, b, m) in checks(before, after, _total_seconds(run_info)).items()}}
     write_json_atomic(out / REPORT_JSON, result)
     md = out / REPORT_MD
-    write_atomic(md, render_markdown(before, after, samples, run_info))
+    write_atomic(md, render_markdown(before, after, samples, run_info, sft))
     return md
 
 
-def summary(before: dict, after: dict, report_path) -> str:
-    """A few lines for the terminal."""
+def summary(before: dict, after: dict, report_path, sft: Optional[dict] = None) -> str:
+    """A few lines for the terminal: each metric base -> final (base -> SFT -> final with `sft`)."""
+    evals = [before] + ([sft] if sft is not None else []) + [after]
+
+    def chain(key, shown):
+        return " -> ".join(shown(e[key]) for e in evals)
+
     drop = loss_drop(before, after)
-    return "\n".join([
-        f"test loss        {before['loss']:.4f} -> {after['loss']:.4f} ({-100 * drop:+.1f}%), "
-        f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}",
-        f"<end_of_turn>    {_pct(before['end_of_turn_share'])} -> {_pct(after['end_of_turn_share'])} of "
-        f"{after['n']} answers within {after['max_tokens']} tokens",
-        f"CJK characters   {_pct(before['cjk_share'])} -> {_pct(after['cjk_share'])}",
-        f"repeated 4-grams {_pct(before['repeated_4gram_share'])} -> {_pct(after['repeated_4gram_share'])}",
+    titles = " -> ".join(t for t, _ in _columns(before, after, sft))
+    lines = [f"models           {titles}"] if sft is not None else []
+    return "\n".join(lines + [
+        f"test loss        {chain('loss', lambda x: f'{x:.4f}')} ({-100 * drop:+.1f}%), "
+        f"perplexity {chain('perplexity', lambda x: f'{x:.2f}')}",
+        f"<end_of_turn>    {chain('end_of_turn_share', _pct)} of {after['n']} answers within "
+        f"{after['max_tokens']} tokens",
+        f"CJK characters   {chain('cjk_share', _pct)}",
+        f"repeated 4-grams {chain('repeated_4gram_share', _pct)}",
         f"report: {report_path}",
     ])
 
