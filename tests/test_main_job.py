@@ -320,5 +320,5 @@ def test_main_job_with_the_preference_stage(tmp_path):
     assert report["after"]["loss"] != report["sft"]["loss"]  # the final column is the DPO adapter's
     md = path.read_text(encoding="utf-8")
     assert "| metric | base | SFT | SFT + DPO |" in md and "3 failed" in md
-    assert "preference stage (pairs, reference, DPO)" in md and "evaluate final" in md
+    assert "preference pairs (answering)" in md and "evaluate final" in md
     assert any(line.startswith("models           base -> SFT -> SFT + DPO") for line in lines)

@@ -104,11 +104,11 @@ def test_preference_stage_options(tmp_path, args, needles):
 
 
 def test_the_main_job_preset_includes_the_preference_stage():
-    from mlx_gemma.training.args import TrainArgs, resolve_defaults
+    from mlx_gemma.training.args import MAIN_JOB, TrainArgs, resolve_defaults
 
     assert resolve_defaults(TrainArgs()).preference_stage == "dpo"  # `mlx-gemma train`: the main job
     assert resolve_defaults(TrainArgs(iters=10)).preference_stage == "none"  # a recipe of one's own: SFT only
     assert resolve_defaults(TrainArgs(data="d")).preference_stage == "none"
     assert resolve_defaults(TrainArgs(preference_stage="dpo", data="d")).preference_stage == "dpo"
     assert resolve_defaults(TrainArgs(method="dpo")).preference_stage == "none"
-    assert resolve_defaults(TrainArgs(preference_stage="none")).iters == 400  # the rest of the preset stays
+    assert resolve_defaults(TrainArgs(preference_stage="none")).iters == MAIN_JOB["iters"]  # the rest stays

@@ -144,44 +144,33 @@ def ranks_outcome(ended: dict, out: str, ranks: int) -> tuple[int, Optional[str]
 
 def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit: Optional[int] = None,
                  progress: bool = True, echo: Callable = print):
-    """The whole job behind `mlx-gemma train`: load the model and data, evaluate the base model on
-    the test split, fine-tune (loop.train), evaluate again, and with args.preference_stage "dpo"
-    (the main job's default) build preference pairs from the tuned model's own failures on
-    training questions, DPO-tune on them and evaluate a third time; write the report next to the
+    """The whole job behind `mlx-gemma train`: evaluate the base model on the test split, fine-tune
+    (loop.train), evaluate again; with args.preference_stage "dpo" (the main job's preset) DPO-tune
+    on pairs made from the tuned model's failures on training questions and evaluate a third time
+    (--out: the final adapter, pairs.jsonl; --out/sft: the SFT run); write the report next to the
     final adapter and print its summary.
-
-    With the stage, --out holds the final (DPO) adapter, the report and pairs.jsonl; the SFT run
-    (its adapter, metrics and loss curve) is in --out/sft. Without it, --out holds the SFT run.
 
     args: a TrainArgs. generation_limit: answer only the first N test questions (default: all);
     the test loss always covers the whole split. Returns (TrainResult of the last training, path
-    of report.md).
-
-    Under mlx.launch every rank runs this: the ranks share the training steps and the evaluation
-    and pair-answering work; only rank 0 speaks and writes, the others return (result, None).
+    of report.md). Under mlx.launch every rank runs this, sharing the steps, the evaluations and
+    the pair answers; only rank 0 speaks and writes, the others return (result, None).
     """
     t = {"start": time.perf_counter()}
     writer = dist.rank() == 0
     echo = echo if writer else (lambda s: None)
-    args = resolve_defaults(args)
-    check_args(args)
-    if args.method != "sft":
-        raise UserError("the report evaluates SFT on chat data; pass {report} with {method}",
-                        report=NAME_ONLY, method=args.method)
-    staged = args.preference_stage == "dpo"
-    out = Path(args.out).expanduser()
-    sft_args = dataclasses.replace(args, out=str(out / SFT_DIR)) if staged else args
-    for run_args in (args, sft_args) if staged else (args,):  # fail before the slow model load
-        if prepare_out_dir(run_args) is None and run_args.force and writer:
-            for name in (REPORT_MD, REPORT_JSON):  # a stale report must not outlive a failed new run
-                (Path(run_args.out).expanduser() / name).unlink(missing_ok=True)
+    args, sft_args = _job_args(args, writer)
+    staged, out = sft_args is not args, Path(args.out).expanduser()
     model, tokenizer, splits, extra = _load(args, echo)
     t["loaded"] = time.perf_counter()
     records, subset = _test_records(args, splits, generation_limit)
     pair_records = _pair_records(args) if staged else None  # checked before the training, not after
+
+    def evaluate(m):
+        return evaluate_model(m, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH, args.max_seq_len,
+                              progress)
+
     echo(f"evaluating the base model on the test split ({len(records[1])} records; answering {subset})...")
-    before = evaluate_model(model, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
-                            args.max_seq_len, progress)
+    before = evaluate(model)
     t["before"] = time.perf_counter()
     result = train(model, tokenizer, sft_args, splits["train"], splits["valid"], None, progress=progress,
                    adapter_config=setup(model, sft_args), extra_config=extra)
@@ -190,40 +179,72 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
         echo(result.summary())
         return result, None
     echo("evaluating the fine-tuned model on the test split...")
-    after = evaluate_model(model, tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
-                           args.max_seq_len, progress)
+    after = evaluate(model)
     result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
     t["after"] = time.perf_counter()
-    sft, stage = None, None
+    sft, sft_result, stage = None, result, None
     if staged:
         echo(result.summary())
-        sft, sft_result = after, result
-        stage = _preference_stage(args, model, tokenizer, pair_records, max_tokens, progress, echo)
+        sft, stage = after, _preference_stage(args, model, tokenizer, pair_records, max_tokens, progress, echo, t)
         del model
-        t["pairs"] = time.perf_counter()
-        result = stage["result"] or sft_result
-        if stage["result"] is not None and stage["result"].interrupted:
-            echo(result.summary())
+        result, after = _evaluate_final(stage["result"] or sft_result, stage["model"], evaluate, echo, t)
+        if result.interrupted:
             return result, None
-        echo("evaluating the preference-tuned model on the test split...")
-        after = evaluate_model(stage["model"], tokenizer, splits["test"], records[0], max_tokens, LOSS_BATCH,
-                               args.max_seq_len, progress)
-        result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
-        t["final"] = time.perf_counter()
     if not writer:
         return result, None
-    samples = [{"question": question(r), "before": b["answer"], "after": a["answer"], "reference": reference_answer(r)}
-               for r, b, a in zip(records[0][:SAMPLES], before["answers"], after["answers"])]
-    if sft is not None:
-        for sample, s in zip(samples, sft["answers"]):
-            sample["sft"] = s["answer"]
-    info = _run_info(args, sft_result if staged else result, tokenizer, records[0], subset, t)
+    samples = _samples(records[0], before, sft, after)
+    info = _run_info(args, sft_result, tokenizer, records[0], subset, t)
     if staged:
         info.update(_stage_info(args, out, stage))
     path = write_report(out, before, after, samples, info, sft=sft)
     echo(result.summary())
     echo(summary(before, after, path, sft=sft))
     return result, path
+
+
+def _evaluate_final(result: TrainResult, model, evaluate: Callable, echo: Callable, t: dict) -> tuple:
+    """(result, its test evaluation or None when the stage was interrupted) after the stage."""
+    if result.interrupted:
+        echo(result.summary())
+        return result, None
+    echo("evaluating the preference-tuned model on the test split...")
+    after = evaluate(model)
+    result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
+    t["final"] = time.perf_counter()
+    return result, after
+
+
+def _job_args(args: TrainArgs, writer: bool) -> tuple:
+    """(the job's args, the SFT run's: a copy into --out/sft when the preference stage follows),
+    checked, and each run's --out checked, before the slow model load."""
+    args = resolve_defaults(args)
+    check_args(args)
+    if args.method != "sft":
+        raise UserError("the report evaluates SFT on chat data; pass {report} with {method}",
+                        report=NAME_ONLY, method=args.method)
+    if args.preference_stage != "dpo":
+        _check_out_dirs((args,), writer)
+        return args, args
+    sft_args = dataclasses.replace(args, out=str(Path(args.out).expanduser() / SFT_DIR))
+    _check_out_dirs((args, sft_args), writer)
+    return args, sft_args
+
+
+def _check_out_dirs(runs: tuple, writer: bool) -> None:
+    """Each run's --out; with --force a stale report is removed (it must not outlive a failed new run)."""
+    for run_args in runs:
+        if prepare_out_dir(run_args) is None and run_args.force and writer:
+            for name in (REPORT_MD, REPORT_JSON):
+                (Path(run_args.out).expanduser() / name).unlink(missing_ok=True)
+
+
+def _samples(records: list, before: dict, sft: Optional[dict], after: dict) -> list:
+    """The report's side-by-side answers to the first SAMPLES test questions."""
+    samples = [{"question": question(r), "before": b["answer"], "after": a["answer"], "reference": reference_answer(r)}
+               for r, b, a in zip(records[:SAMPLES], before["answers"], after["answers"])]
+    for sample, s in zip(samples, sft["answers"] if sft is not None else []):
+        sample["sft"] = s["answer"]
+    return samples
 
 
 SFT_DIR = "sft"  # the SFT run inside --out when the preference stage follows it
@@ -247,13 +268,14 @@ def _pair_records(args: TrainArgs) -> list:
 
 
 def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_tokens: int, progress: bool,
-                      echo: Callable) -> dict:
+                      echo: Callable, t: dict) -> dict:
     """The SFT model answers `records` greedily; its loops and unfinished answers become pairs
     (--out/pairs.jsonl), and a fresh copy of the base with the SFT adapter is DPO-tuned on them
     into --out (reference: the SFT adapter, its log-probs cached). With no failure to learn from,
     the SFT adapter is copied to --out as the final one.
 
-    Returns {"counts", "pairs", "result" (TrainResult or None), "model" (the final model)}."""
+    Returns {"counts", "pairs", "result" (TrainResult or None), "model" (the final model)}; sets
+    t["pairs"] when the answers are in and t["stage"] at the end."""
     import shutil
 
     from .pairs import DEFAULT_MAX_REPEAT, build_pairs
@@ -262,6 +284,7 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
     sft_dir = out / SFT_DIR
     echo(f"preference stage: answering {len(records)} training questions with the SFT adapter...")
     pairs, counts = build_pairs(sft_model, tokenizer, records, max_tokens, DEFAULT_MAX_REPEAT, progress=progress)
+    t["pairs"] = time.perf_counter()
     echo(f"{len(pairs)} pairs from its failures ({counts['loops']} loops, {counts['no stop']} unfinished, "
          f"{counts['blank']} blank skipped, of {counts['answered']})")
     if dist.rank() == 0:
@@ -272,6 +295,7 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
         if dist.rank() == 0:
             for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
                 shutil.copyfile(sft_dir / name, out / name)
+        t["stage"] = time.perf_counter()
         return {"counts": counts, "pairs": 0, "result": None, "model": sft_model}
     pref_args = dataclasses.replace(args, method="dpo", data=str(out / PAIRS_FILE), adapter_init=str(sft_dir),
                                     iters=args.preference_iters, epochs=None, lr=args.preference_lr,
@@ -280,9 +304,12 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
     model, _ = load(args.model, dtype=args.dtype)
     pair_splits = data_lib.load_pair_splits(out / PAIRS_FILE, tokenizer, args.max_seq_len, args.drop_long)
     echo(pair_splits["train"].summary())
+    echo(f"DPO from the SFT adapter: its log-probs of the {len(pairs)} pairs first (the reference), then "
+         f"{pref_args.iters} steps...")
     result = train(model, tokenizer, pref_args, pair_splits["train"], None, None, progress=progress,
                    adapter_config=setup(model, pref_args), loss=make_objective(pref_args),
                    extra_config={"data_resolved": str(out / PAIRS_FILE), "pairs": counts})
+    t["stage"] = time.perf_counter()
     return {"counts": counts, "pairs": len(pairs), "result": result, "model": model}
 
 
@@ -335,8 +362,9 @@ def _run_info(args: TrainArgs, result: TrainResult, tokenizer, records: list, su
         "seconds": {"load model (incl. first-time conversion)": t["loaded"] - t["start"],
                     "evaluate before": t["before"] - t["loaded"], "train": t["trained"] - t["before"],
                     "evaluate after": t["after"] - t["trained"],
-                    **({"preference stage (pairs, reference, DPO)": t["pairs"] - t["after"],
-                        "evaluate final": t["final"] - t["pairs"]} if "final" in t else {}),
+                    **({"preference pairs (answering)": t["pairs"] - t["after"],
+                        "preference training (reference log-probs, DPO)": t["stage"] - t["pairs"],
+                        "evaluate final": t["final"] - t["stage"]} if "final" in t else {}),
                     "total": time.perf_counter() - t["start"]},
         "settings": settings,
     }
