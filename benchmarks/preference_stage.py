@@ -4,9 +4,10 @@ less, at the same total time? Judged as the preset was (benchmarks/main_job_tuni
 the test split.
 
 Variants, each in its own process:
-  sft       the main job's training (400 steps, batch 2, wsd), then SFT for as many more steps as
-            the preference stage's time buys (so both variants spend the same time);
-  sft+dpo   the same 400 SFT steps; `data pairs` on the first --pair-questions questions of the
+  sft       the main job's SFT recipe (--sft-iters steps, default 400, the preset before the stage;
+            batch 2, wsd), then SFT for as many more steps as the preference stage's time buys (so
+            both variants spend the same time);
+  sft+dpo   the same SFT steps; `data pairs` on the first --pair-questions questions of the
             *train* split (the SFT adapter's greedy answers that loop or do not stop become rejected,
             the reference answers chosen); then --method dpo (or orpo) from the SFT adapter.
 
