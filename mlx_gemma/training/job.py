@@ -175,21 +175,17 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     result = train(model, tokenizer, sft_args, splits["train"], splits["valid"], None, progress=progress,
                    adapter_config=setup(model, sft_args), extra_config=extra)
     t["trained"] = time.perf_counter()
-    if result.interrupted:
-        echo(result.summary())
-        return result, None
-    echo("evaluating the fine-tuned model on the test split...")
-    after = evaluate(model)
-    result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
-    t["after"] = time.perf_counter()
+    after = _evaluated(result, model, evaluate, "fine-tuned", echo, t, "after")
     sft, sft_result, stage = None, result, None
-    if staged:
+    if after is not None and staged:
         echo(result.summary())
         sft, stage = after, _preference_stage(args, model, tokenizer, pair_records, max_tokens, progress, echo, t)
         del model
-        result, after = _evaluate_final(stage["result"] or sft_result, stage["model"], evaluate, echo, t)
-        if result.interrupted:
-            return result, None
+        if stage["result"] is not None:  # else no pairs: the SFT adapter is the final one, evaluated above
+            result = stage["result"]
+            after = _evaluated(result, stage["model"], evaluate, "preference-tuned", echo, t, "final")
+    if after is None:  # interrupted
+        return result, None
     if not writer:
         return result, None
     samples = _samples(records[0], before, sft, after)
@@ -202,16 +198,18 @@ def run_main_job(args, *, max_tokens: int = DEFAULT_MAX_TOKENS, generation_limit
     return result, path
 
 
-def _evaluate_final(result: TrainResult, model, evaluate: Callable, echo: Callable, t: dict) -> tuple:
-    """(result, its test evaluation or None when the stage was interrupted) after the stage."""
+def _evaluated(result: TrainResult, model, evaluate: Callable, what: str, echo: Callable, t: dict,
+               key: str) -> Optional[dict]:
+    """The test evaluation of the model `result` trained (its test loss recorded in it; t[key] the
+    time it ended), or None when the training was interrupted."""
     if result.interrupted:
         echo(result.summary())
-        return result, None
-    echo("evaluating the preference-tuned model on the test split...")
+        return None
+    echo(f"evaluating the {what} model on the test split...")
     after = evaluate(model)
     result.test_loss, result.test_perplexity = after["loss"], after["perplexity"]
-    t["final"] = time.perf_counter()
-    return result, after
+    t[key] = time.perf_counter()
+    return after
 
 
 def _job_args(args: TrainArgs, writer: bool) -> tuple:
