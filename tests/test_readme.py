@@ -40,7 +40,7 @@ SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 
 # Commands parsed but not run, by prefix, each with why. Keep reasons concrete.
 NOT_RUN = {
-    "mlx-gemma train": "trains for minutes to hours (the main job is 13 min on 2 cores); test_train and "
+    "mlx-gemma train": "trains for minutes to hours (the main job is 17 min on 2 cores); test_train and "
                        "test_main_job run the trainer on the same code paths",
     "mlx-gemma convert google/": "needs the Hugging Face Hub (no network in tests)",
     "mlx-gemma convert gemma-3-270m q4-270m -q": "GPTQ on the 270M takes 4-5 min; test_gptq covers convert -q",
@@ -51,12 +51,12 @@ NOT_RUN = {
                                                "test_generate runs --draft-model on a tiny model",
     "mlx-gemma evaluate --adapter adapters/gemma-3-270m-zh": "needs the main job's trained adapter",
     "mlx-gemma generate --system \"请用中文回答\"": "needs the main job's trained adapter "
-                                                "(adapters/gemma-3-270m-zh, 13 min of training)",
+                                                "(adapters/gemma-3-270m-zh, 17 min of training)",
     "mlx-gemma generate --model google/": "needs the Hugging Face Hub",
     "mlx-gemma evaluate --model google/": "needs the Hugging Face Hub",
     "mlx-gemma convert-to-hf google/": "needs the Hugging Face Hub",
     "mlx-gemma fuse --adapter adapters/my-run": "needs an adapter from a (not run) train line",
-    "mlx-gemma data pairs": "needs the main job's trained adapter (13 min of training); test_dpo_cli runs "
+    "mlx-gemma data pairs": "needs the main job's trained adapter (17 min of training); test_dpo_cli runs "
                             "`data pairs` on a tiny model and reads its pairs back",
     "mlx-gemma data hc3 baike.jsonl": "needs HC3-Chinese's baike.jsonl from the Hub; the same command runs "
                                       "on the bundled raw data in the console block",
