@@ -123,11 +123,13 @@ def main():
                 "sft_iters": a.sft_iters, "pref_iters": a.pref_iters, "pair_questions": a.pair_questions,
                 "questions": a.questions, "method": a.method, "lr": a.lr}
         pref = None if a.control_only else run(dict(base, variant="sft+pref", out=str(Path(tmp) / "pref")))
-        print(f"  sft+{a.method}: {pref}", file=sys.stderr, flush=True)
+        if pref is not None:
+            print(f"  sft+{a.method}: {pref}", file=sys.stderr, flush=True)
         control = dict(base, variant="sft", out=str(Path(tmp) / "sft"), control_steps=a.control_only,
                        pref_seconds=pref and pref["pref_seconds"])
         sft = None if a.no_control else run(control)
-        print(f"  sft: {sft}", file=sys.stderr, flush=True)
+        if sft is not None:
+            print(f"  sft: {sft}", file=sys.stderr, flush=True)
     print(f"\nPreference stage after SFT, Gemma 3 270M, fp32 CPU ({os.cpu_count()} cores), from {started}, "
           f"load {load:.1f}; greedy, <= 128 new tokens\n")
     print("| variant | steps | total s | valid: stop / 4-gram rep / CJK | extra: stop / 4-gram rep / CJK |")
