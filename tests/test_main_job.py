@@ -352,3 +352,4 @@ def test_preference_stage_without_failures_keeps_the_sft_adapter(tmp_path, monke
     assert report["after"] == report["sft"]
     md = path.read_text(encoding="utf-8")
     assert "with none to learn from, the SFT adapter is the final one" in md and "evaluate final" not in md
+    assert "| metric | base | SFT | final (= SFT: no pairs) |" in md

@@ -303,10 +303,11 @@ def _metric_rows(columns: list, reference: Optional[dict]) -> list:
 
 
 def _columns(before: dict, after: dict, sft: Optional[dict]) -> list:
-    """[(title, evaluation)]: base and tuned, or base, SFT and SFT + the preference stage."""
+    """[(title, evaluation)]: base and tuned, or base, SFT and SFT + the preference stage (which,
+    when it found no pairs, left the SFT adapter as the final one: `after is sft`)."""
     if sft is None:
         return [("before", before), ("after", after)]
-    return [("base", before), ("SFT", sft), ("SFT + DPO", after)]
+    return [("base", before), ("SFT", sft), ("SFT + DPO" if after is not sft else "final (= SFT: no pairs)", after)]
 
 
 TARGET_NAMES = {"end_of_turn_share": ("answers that stop with `<end_of_turn>`", _pct),
