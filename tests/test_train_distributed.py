@@ -273,3 +273,28 @@ def _port():
     from mlx_gemma.training.distributed import free_port_pair
 
     return free_port_pair()
+
+
+@pytest.mark.slow
+def test_the_preference_stage_on_two_ranks_makes_the_pairs_of_one_process(root, report_data, tmp_path):
+    """`train --ranks 2 --preference-stage dpo`: the ranks share the stage's answers; the pairs
+    rank 0 writes are those one process builds with the SFT adapter, and DPO trains on them."""
+    from mlx_gemma.loading import load
+    from mlx_gemma.training import data as D
+    from mlx_gemma.training.pairs import build_pairs
+
+    out = tmp_path / "two"
+    _, err = cli(["train", "--model", str(root / "report-model"), "--data", str(report_data), "--out", str(out),
+                  "--iters", "2", "--batch-size", "8", "--max-seq-len", "160", "--lr", "3e-3", "--dropout", "0",
+                  "--save-every", "2", "--report-max-tokens", "12", "--ranks", "2", "--preference-stage", "dpo",
+                  "--pair-questions", "9", "--preference-iters", "2", "--preference-lr", "1e-3"])
+    # the first 4 training records (long_chat) are longer than --max-seq-len: not asked
+    assert err.count("preference stage: answering 5 training questions with the SFT adapter (4 skipped") == 1, \
+        err[-3000:]  # rank 0 speaks
+    written = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    model, tok = load(str(root / "report-model"), adapter=str(out / "sft"))
+    records = [r for _, r in D.read_records(report_data / "train.jsonl")][4:9]
+    pairs, counts = build_pairs(model, tok, records, 12)
+    assert written == pairs and len(pairs) >= 2, counts
+    assert json.loads((out / "report.json").read_text())["sft"]["n"] == 11
+    assert (out / "adapter_model.safetensors").read_bytes() != (out / "sft" / "adapter_model.safetensors").read_bytes()

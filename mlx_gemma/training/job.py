@@ -280,8 +280,12 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
 
     out = Path(args.out).expanduser()
     sft_dir = out / SFT_DIR
-    echo(f"preference stage: answering {len(records)} training questions with the SFT adapter...")
-    pairs, counts = build_pairs(sft_model, tokenizer, records, max_tokens, DEFAULT_MAX_REPEAT, progress=progress)
+    fitting = _fitting(records, tokenizer, args.max_seq_len - max_tokens)
+    echo(f"preference stage: answering {len(fitting)} training questions with the SFT adapter"
+         + (f" ({len(records) - len(fitting)} skipped: prompt + {max_tokens} new tokens over --max-seq-len)"
+            if len(fitting) < len(records) else "") + "...")
+    pairs, counts = build_pairs(sft_model, tokenizer, fitting, max_tokens, DEFAULT_MAX_REPEAT, progress=progress)
+    counts["too long"] = len(records) - len(fitting)
     t["pairs"] = time.perf_counter()
     echo(f"{len(pairs)} pairs from its failures ({counts['loops']} loops, {counts['no stop']} unfinished, "
          f"{counts['blank']} blank skipped, of {counts['answered']})")
@@ -312,13 +316,25 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
     return {"counts": counts, "pairs": len(pairs), "result": result, "model": model}
 
 
+def _fitting(records: list, tokenizer, most: int) -> list:
+    """The records whose prompt (chat template, generation header) is at most `most` tokens: an
+    answer to a longer one could not be trained on whole within --max-seq-len."""
+    from .report import prompt_messages
+
+    def length(r):
+        return len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True))
+
+    return [r for r in records if length(r) <= most]
+
+
 def _stage_info(args: TrainArgs, out: Path, stage: dict) -> dict:
     """The report's lines on the SFT run and the preference stage."""
     c = stage["counts"]
     words = (f"The preference stage: the SFT adapter ({SFT_DIR}/) answered {c['answered']} training questions; "
              f"{stage['pairs']} failed ({c['loops']} loops, {c['no stop']} without `<end_of_turn>`; {c['blank']} "
              f"blank ones skipped) and became preference pairs ({PAIRS_FILE}: its answer rejected, the reference "
-             "answer chosen)")
+             "answer chosen)" + (f"; {c['too long']} questions too long for --max-seq-len were not asked"
+                                 if c.get("too long") else ""))
     r = stage["result"]
     if r is None:
         words += "; with none to learn from, the SFT adapter is the final one."
