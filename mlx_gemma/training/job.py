@@ -27,7 +27,8 @@ from .loop import TrainResult, train
 from .objectives import SFT, Objective
 from .preference import DPO, ORPO
 from .report import (DEFAULT_MAX_TOKENS, LOSS_BATCH, LOSS_CURVE, REPORT_JSON, REPORT_MD, SAMPLES, evaluate_model,
-                     machine_line, question, reference_answer, reference_metrics, summary, write_report)
+                     machine_line, prompt_messages, question, reference_answer, reference_metrics, summary,
+                     write_report)
 from .run_dir import RunDir
 from .setup import setup
 
@@ -251,8 +252,6 @@ PAIRS_FILE = "pairs.jsonl"
 
 def _pair_records(args: TrainArgs) -> list:
     """The first args.pair_questions chat records of the training split (the stage's questions)."""
-    from .report import prompt_messages
-
     path = data_lib.resolve_split(data_path(args), "train")
     records = []
     for where, record in data_lib.read_records(path)[:args.pair_questions]:
@@ -319,8 +318,6 @@ def _preference_stage(args: TrainArgs, sft_model, tokenizer, records: list, max_
 def _fitting(records: list, tokenizer, most: int) -> list:
     """The records whose prompt (chat template, generation header) is at most `most` tokens: an
     answer to a longer one could not be trained on whole within --max-seq-len."""
-    from .report import prompt_messages
-
     def length(r):
         return len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True))
 
